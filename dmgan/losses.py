@@ -1,0 +1,166 @@
+"""DM-GAN losses: discriminator, generator (adversarial + DAMSM), DAMSM word / sentence, KL.
+
+Weights and conventions are the reference's (``miscc/losses.py``). The one change of form: the
+discriminator heads return logits and the BCE terms use ``binary_cross_entropy_with_logits``, which
+equals the reference's Sigmoid + BCELoss and stays finite under autocast.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+def _bce(logits: Tensor, target: float) -> Tensor:
+    return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits, target, dtype=torch.float32))
+
+
+def discriminator_loss(netD: nn.Module, real_imgs: Tensor, fake_imgs: Tensor, conditions: Tensor) -> Tensor:
+    """L_D = (real + cond_real) / 2 + (fake + cond_fake + cond_wrong) / 3.
+
+    cond_wrong pairs image b with caption b+1 (real images 0..B-2, sentences 1..B-1), as the
+    reference does, with no class check. ``fake_imgs`` is detached here.
+    """
+    real_features = netD(real_imgs)
+    fake_features = netD(fake_imgs.detach())
+    batch = real_features.shape[0]
+    cond_real = _bce(netD.COND_DNET(real_features, conditions), 1.0)
+    cond_fake = _bce(netD.COND_DNET(fake_features, conditions), 0.0)
+    if batch > 1:
+        cond_wrong = _bce(netD.COND_DNET(real_features[: batch - 1], conditions[1:batch]), 0.0)
+    else:  # no mismatched pair exists in a batch of one
+        cond_wrong = cond_fake.new_zeros(())
+    if netD.UNCOND_DNET is None:
+        return cond_real + (cond_fake + cond_wrong) / 2.0
+    real = _bce(netD.UNCOND_DNET(real_features), 1.0)
+    fake = _bce(netD.UNCOND_DNET(fake_features), 0.0)
+    return (real + cond_real) / 2.0 + (fake + cond_fake + cond_wrong) / 3.0
+
+
+def kl_loss(mu: Tensor, logvar: Tensor) -> Tensor:
+    """KL(N(μ, σ²) ‖ N(0, I)) as a **mean** over batch and dimensions (the reference's form)."""
+    mu, logvar = mu.float(), logvar.float()
+    return -0.5 * torch.mean(1 + logvar - mu.pow(2) - logvar.exp())
+
+
+def _class_mask(class_ids: Tensor | None, batch: int, device: torch.device) -> Tensor | None:
+    """B x B, True where samples i != j share a class (those scores are masked out)."""
+    if class_ids is None:
+        return None
+    class_ids = torch.as_tensor(class_ids, device=device).view(-1)
+    if class_ids.numel() != batch:
+        raise ValueError(f"class_ids must have {batch} entries, got {class_ids.numel()}")
+    same = class_ids[:, None] == class_ids[None, :]
+    return same & ~torch.eye(batch, dtype=torch.bool, device=device)
+
+
+def _cosine(x1: Tensor, x2: Tensor, dim: int, eps: float = 1e-8) -> Tensor:
+    """x1·x2 / max(|x1| |x2|, eps): the reference's form (torch's clamps each norm instead)."""
+    return (x1 * x2).sum(dim) / (x1.norm(dim=dim) * x2.norm(dim=dim)).clamp(min=eps)
+
+
+def _cross_entropy_both_ways(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
+    return F.cross_entropy(scores, labels), F.cross_entropy(scores.t(), labels)
+
+
+def words_loss(
+    img_features: Tensor,
+    words_emb: Tensor,
+    labels: Tensor,
+    cap_lens: Tensor,
+    class_ids: Tensor | None,
+    gamma1: float = 4.0,
+    gamma2: float = 5.0,
+    gamma3: float = 10.0,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """DAMSM word-level loss, all caption x image pairs at once.
+
+    img_features: B x D x h x w regions v; words_emb: B x D x T words e; only the first
+    ``cap_lens[i]`` words of caption i count. For caption i and image j::
+
+        s̄ = softmax_words(e_iᵀ v_j)          α = softmax_regions(γ1 s̄)         c_t = Σ_r α_tr v_r
+        R(i, j) = log Σ_t exp(γ2 cos(c_t, e_t))                (the code's form: no 1/γ2)
+
+    ``scores[j, i] = γ3 R(i, j)`` (rows: images), same-class pairs masked to -inf, and the
+    losses are the cross-entropies of its rows and of its columns. Returns (loss0, loss1,
+    attention B x T x h x w of each caption over its own image).
+    """
+    batch, dim, num_words = words_emb.shape
+    regions = img_features.flatten(2).float()  # B_img x D x R
+    words = words_emb.float()
+    valid = torch.arange(num_words, device=words.device)[None, :] < cap_lens.to(words.device)[:, None]  # B x T
+    sim = torch.einsum("idt,jdr->ijtr", words, regions)  # caption i, image j, word t, region r
+    sim = sim.masked_fill(~valid[:, None, :, None], float("-inf")).softmax(dim=2)
+    attn = (gamma1 * sim).softmax(dim=3)
+    context = torch.einsum("ijtr,jdr->ijtd", attn, regions)
+    cos = _cosine(context, words.transpose(1, 2)[:, None], dim=3)  # i, j, t
+    cos = (gamma2 * cos).masked_fill(~valid[:, None, :], float("-inf"))
+    scores = gamma3 * torch.logsumexp(cos, dim=2).t()  # image j x caption i
+    mask = _class_mask(class_ids, batch, words.device)
+    if mask is not None:
+        scores = scores.masked_fill(mask, float("-inf"))
+    own = attn[torch.arange(batch), torch.arange(batch)]  # B x T x R
+    loss0, loss1 = _cross_entropy_both_ways(scores, labels)
+    return loss0, loss1, own.view(batch, num_words, *img_features.shape[2:])
+
+
+def sent_loss(
+    cnn_code: Tensor, rnn_code: Tensor, labels: Tensor, class_ids: Tensor | None, gamma3: float = 10.0
+) -> tuple[Tensor, Tensor]:
+    """DAMSM sentence-level loss: γ3 cos(image code_j, sentence_i) scores, same-class masked, CE both ways."""
+    cnn_code, rnn_code = cnn_code.float(), rnn_code.float()
+    scores = gamma3 * _cosine(cnn_code[:, None], rnn_code[None, :], dim=2)  # image x sentence
+    mask = _class_mask(class_ids, cnn_code.shape[0], cnn_code.device)
+    if mask is not None:
+        scores = scores.masked_fill(mask, float("-inf"))
+    return _cross_entropy_both_ways(scores, labels)
+
+
+def damsm_loss(
+    image_encoder: nn.Module,
+    images: Tensor,
+    words_emb: Tensor,
+    sent_emb: Tensor,
+    cap_lens: Tensor,
+    class_ids: Tensor | None,
+    gammas: tuple[float, float, float] = (4.0, 5.0, 10.0),
+) -> tuple[Tensor, Tensor]:
+    """(word loss, sentence loss), each the sum of both directions, for images and their captions."""
+    region_features, cnn_code = image_encoder(images)
+    labels = torch.arange(images.shape[0], device=images.device)
+    w0, w1, _ = words_loss(region_features, words_emb, labels, cap_lens, class_ids, *gammas)
+    s0, s1 = sent_loss(cnn_code, sent_emb, labels, class_ids, gammas[2])
+    return w0 + w1, s0 + s1
+
+
+def generator_loss(
+    netsD: Sequence[nn.Module],
+    image_encoder: nn.Module,
+    fake_imgs: Sequence[Tensor],
+    words_emb: Tensor,
+    sent_emb: Tensor,
+    cap_lens: Tensor,
+    class_ids: Tensor | None,
+    damsm_lambda: float = 5.0,
+    gammas: tuple[float, float, float] = (4.0, 5.0, 10.0),
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Σ_stages [BCE(D_u(x̂), 1) + BCE(D_c(x̂, s), 1)] + λ (DAMSM word + sentence) on the last stage.
+
+    Returns the total and its parts (detached) for logging. Add the KL term separately.
+    """
+    total = fake_imgs[0].new_zeros((), dtype=torch.float32)
+    parts: dict[str, Tensor] = {}
+    for i, (netD, fake) in enumerate(zip(netsD, fake_imgs)):
+        features = netD(fake)
+        g_loss = _bce(netD.COND_DNET(features, sent_emb), 1.0)
+        if netD.UNCOND_DNET is not None:
+            g_loss = g_loss + _bce(netD.UNCOND_DNET(features), 1.0)
+        parts[f"g_adv{i}"] = g_loss.detach()
+        total = total + g_loss
+    w_loss, s_loss = damsm_loss(image_encoder, fake_imgs[-1], words_emb, sent_emb, cap_lens, class_ids, gammas)
+    parts["g_words"] = (damsm_lambda * w_loss).detach()
+    parts["g_sent"] = (damsm_lambda * s_loss).detach()
+    return total + damsm_lambda * (w_loss + s_loss), parts

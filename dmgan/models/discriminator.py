@@ -1,0 +1,90 @@
+"""DM-GAN discriminators: spectral norm with biases, no BatchNorm, an unconditional and a
+sentence-conditional head on a shared image code.
+
+``D_NET(S)`` encodes an S x S image down to 8ndf x 4 x 4 with the reference's layer names
+(``img_code_s16``, ``img_code_s32``, ``img_code_s64``, ...); ``D_NET64/128/256`` are the reference's
+three. The heads return **logits**: the reference ends them with a Sigmoid and trains with BCELoss,
+which autocast refuses; BCE-with-logits is the same loss, computed stably (see dmgan.losses).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import Tensor, nn
+
+from dmgan.models.layers import Block3x3_leakRelu, downBlock, encode_image, weights_init
+
+
+class D_GET_LOGITS(nn.Module):  # noqa: N801 (reference name)
+    """Image code (B x 8ndf x 4 x 4) [+ sentence B x nef, tiled to 4 x 4] → one logit per sample (B)."""
+
+    def __init__(self, ndf: int, nef: int, bcondition: bool = False) -> None:
+        super().__init__()
+        self.df_dim = ndf
+        self.ef_dim = nef
+        self.bcondition = bcondition
+        if bcondition:
+            self.jointConv = Block3x3_leakRelu(ndf * 8 + nef, ndf * 8)
+        self.outlogits = nn.Sequential(nn.Conv2d(ndf * 8, 1, kernel_size=4, stride=4))
+
+    def forward(self, h_code: Tensor, c_code: Tensor | None = None) -> Tensor:
+        if self.bcondition and c_code is not None:
+            c_code = c_code.view(-1, self.ef_dim, 1, 1).expand(-1, -1, 4, 4)
+            h_code = self.jointConv(torch.cat((h_code, c_code.to(h_code.dtype)), 1))
+        return self.outlogits(h_code).view(-1)
+
+
+class D_NET(nn.Module):  # noqa: N801
+    """Discriminator for S x S images (S a power of two >= 16).
+
+    Layout for S >= 64 (the reference): ``img_code_s16`` (S → S/16, 8ndf channels), then
+    log2(S/64) ``downBlock`` layers doubling the width to 4 x 4, then as many ``Block3x3_leakRelu``
+    layers halving it back to 8ndf. For S < 64 the first encoder has fewer strided layers.
+    """
+
+    def __init__(self, image_size: int, ndf: int = 32, nef: int = 256, b_jcu: bool = True) -> None:
+        super().__init__()
+        levels = math.log2(image_size)
+        if image_size < 16 or levels != int(levels):
+            raise ValueError(f"image_size must be a power of two >= 16, got {image_size}")
+        self.image_size = image_size
+        self.df_dim = ndf
+        self.ef_dim = nef
+        num_extra = max(0, int(levels) - 6)  # downBlocks after the S/16 encoder
+        self.img_code_s16 = encode_image(ndf, num_down=min(4, int(levels) - 2))
+        for i in range(num_extra):
+            self.add_module(f"img_code_s{32 * 2**i}", downBlock(ndf * 8 * 2**i, ndf * 16 * 2**i))
+        # Back down to 8ndf, named as the reference: s32_1 for 128; s64_1, s64_2 for 256.
+        last = f"img_code_s{16 * 2**num_extra}"
+        for i in range(num_extra):
+            width = ndf * 8 * 2 ** (num_extra - i)
+            self.add_module(f"{last}_{i + 1}", Block3x3_leakRelu(width, width // 2))
+        self._encoder_names = [name for name, _ in self.named_children()]
+        self.UNCOND_DNET = D_GET_LOGITS(ndf, nef, bcondition=False) if b_jcu else None
+        self.COND_DNET = D_GET_LOGITS(ndf, nef, bcondition=True)
+        self.apply(weights_init)
+
+    def forward(self, x_var: Tensor) -> Tensor:
+        """B x 3 x S x S → image code B x 8ndf x 4 x 4."""
+        if x_var.dim() != 4 or x_var.shape[1:] != (3, self.image_size, self.image_size):
+            raise ValueError(
+                f"D_NET{self.image_size}: images must have shape (B, 3, {self.image_size}, "
+                f"{self.image_size}), got {tuple(x_var.shape)}"
+            )
+        for name in self._encoder_names:
+            x_var = getattr(self, name)(x_var)
+        return x_var
+
+
+def D_NET64(ndf: int = 32, nef: int = 256, b_jcu: bool = True) -> D_NET:  # noqa: N802
+    return D_NET(64, ndf, nef, b_jcu)
+
+
+def D_NET128(ndf: int = 32, nef: int = 256, b_jcu: bool = True) -> D_NET:  # noqa: N802
+    return D_NET(128, ndf, nef, b_jcu)
+
+
+def D_NET256(ndf: int = 32, nef: int = 256, b_jcu: bool = True) -> D_NET:  # noqa: N802
+    return D_NET(256, ndf, nef, b_jcu)

@@ -1,0 +1,182 @@
+"""DAMSM encoders: RNN_ENCODER for captions, CNN_ENCODER (Inception-v3) for images.
+
+State-dict keys are the reference's, so released ``text_encoder*.pth`` and ``image_encoder*.pth``
+load with ``strict=True``. Nothing is downloaded: ImageNet weights for the Inception trunk are read
+from a local file when one is given.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
+
+from dmgan.checks import ShapeChecker
+from dmgan.models.layers import conv1x1
+
+
+class RNN_ENCODER(nn.Module):  # noqa: N801 (reference name)
+    """Embedding(ntoken, 300) → Dropout → bidirectional LSTM (2 x nhidden/2), packed sequences.
+
+    ``forward(captions B x L, cap_lens B)`` returns word features B x nhidden x T (T = longest
+    caption, or ``total_length``; padded positions are 0) and the sentence feature B x nhidden
+    (final hidden states of both directions).
+    """
+
+    def __init__(
+        self,
+        ntoken: int,
+        ninput: int = 300,
+        drop_prob: float = 0.5,
+        nhidden: int = 256,
+        nlayers: int = 1,
+        bidirectional: bool = True,
+    ) -> None:
+        super().__init__()
+        self.ntoken = ntoken
+        self.ninput = ninput
+        self.drop_prob = drop_prob
+        self.nlayers = nlayers
+        self.num_directions = 2 if bidirectional else 1
+        self.nhidden = nhidden // self.num_directions
+        self.encoder = nn.Embedding(ntoken, ninput)
+        self.drop = nn.Dropout(drop_prob)
+        self.rnn = nn.LSTM(
+            ninput,
+            self.nhidden,
+            nlayers,
+            batch_first=True,
+            dropout=drop_prob if nlayers > 1 else 0.0,
+            bidirectional=bidirectional,
+        )
+        self.encoder.weight.data.uniform_(-0.1, 0.1)
+
+    def forward(
+        self, captions: Tensor, cap_lens: Tensor, total_length: int | None = None
+    ) -> tuple[Tensor, Tensor]:
+        check = ShapeChecker("RNN_ENCODER")
+        check("captions", captions, ("B", "L"), dtype=torch.long)
+        check("cap_lens", cap_lens, ("B",), dtype=torch.long)
+        lens = cap_lens.cpu()
+        if captions.numel() and (int(lens.min()) < 1 or int(lens.max()) > captions.shape[1]):
+            raise ValueError(
+                f"RNN_ENCODER: cap_lens must lie in [1, {captions.shape[1]}], got {lens.tolist()}"
+            )
+        if captions.numel() and (int(captions.min()) < 0 or int(captions.max()) >= self.ntoken):
+            raise ValueError(
+                f"RNN_ENCODER: captions hold word indices outside the vocabulary [0, {self.ntoken})"
+            )
+        emb = self.drop(self.encoder(captions))
+        packed = pack_padded_sequence(emb, lens, batch_first=True, enforce_sorted=False)
+        output, (h_n, _) = self.rnn(packed)
+        output = pad_packed_sequence(output, batch_first=True, total_length=total_length)[0]
+        words_emb = output.transpose(1, 2)  # B x nhidden*dirs x T
+        sent_emb = h_n[-self.num_directions :].transpose(0, 1).reshape(captions.shape[0], -1)
+        return words_emb, sent_emb
+
+
+_INCEPTION_TRUNK = (
+    "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
+    "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
+    "Mixed_7a", "Mixed_7b", "Mixed_7c",
+)  # fmt: skip
+
+
+def load_inception_v3(weights: str | os.PathLike | None = None) -> nn.Module:
+    """torchvision's Inception-v3, with ImageNet weights from a local file when ``weights`` is given.
+
+    The file is torchvision's ``inception_v3_google-*.pth`` (the reference used ``-1a9a5a14``).
+    """
+    from torchvision.models import inception_v3
+
+    model = inception_v3(weights=None, aux_logits=True, init_weights=weights is None)
+    if weights is not None:
+        if not os.path.isfile(weights):
+            raise FileNotFoundError(f"Inception-v3 weights file not found: {weights}")
+        state = torch.load(weights, map_location="cpu", weights_only=True)
+        model.load_state_dict(state)
+    return model
+
+
+class CNN_ENCODER(nn.Module):  # noqa: N801 (reference name)
+    """Inception-v3 trunk (frozen) + two trainable projections to ``nef``.
+
+    Input: images in [-1, 1], any size (resized bilinearly to 299, no ImageNet normalisation, as
+    the reference). Returns local features B x nef x 17 x 17 (from Mixed_6e) and the global code
+    B x nef (Mixed_7c, average-pooled).
+    """
+
+    def __init__(self, nef: int = 256, inception_weights: str | os.PathLike | None = None) -> None:
+        super().__init__()
+        self.nef = nef
+        model = load_inception_v3(inception_weights)
+        for param in model.parameters():
+            param.requires_grad = False
+        for name in _INCEPTION_TRUNK:
+            setattr(self, name, getattr(model, name))
+        self.emb_features = conv1x1(768, nef)
+        self.emb_cnn_code = nn.Linear(2048, nef)
+        self.emb_features.weight.data.uniform_(-0.1, 0.1)
+        self.emb_cnn_code.weight.data.uniform_(-0.1, 0.1)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=True)
+        x = self.Conv2d_1a_3x3(x)
+        x = self.Conv2d_2a_3x3(x)
+        x = self.Conv2d_2b_3x3(x)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        x = self.Conv2d_3b_1x1(x)
+        x = self.Conv2d_4a_3x3(x)
+        x = F.max_pool2d(x, kernel_size=3, stride=2)
+        for name in _INCEPTION_TRUNK[5:13]:  # Mixed_5b .. Mixed_6e
+            x = getattr(self, name)(x)
+        features = x  # B x 768 x 17 x 17
+        for name in _INCEPTION_TRUNK[13:]:  # Mixed_7a .. Mixed_7c
+            x = getattr(self, name)(x)
+        x = F.adaptive_avg_pool2d(x, 1).flatten(1)  # B x 2048 (avg_pool2d(8) at 299 input)
+        return self.emb_features(features), self.emb_cnn_code(x)
+
+
+class SMALL_CNN_ENCODER(nn.Module):  # noqa: N801
+    """A small trainable image encoder with CNN_ENCODER's interface, for the CPU-sized ``shapes`` preset.
+
+    Images in [-1, 1] of any size are resized to 64; four conv blocks give local features
+    B x nef x 8 x 8 (64 regions) and a pooled global code B x nef.
+    """
+
+    def __init__(self, nef: int = 256, width: int = 32) -> None:
+        super().__init__()
+        self.nef = nef
+
+        def block(c_in: int, c_out: int) -> nn.Sequential:
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1, bias=False),
+                nn.BatchNorm2d(c_out),
+                nn.LeakyReLU(0.2, inplace=True),
+            )
+
+        self.trunk = nn.Sequential(
+            block(3, width), nn.MaxPool2d(2),  # 32
+            block(width, 2 * width), nn.MaxPool2d(2),  # 16
+            block(2 * width, 4 * width), nn.MaxPool2d(2),  # 8
+            block(4 * width, 4 * width),
+        )  # fmt: skip
+        self.emb_features = conv1x1(4 * width, nef)
+        self.emb_cnn_code = nn.Linear(4 * width, nef)
+
+    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
+        x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+        x = self.trunk(x)
+        return self.emb_features(x), self.emb_cnn_code(x.mean(dim=(2, 3)))
+
+
+def build_image_encoder(kind: str, nef: int, inception_weights: str | os.PathLike | None = None) -> nn.Module:
+    """The DAMSM image encoder a config names: ``"inception"`` (reference) or ``"small"``."""
+    if kind == "inception":
+        return CNN_ENCODER(nef, inception_weights)
+    if kind == "small":
+        return SMALL_CNN_ENCODER(nef)
+    raise ValueError(f"unknown image encoder {kind!r}; choose 'inception' or 'small'")

@@ -1,0 +1,134 @@
+"""The dynamic-memory ops as the model sees them: validate once, pick a backend, call it.
+
+Every backend computes what :mod:`dmgan.ops.reference` defines (its docstring has the math).
+``backend="auto"`` takes the first available backend of :data:`AUTO_ORDER` for the inputs' device;
+naming a backend asks for it and fails clearly when it cannot run.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from types import ModuleType
+
+import torch
+from torch import Tensor
+
+from dmgan.checks import ShapeChecker
+from dmgan.ops import reference
+
+# Backend name -> loader returning a module with memory_write / memory_read (same signatures as
+# dmgan.ops.reference) and supports(device) -> bool, or raising ImportError when it cannot load.
+_LOADERS: dict[str, Callable[[], ModuleType]] = {"eager": lambda: reference}
+AUTO_ORDER: tuple[str, ...] = ("eager",)
+
+
+def available_backends(device: torch.device | str = "cpu") -> list[str]:
+    """Names of the backends that can run on ``device``."""
+    return [name for name in _LOADERS if _try_load(name, torch.device(device)) is not None]
+
+
+def _try_load(name: str, device: torch.device) -> ModuleType | None:
+    try:
+        module = _LOADERS[name]()
+    except ImportError:
+        return None
+    supports = getattr(module, "supports", None)
+    return module if supports is None or supports(device) else None
+
+
+def _resolve(backend: str, device: torch.device) -> ModuleType:
+    if backend == "auto":
+        for name in AUTO_ORDER:
+            module = _try_load(name, device)
+            if module is not None:
+                return module
+        raise RuntimeError(f"no dynamic-memory backend runs on {device}")  # eager always does
+    if backend not in _LOADERS:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(_LOADERS)}")
+    module = _LOADERS[backend]()  # let its ImportError say why it cannot load
+    supports = getattr(module, "supports", None)
+    if supports is not None and not supports(device):
+        raise RuntimeError(f"backend {backend!r} does not run on {device}")
+    return module
+
+
+def memory_write(
+    words: Tensor,
+    rbar: Tensor,
+    A: Tensor,
+    B: Tensor,
+    M_w: Tensor,
+    M_w_b: Tensor,
+    M_r: Tensor,
+    M_r_b: Tensor,
+    key_w: Tensor,
+    key_b: Tensor,
+    value_w: Tensor,
+    value_b: Tensor,
+    *,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor]:
+    """Memory writing: keys and values (B x N_r x T each) from words (B x N_w x T) and r̄ (B x N_r).
+
+    Weights are those of the stage's layers: ``A`` (1 x N_w), ``B`` (1 x N_r), ``M_w`` (N_m x N_w x 1),
+    ``M_r`` (N_m x N_r x 1), ``key_w`` / ``value_w`` (N_r x N_m x 1) and their biases.
+    """
+    check = ShapeChecker("memory_write")
+    check("words", words, ("B", "N_w", "T"))
+    check("rbar", rbar, ("B", "N_r"))
+    check("A", A, (1, "N_w"))
+    check("B", B, (1, "N_r"))
+    check("M_w", M_w, ("N_m", "N_w", 1))
+    check("M_w_b", M_w_b, ("N_m",))
+    check("M_r", M_r, ("N_m", "N_r", 1))
+    check("M_r_b", M_r_b, ("N_m",))
+    check("key_w", key_w, ("N_r", "N_m", 1))
+    check("key_b", key_b, ("N_r",))
+    check("value_w", value_w, ("N_r", "N_m", 1))
+    check("value_b", value_b, ("N_r",))
+    if words.shape[2] == 0:
+        raise ValueError("memory_write: words has no word (T = 0)")
+    impl = _resolve(backend, words.device)
+    return impl.memory_write(
+        words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b
+    )
+
+
+def memory_read(
+    img: Tensor,
+    keys: Tensor,
+    values: Tensor,
+    pad_mask: Tensor,
+    gate_w: Tensor,
+    gate_b: Tensor,
+    *,
+    backend: str = "auto",
+    return_attention: bool = False,
+    legacy_mask: bool = False,
+) -> tuple[Tensor, Tensor | None]:
+    """Key addressing, value reading and the response gate.
+
+    ``img`` is B x N_r x H x W, ``keys`` and ``values`` B x N_r x T, ``pad_mask`` B x T bool with True
+    for padding, ``gate_w`` 1 x 2N_r x 1 x 1 (the image half first), ``gate_b`` (1,). Returns the new
+    features (B x N_r x H x W) and, when ``return_attention``, the attention B x T x H x W.
+    ``legacy_mask=True`` applies the padding mask the way the reference code did (see
+    :func:`dmgan.ops.reference.expand_pad_mask`).
+    """
+    check = ShapeChecker("memory_read")
+    check("img", img, ("B", "N_r", "H", "W"))
+    check("keys", keys, ("B", "N_r", "T"))
+    check("values", values, ("B", "N_r", "T"))
+    check("pad_mask", pad_mask, ("B", "T"), dtype=torch.bool)
+    check.dims["2*N_r"] = 2 * img.shape[1]
+    check("gate_w", gate_w, (1, "2*N_r", 1, 1))
+    check("gate_b", gate_b, (1,))
+    if keys.shape[2] == 0:
+        raise ValueError("memory_read: keys has no word (T = 0)")
+    impl = _resolve(backend, img.device)
+    return impl.memory_read(
+        img, keys, values, pad_mask, gate_w, gate_b,
+        return_attention=return_attention, legacy_mask=legacy_mask,
+    )
+
+
+__all__ = ["AUTO_ORDER", "available_backends", "memory_read", "memory_write"]
