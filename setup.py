@@ -22,7 +22,8 @@ setup(
         "einops>=0.8",
     ],
     extras_require={
-        "dev": PINNED + [
+        "dev": PINNED
+        + [
             "numpy==2.4.6",
             "pillow==13.0.0",
             "einops==0.8.2",

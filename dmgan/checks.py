@@ -1,12 +1,12 @@
 """Input validation that names the argument and the shape it expected.
 
-    >>> import torch
-    >>> check = ShapeChecker("memory_read")
-    >>> check("img", torch.zeros(2, 8, 4, 4), ("B", "N_r", "H", "W"))
-    >>> check("keys", torch.zeros(3, 8, 5), ("B", "N_r", "T"))
-    Traceback (most recent call last):
-    ...
-    ValueError: memory_read: keys must have shape (B, N_r, T) = (2, 8, T), got (3, 8, 5)
+>>> import torch
+>>> check = ShapeChecker("memory_read")
+>>> check("img", torch.zeros(2, 8, 4, 4), ("B", "N_r", "H", "W"))
+>>> check("keys", torch.zeros(3, 8, 5), ("B", "N_r", "T"))
+Traceback (most recent call last):
+...
+ValueError: memory_read: keys must have shape (B, N_r, T) = (2, 8, T), got (3, 8, 5)
 """
 
 from __future__ import annotations
@@ -56,7 +56,9 @@ class ShapeChecker:
         if self.device is None:
             self.device = tensor.device
         elif tensor.device != self.device:
-            self._fail(ValueError, f"{name} is on {tensor.device}, expected {self.device} like the other inputs")
+            self._fail(
+                ValueError, f"{name} is on {tensor.device}, expected {self.device} like the other inputs"
+            )
         if dtype == "float":
             if not tensor.is_floating_point():
                 self._fail(TypeError, f"{name} must be a floating-point tensor, got {tensor.dtype}")

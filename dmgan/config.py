@@ -90,9 +90,7 @@ def _coco() -> Config:
         name="coco",
         model=ModelConfig(r_num=3),
         text=TextConfig(words_num=12, captions_per_image=5, eval_words_num=20),
-        train=TrainConfig(
-            batch_size=16, max_epoch=200, snapshot_interval=5, damsm_lambda=50.0
-        ),
+        train=TrainConfig(batch_size=16, max_epoch=200, snapshot_interval=5, damsm_lambda=50.0),
     )
 
 

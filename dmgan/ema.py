@@ -1,9 +1,9 @@
 """Exponential moving average of the generator's weights (parameters only, as the reference).
 
-    ema = ParameterEMA(netG, decay=0.999)
-    ...; optimizer.step(); ema.update(netG)
-    with ema.swapped_into(netG):   # sample or save with the averaged weights
-        ...
+ema = ParameterEMA(netG, decay=0.999)
+...; optimizer.step(); ema.update(netG)
+with ema.swapped_into(netG):   # sample or save with the averaged weights
+    ...
 """
 
 from __future__ import annotations

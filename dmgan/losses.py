@@ -15,7 +15,9 @@ from torch import Tensor, nn
 
 
 def _bce(logits: Tensor, target: float) -> Tensor:
-    return F.binary_cross_entropy_with_logits(logits.float(), torch.full_like(logits, target, dtype=torch.float32))
+    return F.binary_cross_entropy_with_logits(
+        logits.float(), torch.full_like(logits, target, dtype=torch.float32)
+    )
 
 
 def discriminator_loss(netD: nn.Module, real_imgs: Tensor, fake_imgs: Tensor, conditions: Tensor) -> Tensor:
@@ -88,10 +90,12 @@ def words_loss(
     losses are the cross-entropies of its rows and of its columns. Returns (loss0, loss1,
     attention B x T x h x w of each caption over its own image).
     """
-    batch, dim, num_words = words_emb.shape
+    batch, _, num_words = words_emb.shape
     regions = img_features.flatten(2).float()  # B_img x D x R
     words = words_emb.float()
-    valid = torch.arange(num_words, device=words.device)[None, :] < cap_lens.to(words.device)[:, None]  # B x T
+    valid = (
+        torch.arange(num_words, device=words.device)[None, :] < cap_lens.to(words.device)[:, None]
+    )  # B x T
     sim = torch.einsum("idt,jdr->ijtr", words, regions)  # caption i, image j, word t, region r
     sim = sim.masked_fill(~valid[:, None, :, None], float("-inf")).softmax(dim=2)
     attn = (gamma1 * sim).softmax(dim=3)
@@ -160,7 +164,9 @@ def generator_loss(
             g_loss = g_loss + _bce(netD.UNCOND_DNET(features), 1.0)
         parts[f"g_adv{i}"] = g_loss.detach()
         total = total + g_loss
-    w_loss, s_loss = damsm_loss(image_encoder, fake_imgs[-1], words_emb, sent_emb, cap_lens, class_ids, gammas)
+    w_loss, s_loss = damsm_loss(
+        image_encoder, fake_imgs[-1], words_emb, sent_emb, cap_lens, class_ids, gammas
+    )
     parts["g_words"] = (damsm_lambda * w_loss).detach()
     parts["g_sent"] = (damsm_lambda * s_loss).detach()
     return total + damsm_lambda * (w_loss + s_loss), parts

@@ -50,7 +50,9 @@ class GAN:
         netG = G_NET(cfg.model).to(device)
         netsD = [d.to(device) for d in build_discriminators(cfg.model)]
         text_encoder = build_text_encoder(cfg.model, vocab_size).to(device).eval()
-        image_encoder = build_image_encoder(cfg.model.image_encoder, cfg.model.embedding_dim).to(device).eval()
+        image_encoder = (
+            build_image_encoder(cfg.model.image_encoder, cfg.model.embedding_dim).to(device).eval()
+        )
         for encoder in (text_encoder, image_encoder):  # frozen during GAN training
             encoder.requires_grad_(False)
         t = cfg.train

@@ -21,7 +21,9 @@ def make_write_inputs(batch=3, nw=12, nr=8, num_words=5, dtype=torch.float32, re
     return {k: (torch.randn(s, dtype=dtype) * 0.5).requires_grad_(requires_grad) for k, s in shapes.items()}
 
 
-def make_read_inputs(batch=3, nr=8, height=5, width=3, lengths=(5, 2, 4), dtype=torch.float32, requires_grad=False):
+def make_read_inputs(
+    batch=3, nr=8, height=5, width=3, lengths=(5, 2, 4), dtype=torch.float32, requires_grad=False
+):
     num_words = max(max(lengths), 1)
     tensors = dict(
         img=torch.randn(batch, nr, height, width, dtype=dtype),
@@ -152,7 +154,9 @@ def test_legacy_mask_reproduces_the_reference_broadcast():
     legacy, legacy_att = ops.memory_read(**t, backend="eager", legacy_mask=True, return_attention=True)
     correct, _ = ops.memory_read(**t, backend="eager")
     assert not torch.allclose(legacy, correct)
-    torch.testing.assert_close(reference.expand_pad_mask(t["pad_mask"], num_pixels, legacy=True), reference_mask)
+    torch.testing.assert_close(
+        reference.expand_pad_mask(t["pad_mask"], num_pixels, legacy=True), reference_mask
+    )
     want_r, want_att = read_formula(t, pixel_mask=reference_mask)
     np.testing.assert_allclose(legacy.double().numpy(), want_r, rtol=1e-5, atol=1e-6)
     np.testing.assert_allclose(legacy_att.double().numpy(), want_att, rtol=1e-5, atol=1e-6)
@@ -173,16 +177,22 @@ def test_gradients_match_float64_autograd():
     r64 = {k: (v.detach().double().requires_grad_() if v.is_floating_point() else v) for k, v in r32.items()}
     for w, r in ((w32, r32), (w64, r64)):
         keys, values = ops.memory_write(**w, backend="eager")
-        r_new, _ = ops.memory_read(r["img"], keys, values, r["pad_mask"], r["gate_w"], r["gate_b"], backend="eager")
+        r_new, _ = ops.memory_read(
+            r["img"], keys, values, r["pad_mask"], r["gate_w"], r["gate_b"], backend="eager"
+        )
         r_new.sin().sum().backward()
     for name in list(w32) + ["img", "gate_w", "gate_b"]:
         src32, src64 = (w32, w64) if name in w32 else (r32, r64)
-        torch.testing.assert_close(src32[name].grad.double(), src64[name].grad, rtol=1e-4, atol=1e-5, msg=name)
+        torch.testing.assert_close(
+            src32[name].grad.double(), src64[name].grad, rtol=1e-4, atol=1e-5, msg=name
+        )
 
 
 def test_float64_gradcheck():
     w = make_write_inputs(batch=2, nw=4, nr=3, num_words=3, dtype=torch.float64, requires_grad=True)
-    r = make_read_inputs(batch=2, nr=3, height=2, width=3, lengths=(3, 1), dtype=torch.float64, requires_grad=True)
+    r = make_read_inputs(
+        batch=2, nr=3, height=2, width=3, lengths=(3, 1), dtype=torch.float64, requires_grad=True
+    )
     names = list(w)
     assert torch.autograd.gradcheck(lambda *a: ops.memory_write(*a, backend="eager"), [w[k] for k in names])
     read = lambda img, k, v, gw, gb: ops.memory_read(img, k, v, r["pad_mask"], gw, gb, backend="eager")[0]

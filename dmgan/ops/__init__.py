@@ -89,9 +89,7 @@ def memory_write(
     if words.shape[2] == 0:
         raise ValueError("memory_write: words has no word (T = 0)")
     impl = _resolve(backend, words.device)
-    return impl.memory_write(
-        words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b
-    )
+    return impl.memory_write(words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)
 
 
 def memory_read(
@@ -126,8 +124,14 @@ def memory_read(
         raise ValueError("memory_read: keys has no word (T = 0)")
     impl = _resolve(backend, img.device)
     return impl.memory_read(
-        img, keys, values, pad_mask, gate_w, gate_b,
-        return_attention=return_attention, legacy_mask=legacy_mask,
+        img,
+        keys,
+        values,
+        pad_mask,
+        gate_w,
+        gate_b,
+        return_attention=return_attention,
+        legacy_mask=legacy_mask,
     )
 
 

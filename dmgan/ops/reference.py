@@ -43,9 +43,7 @@ def memory_write(
     value_b: Tensor,
 ) -> tuple[Tensor, Tensor]:
     """Keys and values (B x N_r x T each) from words (B x N_w x T) and r̄ (B x N_r)."""
-    gate = torch.sigmoid(
-        torch.einsum("ow,bwt->bot", A, words) + F.linear(rbar, B)[:, :, None]
-    )  # B x 1 x T
+    gate = torch.sigmoid(torch.einsum("ow,bwt->bot", A, words) + F.linear(rbar, B)[:, :, None])  # B x 1 x T
     from_words = F.relu(F.conv1d(words, M_w, M_w_b))  # B x N_m x T
     from_image = F.relu(F.conv1d(rbar[:, :, None], M_r, M_r_b))  # B x N_m x 1
     memory = from_words * gate + from_image * (1 - gate)
