@@ -1,13 +1,19 @@
 """The dynamic-memory ops as the model sees them: validate once, pick a backend, call it.
 
-Every backend computes what :mod:`dmgan.ops.reference` defines (its docstring has the math).
-``backend="auto"`` takes the first available backend of :data:`AUTO_ORDER` for the inputs' device;
-naming a backend asks for it and fails clearly when it cannot run.
+Every backend computes what :mod:`dmgan.ops.reference` defines (its docstring has the math):
+
+- ``"eager"``: the reference, everywhere;
+- ``"triton"``: fused Triton kernels (:mod:`kernels`), CUDA tensors (CPU tensors under
+  ``TRITON_INTERPRET=1``, for testing), N_r in {32, 64, 128}, T <= 64.
+
+``backend="auto"`` takes the first backend of :data:`AUTO_ORDER` for the inputs' device that loads
+and supports the input, and falls back to eager; naming a backend asks for it and fails with the
+reason when it cannot run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable
+import importlib
 from types import ModuleType
 
 import torch
@@ -16,39 +22,63 @@ from torch import Tensor
 from dmgan.checks import ShapeChecker
 from dmgan.ops import reference
 
-# Backend name -> loader returning a module with memory_write / memory_read (same signatures as
-# dmgan.ops.reference) and supports(device) -> bool, or raising ImportError when it cannot load.
-_LOADERS: dict[str, Callable[[], ModuleType]] = {"eager": lambda: reference}
-AUTO_ORDER: tuple[str, ...] = ("eager",)
+# Backend name -> module with memory_write / memory_read (the reference's signatures), and optionally
+# supports(device) -> bool and unsupported_reason(channels, num_words) -> str | None.
+BACKEND_MODULES: dict[str, str] = {"eager": "dmgan.ops.reference", "triton": "kernels.backend"}
+# What backend="auto" tries, per device type, fastest first.
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "eager"), "cpu": ("eager",)}
+
+_loaded: dict[str, ModuleType | None] = {"eager": reference}
+_load_errors: dict[str, str] = {}
+
+
+def _load(name: str) -> ModuleType | None:
+    """The backend's module, imported once; None (and the reason kept) when it cannot import."""
+    if name not in _loaded:
+        try:
+            _loaded[name] = importlib.import_module(BACKEND_MODULES[name])
+        except ImportError as e:
+            _loaded[name], _load_errors[name] = None, f"{type(e).__name__}: {e}"
+    return _loaded[name]
+
+
+def _runs_on(module: ModuleType, device: torch.device) -> bool:
+    supports = getattr(module, "supports", None)
+    return supports is None or supports(device)
+
+
+def _why_not(module: ModuleType, channels: int, num_words: int) -> str | None:
+    reason = getattr(module, "unsupported_reason", None)
+    return None if reason is None else reason(channels, num_words)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
-    """Names of the backends that can run on ``device``."""
-    return [name for name in _LOADERS if _try_load(name, torch.device(device)) is not None]
+    """Names of the backends that load and run on ``device``."""
+    device = torch.device(device)
+    return [name for name in BACKEND_MODULES if (m := _load(name)) is not None and _runs_on(m, device)]
 
 
-def _try_load(name: str, device: torch.device) -> ModuleType | None:
-    try:
-        module = _LOADERS[name]()
-    except ImportError:
-        return None
-    supports = getattr(module, "supports", None)
-    return module if supports is None or supports(device) else None
-
-
-def _resolve(backend: str, device: torch.device) -> ModuleType:
+def _resolve(backend: str, device: torch.device, channels: int, num_words: int) -> ModuleType:
     if backend == "auto":
-        for name in AUTO_ORDER:
-            module = _try_load(name, device)
-            if module is not None:
+        for name in AUTO_ORDER.get(device.type, ("eager",)):
+            module = _load(name)
+            if (
+                module is not None
+                and _runs_on(module, device)
+                and _why_not(module, channels, num_words) is None
+            ):
                 return module
-        raise RuntimeError(f"no dynamic-memory backend runs on {device}")  # eager always does
-    if backend not in _LOADERS:
-        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(_LOADERS)}")
-    module = _LOADERS[backend]()  # let its ImportError say why it cannot load
-    supports = getattr(module, "supports", None)
-    if supports is not None and not supports(device):
+        return reference
+    if backend not in BACKEND_MODULES:
+        raise ValueError(f"unknown backend {backend!r}; choose 'auto' or one of {sorted(BACKEND_MODULES)}")
+    module = _load(backend)
+    if module is None:
+        raise RuntimeError(f"backend {backend!r} is unavailable: {_load_errors[backend]}")
+    if not _runs_on(module, device):
         raise RuntimeError(f"backend {backend!r} does not run on {device}")
+    reason = _why_not(module, channels, num_words)
+    if reason is not None:
+        raise ValueError(f"backend {backend!r} does not support this input: {reason}")
     return module
 
 
@@ -88,7 +118,7 @@ def memory_write(
     check("value_b", value_b, ("N_r",))
     if words.shape[2] == 0:
         raise ValueError("memory_write: words has no word (T = 0)")
-    impl = _resolve(backend, words.device)
+    impl = _resolve(backend, words.device, rbar.shape[1], words.shape[2])
     return impl.memory_write(words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)
 
 
@@ -122,7 +152,7 @@ def memory_read(
     check("gate_b", gate_b, (1,))
     if keys.shape[2] == 0:
         raise ValueError("memory_read: keys has no word (T = 0)")
-    impl = _resolve(backend, img.device)
+    impl = _resolve(backend, img.device, img.shape[1], keys.shape[2])
     return impl.memory_read(
         img,
         keys,

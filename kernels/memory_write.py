@@ -1,0 +1,298 @@
+"""Fused memory writing: the writing gate, M_w / M_r projections, mixing, key and value projections.
+
+One program per sample b and block of 16 words; the per-word work is tiny (T x (N_w → N_m → N_r)),
+so the gain is one launch instead of about a dozen. With words W (N_w x T) and r̄ (N_r)::
+
+    g   = σ(A W + B r̄)                          T
+    F_w = ReLU(M_w W + b_w)                      N_m x T
+    f_r = ReLU(M_r r̄ + b_r)                      N_m
+    M   = F_w g + f_r (1 - g)                    N_m x T
+    K   = ReLU(W_k M + b_k),  V = ReLU(W_v M + b_v)    N_r x T
+
+The backward recomputes the forward per program; weight gradients leave each program as fp32
+partials summed afterwards, so they are deterministic. Registered as
+``torch.ops.dmgan_triton.memory_write`` (+ ``memory_write_backward``).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from kernels._common import alloc, dot_in_fp32
+from kernels.memory_read import _dot
+
+BLOCK_K = 32  # chunk of the word-feature dimension N_w
+BLOCK_T = 16  # words per program (tl.dot needs >= 16)
+BLOCK_R = 32  # rows of the key / value projections per step
+
+
+def num_warps_for(channels: int, backward: bool, fp32: bool) -> int:
+    """N_m x BLOCK_T tiles (memory, its gradient, ...) stay in registers: more warps for wider
+    memories, for the backward and for fp32 operands (see kernels.compile_gate)."""
+    units = channels * (2 if fp32 else 1) * (2 if backward else 1)
+    return 4 if units <= 64 else 8 if units <= 128 else 16
+
+
+@triton.jit
+def _write_forward(words_ptr, rbar_ptr, A_ptr, B_ptr, M_w_ptr, M_w_b_ptr, M_r_ptr, M_r_b_ptr, b, offs_t, T, NW,
+                   NR: tl.constexpr, NM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
+                   DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):  # fmt: skip
+    """Recomputable part of the forward for sample b, words offs_t: (r̄, F_w and f_r before their
+    ReLUs, g)."""
+    offs_m = tl.arange(0, NM)
+    offs_r = tl.arange(0, NR)
+    t_ok = offs_t < T
+    rbar = tl.load(rbar_ptr + b * NR + offs_r).to(tl.float32)
+    M_r = tl.load(M_r_ptr + offs_m[:, None] * NR + offs_r[None, :]).to(tl.float32)
+    image_pre = tl.sum(M_r * rbar[None, :], axis=1) + tl.load(M_r_b_ptr + offs_m).to(tl.float32)
+    gate_pre = tl.sum(tl.load(B_ptr + offs_r).to(tl.float32) * rbar, axis=0) + tl.zeros(
+        (BLOCK_T,), tl.float32
+    )
+    words_pre = tl.zeros((NM, BLOCK_T), tl.float32)
+    for k0 in range(0, NW, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < NW
+        w = tl.load(words_ptr + b * NW * T + offs_k[:, None] * T + offs_t[None, :],
+                    mask=k_ok[:, None] & t_ok[None, :], other=0.0)  # fmt: skip
+        M_w = tl.load(M_w_ptr + offs_m[:, None] * NW + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+        words_pre += _dot(M_w, w, DTYPE, DOT_FP32)
+        A = tl.load(A_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        gate_pre += tl.sum(A[:, None] * w.to(tl.float32), axis=0)
+    words_pre += tl.load(M_w_b_ptr + offs_m).to(tl.float32)[:, None]
+    return rbar, words_pre, image_pre, tl.sigmoid(gate_pre)
+
+
+@triton.jit
+def memory_write_forward_kernel(
+    words_ptr, rbar_ptr, A_ptr, B_ptr, M_w_ptr, M_w_b_ptr, M_r_ptr, M_r_b_ptr,
+    key_w_ptr, key_b_ptr, value_w_ptr, value_b_ptr, keys_ptr, values_ptr,
+    T, NW,
+    NR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    NM: tl.constexpr = 2 * NR
+    DTYPE: tl.constexpr = words_ptr.dtype.element_ty
+    _, words_pre, image_pre, gate = _write_forward(
+        words_ptr, rbar_ptr, A_ptr, B_ptr, M_w_ptr, M_w_b_ptr, M_r_ptr, M_r_b_ptr, b, offs_t, T, NW,
+        NR, NM, BLOCK_T, BLOCK_K, DTYPE, DOT_FP32,
+    )  # fmt: skip
+    image = tl.maximum(image_pre, 0.0)
+    memory = tl.maximum(words_pre, 0.0) * gate[None, :] + image[:, None] * (1.0 - gate)[None, :]
+    offs_m = tl.arange(0, NM)
+    t_ok = (offs_t < T)[None, :]
+    for r0 in range(0, NR, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        w_offs = offs_r[:, None] * NM + offs_m[None, :]
+        out_offs = b * NR * T + offs_r[:, None] * T + offs_t[None, :]
+        keys = (
+            _dot(tl.load(key_w_ptr + w_offs), memory, DTYPE, DOT_FP32) + tl.load(key_b_ptr + offs_r)[:, None]
+        )
+        tl.store(keys_ptr + out_offs, tl.maximum(keys, 0.0).to(DTYPE), mask=t_ok)
+        values = (
+            _dot(tl.load(value_w_ptr + w_offs), memory, DTYPE, DOT_FP32)
+            + tl.load(value_b_ptr + offs_r)[:, None]
+        )
+        tl.store(values_ptr + out_offs, tl.maximum(values, 0.0).to(DTYPE), mask=t_ok)
+
+
+@triton.jit
+def _project_backward(w_ptr, b_ptr, grad_out_ptr, grad_w_part, grad_b_part, memory, part, b, offs_t, T,
+                      NR: tl.constexpr, NM: tl.constexpr, BLOCK_R: tl.constexpr,
+                      DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):  # fmt: skip
+    """Y = ReLU(W M + b): stores this program's dW and db partials, returns Wᵀ dY_pre (NM x BLOCK_T)."""
+    offs_m = tl.arange(0, NM)
+    t_ok = (offs_t < T)[None, :]
+    d_memory = tl.zeros((NM, offs_t.shape[0]), tl.float32)
+    for r0 in range(0, NR, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        weight = tl.load(w_ptr + offs_r[:, None] * NM + offs_m[None, :])
+        pre = _dot(weight, memory, DTYPE, DOT_FP32) + tl.load(b_ptr + offs_r).to(tl.float32)[:, None]
+        grad = tl.load(
+            grad_out_ptr + b * NR * T + offs_r[:, None] * T + offs_t[None, :], mask=t_ok, other=0.0
+        )
+        grad = tl.where(pre > 0.0, grad.to(tl.float32), 0.0)  # padded words: 0
+        tl.store(grad_w_part + part * NR * NM + offs_r[:, None] * NM + offs_m[None, :],
+                 _dot(grad, tl.trans(memory), DTYPE, DOT_FP32))  # fmt: skip
+        tl.store(grad_b_part + part * NR + offs_r, tl.sum(grad, axis=1))
+        d_memory += _dot(tl.trans(weight), grad, DTYPE, DOT_FP32)
+    return d_memory
+
+
+@triton.jit
+def memory_write_backward_kernel(
+    words_ptr, rbar_ptr, A_ptr, B_ptr, M_w_ptr, M_w_b_ptr, M_r_ptr, M_r_b_ptr,
+    key_w_ptr, key_b_ptr, value_w_ptr, value_b_ptr, grad_keys_ptr, grad_values_ptr,
+    grad_words_ptr, grad_rbar_part, grad_A_part, grad_B_part, grad_M_w_part, grad_M_w_b_part,
+    grad_M_r_part, grad_M_r_b_part, grad_key_w_part, grad_key_b_part, grad_value_w_part, grad_value_b_part,
+    T, NW,
+    NR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):  # fmt: skip
+    b = tl.program_id(0).to(tl.int64)
+    offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
+    part = b * tl.num_programs(1) + tl.program_id(1)  # this program's slot in the partial buffers
+    NM: tl.constexpr = 2 * NR
+    DTYPE: tl.constexpr = words_ptr.dtype.element_ty
+    offs_r = tl.arange(0, NR)
+    offs_m = tl.arange(0, NM)
+    t_ok = offs_t < T
+    rbar, words_pre, image_pre, gate = _write_forward(
+        words_ptr, rbar_ptr, A_ptr, B_ptr, M_w_ptr, M_w_b_ptr, M_r_ptr, M_r_b_ptr, b, offs_t, T, NW,
+        NR, NM, BLOCK_T, BLOCK_K, DTYPE, DOT_FP32,
+    )  # fmt: skip
+    from_words = tl.maximum(words_pre, 0.0)
+    image = tl.maximum(image_pre, 0.0)
+    memory = from_words * gate[None, :] + image[:, None] * (1.0 - gate)[None, :]
+
+    # Key and value projections.
+    d_memory = _project_backward(key_w_ptr, key_b_ptr, grad_keys_ptr, grad_key_w_part, grad_key_b_part,
+                                 memory, part, b, offs_t, T, NR, NM, BLOCK_R, DTYPE, DOT_FP32)  # fmt: skip
+    d_memory += _project_backward(value_w_ptr, value_b_ptr, grad_values_ptr, grad_value_w_part, grad_value_b_part,
+                                  memory, part, b, offs_t, T, NR, NM, BLOCK_R, DTYPE, DOT_FP32)  # fmt: skip
+
+    # Mixing M = F_w g + f_r (1 - g) and the writing gate g = σ(A W + B r̄). Padded words have
+    # d_memory = 0, so they add nothing.
+    d_words_pre = tl.where(words_pre > 0.0, d_memory * gate[None, :], 0.0)  # NM x BLOCK_T
+    d_image_pre = tl.where(image_pre > 0.0, tl.sum(d_memory * (1.0 - gate)[None, :], axis=1), 0.0)  # NM
+    d_gate_pre = tl.sum(d_memory * (from_words - image[:, None]), axis=0) * gate * (1.0 - gate)  # BLOCK_T
+    d_gate_total = tl.sum(d_gate_pre, axis=0)
+    tl.store(grad_M_w_b_part + part * NM + offs_m, tl.sum(d_words_pre, axis=1))
+    tl.store(grad_M_r_b_part + part * NM + offs_m, d_image_pre)
+    tl.store(
+        grad_M_r_part + part * NM * NR + offs_m[:, None] * NR + offs_r[None, :],
+        d_image_pre[:, None] * rbar[None, :],
+    )
+    tl.store(grad_B_part + part * NR + offs_r, d_gate_total * rbar)
+    M_r = tl.load(M_r_ptr + offs_m[:, None] * NR + offs_r[None, :]).to(tl.float32)
+    d_rbar = tl.sum(M_r * d_image_pre[:, None], axis=0) + d_gate_total * tl.load(B_ptr + offs_r).to(
+        tl.float32
+    )
+    tl.store(grad_rbar_part + part * NR + offs_r, d_rbar)
+
+    for k0 in range(0, NW, BLOCK_K):
+        offs_k = k0 + tl.arange(0, BLOCK_K)
+        k_ok = offs_k < NW
+        words_offs = b * NW * T + offs_k[:, None] * T + offs_t[None, :]
+        words = tl.load(words_ptr + words_offs, mask=k_ok[:, None] & t_ok[None, :], other=0.0)
+        M_w = tl.load(M_w_ptr + offs_m[:, None] * NW + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+        A = tl.load(A_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        grad_M_w = _dot(d_words_pre, tl.trans(words), DTYPE, DOT_FP32)  # NM x BLOCK_K
+        tl.store(
+            grad_M_w_part + part * NM * NW + offs_m[:, None] * NW + offs_k[None, :],
+            grad_M_w,
+            mask=k_ok[None, :],
+        )
+        tl.store(
+            grad_A_part + part * NW + offs_k,
+            tl.sum(words.to(tl.float32) * d_gate_pre[None, :], axis=1),
+            mask=k_ok,
+        )
+        d_words = _dot(tl.trans(M_w), d_words_pre, DTYPE, DOT_FP32) + A[:, None] * d_gate_pre[None, :]
+        tl.store(grad_words_ptr + words_offs, d_words.to(DTYPE), mask=k_ok[:, None] & t_ok[None, :])
+
+
+_WEIGHTS = ("A", "B", "M_w", "M_w_b", "M_r", "M_r_b", "key_w", "key_b", "value_w", "value_b")
+
+
+def _launch_args(
+    words: Tensor, rbar: Tensor, weights: tuple[Tensor, ...], backward: bool
+) -> tuple[list[Tensor], dict]:
+    nr, fp32 = rbar.shape[1], dot_in_fp32(words.dtype)
+    tensors = [words.contiguous(), rbar.contiguous(), *(w.contiguous() for w in weights)]
+    meta = dict(
+        NR=nr, BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, BLOCK_R=min(BLOCK_R, nr), DOT_FP32=fp32,
+        num_warps=num_warps_for(nr, backward, fp32),
+    )  # fmt: skip
+    return tensors, meta
+
+
+@torch.library.custom_op("dmgan_triton::memory_write", mutates_args=())
+def memory_write(
+    words: Tensor,
+    rbar: Tensor,
+    A: Tensor,
+    B: Tensor,
+    M_w: Tensor,
+    M_w_b: Tensor,
+    M_r: Tensor,
+    M_r_b: Tensor,
+    key_w: Tensor,
+    key_b: Tensor,
+    value_w: Tensor,
+    value_b: Tensor,
+) -> tuple[Tensor, Tensor]:
+    """(keys, values), each B x N_r x T. All float inputs share one dtype."""
+    weights = (A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)
+    tensors, meta = _launch_args(words, rbar, weights, backward=False)
+    batch, nw, num_words = words.shape
+    keys = alloc((batch, rbar.shape[1], num_words), words.dtype, words.device)
+    values = alloc((batch, rbar.shape[1], num_words), words.dtype, words.device)
+    grid = (batch, triton.cdiv(num_words, BLOCK_T))
+    memory_write_forward_kernel[grid](*tensors, keys, values, num_words, nw, **meta)
+    return keys, values
+
+
+@memory_write.register_fake
+def _(words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b):
+    shape = (words.shape[0], rbar.shape[1], words.shape[2])
+    return words.new_empty(shape), words.new_empty(shape)
+
+
+@torch.library.custom_op("dmgan_triton::memory_write_backward", mutates_args=())
+def memory_write_backward(
+    grad_keys: Tensor,
+    grad_values: Tensor,
+    words: Tensor,
+    rbar: Tensor,
+    A: Tensor,
+    B: Tensor,
+    M_w: Tensor,
+    M_w_b: Tensor,
+    M_r: Tensor,
+    M_r_b: Tensor,
+    key_w: Tensor,
+    key_b: Tensor,
+    value_w: Tensor,
+    value_b: Tensor,
+) -> list[Tensor]:
+    """Gradients for (words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)."""
+    weights = (A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)
+    tensors, meta = _launch_args(words, rbar, weights, backward=True)
+    batch, nw, num_words = words.shape
+    grid = (batch, triton.cdiv(num_words, BLOCK_T))
+    grad_words = alloc(words.shape, words.dtype, words.device)
+    # Per-program fp32 partials, summed below in a fixed order: deterministic gradients.
+    grad_rbar_part = alloc((batch, grid[1], rbar.shape[1]), torch.float32, words.device)
+    partials = [alloc((batch * grid[1], *w.shape), torch.float32, words.device) for w in weights]
+    memory_write_backward_kernel[grid](
+        *tensors, grad_keys.contiguous(), grad_values.contiguous(), grad_words, grad_rbar_part, *partials,
+        num_words, nw, **meta,
+    )  # fmt: skip
+    grad_rbar = grad_rbar_part.sum(1).to(rbar.dtype)
+    return [grad_words, grad_rbar, *(p.sum(0).to(w.dtype) for p, w in zip(partials, weights))]
+
+
+@memory_write_backward.register_fake
+def _(grad_keys, grad_values, words, rbar, *weights):
+    return [t.new_empty(t.shape) for t in (words, rbar, *weights)]
+
+
+def _setup_context(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _backward(ctx, grad_keys: Tensor | None, grad_values: Tensor | None):
+    inputs = ctx.saved_tensors
+    words, rbar = inputs[0], inputs[1]
+    shape = (words.shape[0], rbar.shape[1], words.shape[2])
+    grad_keys = words.new_zeros(shape) if grad_keys is None else grad_keys.contiguous()
+    grad_values = words.new_zeros(shape) if grad_values is None else grad_values.contiguous()
+    return tuple(memory_write_backward(grad_keys, grad_values, *inputs))
+
+
+memory_write.register_autograd(_backward, setup_context=_setup_context)
