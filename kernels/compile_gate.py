@@ -3,9 +3,14 @@
     python -m kernels.compile_gate [--arch 86 89 90 120] [--json report.json]
 
 Compiles each kernel, at the launch configuration its launcher uses, for each target architecture,
-I/O dtype and channel count, with ``triton.compile`` and a ``GPUTarget``; reads registers, spills
-(stack frame and local memory) and shared memory from the cubin with the ``cuobjdump`` that ships in the triton
-package. Exits non-zero on a compile error or a spill. Must run with TRITON_INTERPRET unset.
+I/O dtype and channel count, with ``triton.compile`` and a ``GPUTarget``; reads registers, spill
+stores and stack frame from ``ptxas -v`` (the ptxas that ships in the triton package). Exits non-zero on a compile error or a spill (``--allow-spills``: errors
+only). Must run with TRITON_INTERPRET unset.
+
+What it found (2026-11-24, triton 3.8): 16-bit I/O compiles without spills on every target at
+every supported size (N_r <= 128, T <= 64). fp32 I/O (3xTF32 dots, about three times the operand
+registers) is spill-free on sm_90 up to N_r = 64, T <= 32, and spills up to a few hundred bytes on
+sm_86 / sm_89 / sm_120 and at N_r = 128: correct, and the slower path.
 """
 
 from __future__ import annotations
@@ -34,7 +39,7 @@ class Result:
     config: str
     registers: int = -1
     spill_bytes: int = -1
-    shared_bytes: int = -1
+    stack_bytes: int = -1
     seconds: float = 0.0
     error: str = ""
 
@@ -57,23 +62,33 @@ def _signature(kernel, io_type: str, constexprs: dict[str, object]) -> dict[str,
     return signature
 
 
-def _resource_usage(cubin: bytes) -> tuple[int, int, int]:
+def _resource_usage(ptx: str, arch: int) -> tuple[int, int, int]:
+    """(registers, spill-store bytes, stack-frame bytes) from ``ptxas -v`` on the kernel's PTX,
+    with the ptxas that ships in the triton package."""
     import triton
 
-    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
-    with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
-        f.write(cubin)
-        f.flush()
+    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
+    ptxas = bin_dir / (
+        "ptxas-blackwell" if arch >= 100 and (bin_dir / "ptxas-blackwell").exists() else "ptxas"
+    )
+    target = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)  # e.g. sm_90a, as triton chose it
+    with tempfile.TemporaryDirectory() as tmp:
+        source = Path(tmp) / "kernel.ptx"
+        source.write_text(ptx)
         text = subprocess.run(
-            [str(cuobjdump), "--dump-resource-usage", f.name], capture_output=True, text=True, check=True
-        ).stdout
+            [str(ptxas), "-v", f"--gpu-name={target}", str(source), "-o", str(Path(tmp) / "kernel.cubin")],
+            capture_output=True, text=True, check=True,
+        ).stderr  # fmt: skip
 
-    def field(name: str) -> int:
-        match = re.search(rf"\b{name}:(\d+)", text)
+    def field(pattern: str) -> int:
+        match = re.search(pattern, text)
         return int(match.group(1)) if match else 0
 
-    # Spilled registers live in the stack frame (STACK); LOCAL counts local arrays.
-    return field("REG"), field("STACK") + field("LOCAL"), field("SHARED")
+    return (
+        field(r"Used (\d+) registers"),
+        field(r"(\d+) bytes spill stores"),
+        field(r"(\d+) bytes stack frame"),
+    )
 
 
 def compile_one(kernel, constexprs: dict[str, object], num_warps: int, arch: int, dtype: str) -> Result:
@@ -91,7 +106,7 @@ def compile_one(kernel, constexprs: dict[str, object], num_warps: int, arch: int
         )
         options = make_backend(target).parse_options({"num_warps": num_warps, "num_stages": 1})
         compiled = triton.compile(source, target=target, options=options.__dict__)
-        result.registers, result.spill_bytes, result.shared_bytes = _resource_usage(compiled.asm["cubin"])
+        result.registers, result.spill_bytes, result.stack_bytes = _resource_usage(compiled.asm["ptx"], arch)
     except Exception as e:  # report every failure, keep compiling the rest
         result.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     result.seconds = time.perf_counter() - start
@@ -117,11 +132,13 @@ def kernel_specs(channels: int, t_pad: int, fp32: bool):
             dict(C=channels, T_PAD=t_pad, BLOCK_N=block_n, LEGACY_MASK=legacy, DOT_FP32=fp32),
             num_warps,
         ))  # fmt: skip
-    write = dict(NR=channels, BLOCK_T=memory_write.BLOCK_T, BLOCK_K=memory_write.BLOCK_K,
-                 BLOCK_R=min(memory_write.BLOCK_R, channels), DOT_FP32=fp32)  # fmt: skip
     for kernel, backward in ((memory_write.memory_write_forward_kernel, False),
                              (memory_write.memory_write_backward_kernel, True)):  # fmt: skip
-        specs.append((kernel, write, memory_write.num_warps_for(channels, backward, fp32)))
+        config = memory_write.launch_config(channels, backward, fp32)
+        num_warps = config.pop("num_warps")
+        specs.append(
+            (kernel, dict(NR=channels, BLOCK_T=memory_write.BLOCK_T, DOT_FP32=fp32, **config), num_warps)
+        )
     return specs
 
 
@@ -132,6 +149,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
     parser.add_argument("--t-pad", type=int, nargs="+", default=[64], help="padded word counts (16, 32, 64)")
     parser.add_argument("--json", type=Path, help="write the full report here")
+    parser.add_argument("--allow-spills", action="store_true", help="report spills but fail only on errors")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the gate compiles real GPU code")
@@ -147,14 +165,15 @@ def main(argv: list[str] | None = None) -> int:
             results.append(result)
             status = (
                 result.error
-                or f"regs {result.registers:3d} spill {result.spill_bytes} B smem {result.shared_bytes} B"
+                or f"regs {result.registers:3d} spill {result.spill_bytes} B stack {result.stack_bytes} B"
             )
             print(f"sm_{arch} {dtype:8s} {result.kernel:30s} {result.config:60s} {status}", flush=True)
     if args.json:
         args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
-    failed = [r for r in results if r.error or r.spill_bytes != 0]
-    print(f"{len(results) - len(failed)} compiled without spills, {len(failed)} failed or spilled")
-    return 1 if failed else 0
+    errors = sum(bool(r.error) for r in results)
+    spilled = sum(not r.error and r.spill_bytes != 0 for r in results)
+    print(f"{len(results)} kernels: {errors} failed to compile, {spilled} spilled")
+    return 1 if errors or (spilled and not args.allow_spills) else 0
 
 
 if __name__ == "__main__":

@@ -24,33 +24,34 @@ from torch import Tensor
 from kernels._common import alloc, dot_in_fp32
 from kernels.memory_read import _dot
 
-BLOCK_K = 32  # chunk of the word-feature dimension N_w
-BLOCK_T = 16  # words per program (tl.dot needs >= 16)
-BLOCK_R = 32  # rows of the key / value projections per step
+BLOCK_T = 16  # words per program (tl.dot needs >= 16); BLOCK_K chunks N_w, BLOCK_R the N_r rows
 
 
-def num_warps_for(channels: int, backward: bool, fp32: bool) -> int:
-    """N_m x BLOCK_T tiles (memory, its gradient, ...) stay in registers: more warps for wider
-    memories, for the backward and for fp32 operands (see kernels.compile_gate)."""
+def launch_config(channels: int, backward: bool, fp32: bool) -> dict[str, int]:
+    """Chunk sizes and warps: N_m x BLOCK_T tiles (memory, its gradient, ...) stay in registers,
+    so wider memories, the backward and fp32 operands get smaller chunks and more warps (from the
+    reports of ``python -m kernels.compile_gate``)."""
     units = channels * (2 if fp32 else 1) * (2 if backward else 1)
-    return 4 if units <= 64 else 8 if units <= 128 else 16
+    block = 32 if units <= 64 else 16
+    return dict(BLOCK_K=block, BLOCK_R=min(block, channels), num_warps=4 if units <= 64 else 8)
 
 
 @triton.jit
 def _write_forward(words_ptr, rbar_ptr, A_ptr, B_ptr, M_w_ptr, M_w_b_ptr, M_r_ptr, M_r_b_ptr, b, offs_t, T, NW,
                    NR: tl.constexpr, NM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                   DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):  # fmt: skip
-    """Recomputable part of the forward for sample b, words offs_t: (r̄, F_w and f_r before their
-    ReLUs, g)."""
+                   BLOCK_R: tl.constexpr, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):  # fmt: skip
+    """Recomputable part of the forward for sample b, words offs_t: F_w and f_r before their
+    ReLUs, and g. Weights are streamed in chunks so no N_m x N_w or N_m x N_r tile is held."""
     offs_m = tl.arange(0, NM)
-    offs_r = tl.arange(0, NR)
     t_ok = offs_t < T
-    rbar = tl.load(rbar_ptr + b * NR + offs_r).to(tl.float32)
-    M_r = tl.load(M_r_ptr + offs_m[:, None] * NR + offs_r[None, :]).to(tl.float32)
-    image_pre = tl.sum(M_r * rbar[None, :], axis=1) + tl.load(M_r_b_ptr + offs_m).to(tl.float32)
-    gate_pre = tl.sum(tl.load(B_ptr + offs_r).to(tl.float32) * rbar, axis=0) + tl.zeros(
-        (BLOCK_T,), tl.float32
-    )
+    image_pre = tl.load(M_r_b_ptr + offs_m).to(tl.float32)
+    gate_pre = tl.zeros((BLOCK_T,), tl.float32)
+    for r0 in range(0, NR, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        rbar = tl.load(rbar_ptr + b * NR + offs_r).to(tl.float32)
+        M_r = tl.load(M_r_ptr + offs_m[:, None] * NR + offs_r[None, :]).to(tl.float32)
+        image_pre += tl.sum(M_r * rbar[None, :], axis=1)
+        gate_pre += tl.sum(tl.load(B_ptr + offs_r).to(tl.float32) * rbar, axis=0)
     words_pre = tl.zeros((NM, BLOCK_T), tl.float32)
     for k0 in range(0, NW, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -62,7 +63,7 @@ def _write_forward(words_ptr, rbar_ptr, A_ptr, B_ptr, M_w_ptr, M_w_b_ptr, M_r_pt
         A = tl.load(A_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         gate_pre += tl.sum(A[:, None] * w.to(tl.float32), axis=0)
     words_pre += tl.load(M_w_b_ptr + offs_m).to(tl.float32)[:, None]
-    return rbar, words_pre, image_pre, tl.sigmoid(gate_pre)
+    return words_pre, image_pre, tl.sigmoid(gate_pre)
 
 
 @triton.jit
@@ -77,9 +78,9 @@ def memory_write_forward_kernel(
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     NM: tl.constexpr = 2 * NR
     DTYPE: tl.constexpr = words_ptr.dtype.element_ty
-    _, words_pre, image_pre, gate = _write_forward(
+    words_pre, image_pre, gate = _write_forward(
         words_ptr, rbar_ptr, A_ptr, B_ptr, M_w_ptr, M_w_b_ptr, M_r_ptr, M_r_b_ptr, b, offs_t, T, NW,
-        NR, NM, BLOCK_T, BLOCK_K, DTYPE, DOT_FP32,
+        NR, NM, BLOCK_T, BLOCK_K, BLOCK_R, DTYPE, DOT_FP32,
     )  # fmt: skip
     image = tl.maximum(image_pre, 0.0)
     memory = tl.maximum(words_pre, 0.0) * gate[None, :] + image[:, None] * (1.0 - gate)[None, :]
@@ -138,12 +139,11 @@ def memory_write_backward_kernel(
     part = b * tl.num_programs(1) + tl.program_id(1)  # this program's slot in the partial buffers
     NM: tl.constexpr = 2 * NR
     DTYPE: tl.constexpr = words_ptr.dtype.element_ty
-    offs_r = tl.arange(0, NR)
     offs_m = tl.arange(0, NM)
     t_ok = offs_t < T
-    rbar, words_pre, image_pre, gate = _write_forward(
+    words_pre, image_pre, gate = _write_forward(
         words_ptr, rbar_ptr, A_ptr, B_ptr, M_w_ptr, M_w_b_ptr, M_r_ptr, M_r_b_ptr, b, offs_t, T, NW,
-        NR, NM, BLOCK_T, BLOCK_K, DTYPE, DOT_FP32,
+        NR, NM, BLOCK_T, BLOCK_K, BLOCK_R, DTYPE, DOT_FP32,
     )  # fmt: skip
     from_words = tl.maximum(words_pre, 0.0)
     image = tl.maximum(image_pre, 0.0)
@@ -163,16 +163,16 @@ def memory_write_backward_kernel(
     d_gate_total = tl.sum(d_gate_pre, axis=0)
     tl.store(grad_M_w_b_part + part * NM + offs_m, tl.sum(d_words_pre, axis=1))
     tl.store(grad_M_r_b_part + part * NM + offs_m, d_image_pre)
-    tl.store(
-        grad_M_r_part + part * NM * NR + offs_m[:, None] * NR + offs_r[None, :],
-        d_image_pre[:, None] * rbar[None, :],
-    )
-    tl.store(grad_B_part + part * NR + offs_r, d_gate_total * rbar)
-    M_r = tl.load(M_r_ptr + offs_m[:, None] * NR + offs_r[None, :]).to(tl.float32)
-    d_rbar = tl.sum(M_r * d_image_pre[:, None], axis=0) + d_gate_total * tl.load(B_ptr + offs_r).to(
-        tl.float32
-    )
-    tl.store(grad_rbar_part + part * NR + offs_r, d_rbar)
+    for r0 in range(0, NR, BLOCK_R):
+        offs_r = r0 + tl.arange(0, BLOCK_R)
+        rbar = tl.load(rbar_ptr + b * NR + offs_r).to(tl.float32)
+        M_r_offs = offs_m[:, None] * NR + offs_r[None, :]
+        tl.store(grad_M_r_part + part * NM * NR + M_r_offs, d_image_pre[:, None] * rbar[None, :])
+        tl.store(grad_B_part + part * NR + offs_r, d_gate_total * rbar)
+        M_r = tl.load(M_r_ptr + M_r_offs).to(tl.float32)
+        d_rbar = tl.sum(M_r * d_image_pre[:, None], axis=0)
+        d_rbar += d_gate_total * tl.load(B_ptr + offs_r).to(tl.float32)
+        tl.store(grad_rbar_part + part * NR + offs_r, d_rbar)
 
     for k0 in range(0, NW, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
@@ -204,10 +204,7 @@ def _launch_args(
 ) -> tuple[list[Tensor], dict]:
     nr, fp32 = rbar.shape[1], dot_in_fp32(words.dtype)
     tensors = [words.contiguous(), rbar.contiguous(), *(w.contiguous() for w in weights)]
-    meta = dict(
-        NR=nr, BLOCK_T=BLOCK_T, BLOCK_K=BLOCK_K, BLOCK_R=min(BLOCK_R, nr), DOT_FP32=fp32,
-        num_warps=num_warps_for(nr, backward, fp32),
-    )  # fmt: skip
+    meta = dict(NR=nr, BLOCK_T=BLOCK_T, DOT_FP32=fp32, **launch_config(nr, backward, fp32))
     return tensors, meta
 
 

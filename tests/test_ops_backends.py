@@ -30,6 +30,7 @@ READ_SHAPES = [
     ReadShape(3, 32, 9, 7, (21, 3, 0)),  # two word blocks, a fully padded caption, several pixel tiles
     ReadShape(2, 64, 3, 11, (5, 5)),
     ReadShape(2, 128, 2, 3, (64, 17)),  # the widest supported: N_r 128, T 64
+    ReadShape(1, 32, 11, 9, (7,)),  # several forward tiles, a partial last one
 ]
 WRITE_SHAPES = [
     WriteShape(2, 40, 32, 6),  # N_w not a multiple of the chunk
