@@ -1,12 +1,54 @@
-"""Build and install dmgan (and the Triton ``kernels`` package).
+"""Build and install dmgan, the Triton ``kernels`` package and the extension ``dmgan._C``.
 
-The C++/CUDA extension ``dmgan._C`` is added here by the csrc work; until then this is a plain
-Python package. Tool settings live in pyproject.toml.
+``dmgan._C`` holds the CPU kernels always and the CUDA kernels when torch is a CUDA build and a
+CUDA toolkit is found (``DMGAN_SKIP_CUDA=1`` / ``DMGAN_FORCE_CUDA=1``, ``TORCH_CUDA_ARCH_LIST``:
+see dmgan/ops/_build.py). Building needs torch at build time, so install torch first and use
+``pip install --no-build-isolation -e .``; without torch (pip's default isolated build) the
+extension is skipped here and built on first use instead. Tool settings live in pyproject.toml.
 """
+
+import importlib.util
+from pathlib import Path
 
 from setuptools import find_packages, setup
 
 PINNED = ["torch==2.14.1", "torchvision==0.29.1"]  # what the README's commands install
+
+
+def _build_helpers():
+    path = Path(__file__).parent / "dmgan" / "ops" / "_build.py"
+    spec = importlib.util.spec_from_file_location("dmgan_build", path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def extension_args() -> dict:
+    try:
+        import torch  # noqa: F401
+        from torch.utils import cpp_extension
+    except ImportError:
+        print("dmgan: torch is not importable at build time; dmgan._C will be built on first use")
+        return {}
+    build = _build_helpers()
+    with_cuda = build.want_cuda()
+    sources = [*build.sources(with_cuda), str(build.CSRC / "module.cpp")]
+    sources = [str(Path(s).relative_to(Path(__file__).parent.resolve())) for s in sources]
+    flags = {"cxx": build.CXX_FLAGS}
+    if with_cuda:
+        build.prepare_cuda_env()
+        cpp_extension.CUDA_HOME = build.find_cuda_home()
+        flags["nvcc"] = build.NVCC_FLAGS
+        extension = cpp_extension.CUDAExtension(
+            "dmgan._C", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"]
+        )
+    else:
+        extension = cpp_extension.CppExtension(
+            "dmgan._C", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"]
+        )
+    print(f"dmgan: building dmgan._C with {'CPU and CUDA' if with_cuda else 'CPU'} kernels")
+    return {"ext_modules": [extension], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
+
 
 setup(
     name="dmgan",
@@ -35,4 +77,5 @@ setup(
         ],
     },
     entry_points={"console_scripts": ["dmgan-train=dmgan.train:main"]},
+    **extension_args(),
 )

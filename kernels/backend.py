@@ -23,7 +23,7 @@ def supports(device: torch.device) -> bool:
     return device.type == "cuda" or (device.type == "cpu" and _INTERPRETING)
 
 
-def unsupported_reason(channels: int, num_words: int) -> str | None:
+def unsupported_reason(channels: int, num_words: int, device: torch.device | None = None) -> str | None:
     """Why the kernels cannot take this input, or None."""
     if channels not in SUPPORTED_CHANNELS:
         return f"N_r = {channels} (supported: {', '.join(map(str, SUPPORTED_CHANNELS))})"

@@ -9,6 +9,7 @@ import the same builders, so what is timed is what is tested.
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import torch
@@ -16,7 +17,9 @@ from torch import Tensor
 
 from dmgan import ops
 
-# Normwise tolerances: |a - b| <= tol * (|b| + max|b|) elementwise.
+# Normwise tolerances: |a - b| <= tol * (|b| + max|b| + 1e-3) elementwise. The small absolute
+# floor covers gradients that are zero in exact arithmetic (T = 1: the softmax gradient vanishes),
+# where both sides hold rounding noise of the inputs' dtype.
 TOLERANCE = {torch.float32: 1e-5, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
 
@@ -47,7 +50,7 @@ class WriteShape:
 
 def read_case(shape: ReadShape, dtype: torch.dtype = torch.float32, device: str = "cpu") -> dict:
     c, t = shape.channels, max(max(shape.lengths), 1)
-    g = torch.Generator().manual_seed(hash(str(shape)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(str(shape).encode()))
 
     def rand(*size: int, scale: float = 1.0, positive: bool = False) -> Tensor:
         x = torch.rand(size, generator=g) if positive else torch.randn(size, generator=g)
@@ -66,7 +69,7 @@ def read_case(shape: ReadShape, dtype: torch.dtype = torch.float32, device: str 
 
 def write_case(shape: WriteShape, dtype: torch.dtype = torch.float32, device: str = "cpu") -> dict:
     nw, nr, nm = shape.word_dim, shape.channels, 2 * shape.channels
-    g = torch.Generator().manual_seed(hash(str(shape)) % 2**31)
+    g = torch.Generator().manual_seed(zlib.crc32(str(shape).encode()))
     sizes = dict(
         words=(shape.batch, nw, shape.num_words), rbar=(shape.batch, nr), A=(1, nw), B=(1, nr),
         M_w=(nm, nw, 1), M_w_b=(nm,), M_r=(nm, nr, 1), M_r_b=(nm,),
@@ -112,7 +115,7 @@ def assert_matches(actual: dict[str, Tensor], expected: dict[str, Tensor], dtype
         assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
         assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten elements?)"
         got, want = got.double().cpu(), want.double().cpu()
-        bound = tol * (want.abs() + want.abs().max())
+        bound = tol * (want.abs() + want.abs().max() + 1e-3)
         excess = ((got - want).abs() - bound).max()
         assert excess <= 0, (
             f"{name}: max error {(got - want).abs().max():.3g} exceeds tolerance {tol} (normwise)"

@@ -4,7 +4,9 @@ Every backend computes what :mod:`dmgan.ops.reference` defines (its docstring ha
 
 - ``"eager"``: the reference, everywhere;
 - ``"triton"``: fused Triton kernels (:mod:`kernels`), CUDA tensors (CPU tensors under
-  ``TRITON_INTERPRET=1``, for testing), N_r in {32, 64, 128}, T <= 64.
+  ``TRITON_INTERPRET=1``, for testing), N_r in {32, 64, 128}, T <= 64;
+- ``"cpp"``: the C++ / CUDA extension (csrc/, :mod:`dmgan.ops._cpp`), CPU tensors, and CUDA
+  tensors where it was built with CUDA (T <= 64 there).
 
 ``backend="auto"`` takes the first backend of :data:`AUTO_ORDER` for the inputs' device that loads
 and supports the input, and falls back to eager; naming a backend asks for it and fails with the
@@ -14,6 +16,7 @@ reason when it cannot run.
 from __future__ import annotations
 
 import importlib
+import warnings
 from types import ModuleType
 
 import torch
@@ -23,22 +26,34 @@ from dmgan.checks import ShapeChecker
 from dmgan.ops import reference
 
 # Backend name -> module with memory_write / memory_read (the reference's signatures), and optionally
-# supports(device) -> bool and unsupported_reason(channels, num_words) -> str | None.
-BACKEND_MODULES: dict[str, str] = {"eager": "dmgan.ops.reference", "triton": "kernels.backend"}
+# supports(device) -> bool and unsupported_reason(channels, num_words, device) -> str | None.
+BACKEND_MODULES: dict[str, str] = {
+    "eager": "dmgan.ops.reference",
+    "triton": "kernels.backend",
+    "cpp": "dmgan.ops._cpp",
+}
 # What backend="auto" tries, per device type, fastest first.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "eager"), "cpu": ("eager",)}
+AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cpp", "eager"), "cpu": ("cpp", "eager")}
 
 _loaded: dict[str, ModuleType | None] = {"eager": reference}
 _load_errors: dict[str, str] = {}
 
 
-def _load(name: str) -> ModuleType | None:
-    """The backend's module, imported once; None (and the reason kept) when it cannot import."""
+def _load(name: str, warn: bool = False) -> ModuleType | None:
+    """The backend's module, imported once; None (and the reason kept) when it cannot import.
+    With ``warn``, the first failure is reported once as a warning (auto falls back to eager)."""
     if name not in _loaded:
         try:
             _loaded[name] = importlib.import_module(BACKEND_MODULES[name])
         except ImportError as e:
             _loaded[name], _load_errors[name] = None, f"{type(e).__name__}: {e}"
+            if warn:
+                warnings.warn(
+                    f"dmgan.ops: the {name!r} backend is unavailable ({_load_errors[name]}); "
+                    "backend='auto' uses the next one",
+                    RuntimeWarning,
+                    stacklevel=4,
+                )
     return _loaded[name]
 
 
@@ -47,9 +62,9 @@ def _runs_on(module: ModuleType, device: torch.device) -> bool:
     return supports is None or supports(device)
 
 
-def _why_not(module: ModuleType, channels: int, num_words: int) -> str | None:
+def _why_not(module: ModuleType, channels: int, num_words: int, device: torch.device) -> str | None:
     reason = getattr(module, "unsupported_reason", None)
-    return None if reason is None else reason(channels, num_words)
+    return None if reason is None else reason(channels, num_words, device)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -61,12 +76,9 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 def _resolve(backend: str, device: torch.device, channels: int, num_words: int) -> ModuleType:
     if backend == "auto":
         for name in AUTO_ORDER.get(device.type, ("eager",)):
-            module = _load(name)
-            if (
-                module is not None
-                and _runs_on(module, device)
-                and _why_not(module, channels, num_words) is None
-            ):
+            module = _load(name, warn=True)
+            usable = module is not None and _runs_on(module, device)
+            if usable and _why_not(module, channels, num_words, device) is None:
                 return module
         return reference
     if backend not in BACKEND_MODULES:
@@ -76,7 +88,7 @@ def _resolve(backend: str, device: torch.device, channels: int, num_words: int) 
         raise RuntimeError(f"backend {backend!r} is unavailable: {_load_errors[backend]}")
     if not _runs_on(module, device):
         raise RuntimeError(f"backend {backend!r} does not run on {device}")
-    reason = _why_not(module, channels, num_words)
+    reason = _why_not(module, channels, num_words, device)
     if reason is not None:
         raise ValueError(f"backend {backend!r} does not support this input: {reason}")
     return module

@@ -1,0 +1,65 @@
+// Dynamic memory of DM-GAN: op schemas shared by the CPU and CUDA kernels.
+//
+// Notation: B batch, N_w word-feature size, N_r image-feature size (C), N_m = 2 N_r, T words,
+// N = H W pixels. The math is the docstring of dmgan/ops/reference.py; every kernel here computes
+// exactly that, with fp32 accumulation (fp64 for double inputs) and deterministic reductions.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <tuple>
+#include <vector>
+
+namespace dmgan {
+
+// Shapes every implementation checks before launching: named errors instead of crashes.
+inline void check_write_inputs(const at::Tensor& words, const at::Tensor& rbar, at::TensorList weights) {
+  TORCH_CHECK(words.dim() == 3, "memory_write: words must be B x N_w x T, got ", words.sizes());
+  TORCH_CHECK(rbar.dim() == 2 && rbar.size(0) == words.size(0),
+              "memory_write: rbar must be B x N_r with B = ", words.size(0), ", got ", rbar.sizes());
+  TORCH_CHECK(weights.size() == 10, "memory_write: expected 10 weight tensors, got ", weights.size());
+  const int64_t nw = words.size(1), nr = rbar.size(1), nm = 2 * nr;
+  const std::vector<std::vector<int64_t>> expected = {
+      {1, nw}, {1, nr}, {nm, nw, 1}, {nm}, {nm, nr, 1}, {nm}, {nr, nm, 1}, {nr}, {nr, nm, 1}, {nr}};
+  const char* names[] = {"A", "B", "M_w", "M_w_b", "M_r", "M_r_b", "key_w", "key_b", "value_w", "value_b"};
+  for (size_t i = 0; i < weights.size(); ++i) {
+    TORCH_CHECK(weights[i].sizes() == at::IntArrayRef(expected[i]), "memory_write: ", names[i],
+                " must have shape ", at::IntArrayRef(expected[i]), ", got ", weights[i].sizes());
+  }
+  for (const auto& t : weights) {
+    TORCH_CHECK(t.device() == words.device() && t.scalar_type() == words.scalar_type() && t.is_contiguous(),
+                "memory_write: every tensor must be contiguous, on ", words.device(), " and of dtype ",
+                words.scalar_type());
+  }
+  TORCH_CHECK(words.is_contiguous() && rbar.is_contiguous() && rbar.device() == words.device() &&
+                  rbar.scalar_type() == words.scalar_type(),
+              "memory_write: words and rbar must be contiguous, on one device and of one dtype");
+}
+
+inline void check_read_inputs(const at::Tensor& img, const at::Tensor& keys, const at::Tensor& values,
+                              const at::Tensor& pad_mask, const at::Tensor& gate_w, const at::Tensor& gate_b) {
+  TORCH_CHECK(img.dim() == 4, "memory_read: img must be B x N_r x H x W, got ", img.sizes());
+  const int64_t batch = img.size(0), channels = img.size(1);
+  TORCH_CHECK(keys.dim() == 3 && keys.size(0) == batch && keys.size(1) == channels,
+              "memory_read: keys must be B x N_r x T = ", batch, " x ", channels, " x T, got ", keys.sizes());
+  TORCH_CHECK(values.sizes() == keys.sizes(), "memory_read: values must match keys ", keys.sizes(), ", got ",
+              values.sizes());
+  TORCH_CHECK(pad_mask.dim() == 2 && pad_mask.size(0) == batch && pad_mask.size(1) == keys.size(2),
+              "memory_read: pad_mask must be B x T = ", batch, " x ", keys.size(2), ", got ", pad_mask.sizes());
+  TORCH_CHECK(pad_mask.scalar_type() == at::kBool, "memory_read: pad_mask must be bool, got ",
+              pad_mask.scalar_type());
+  TORCH_CHECK(gate_w.numel() == 2 * channels && gate_b.numel() == 1, "memory_read: gate_w must hold 2 N_r = ",
+              2 * channels, " values and gate_b one, got ", gate_w.sizes(), " and ", gate_b.sizes());
+  TORCH_CHECK(keys.size(2) >= 1, "memory_read: keys has no word (T = 0)");
+  for (const auto& t : {keys, values, gate_w, gate_b}) {
+    TORCH_CHECK(t.scalar_type() == img.scalar_type(), "memory_read: every float input must be ",
+                img.scalar_type(), ", got ", t.scalar_type());
+  }
+  for (const auto& t : {img, keys, values, pad_mask, gate_w, gate_b}) {
+    TORCH_CHECK(t.device() == img.device(), "memory_read: every input must be on ", img.device(), ", got ",
+                t.device());
+    TORCH_CHECK(t.is_contiguous(), "memory_read: every input must be contiguous");
+  }
+}
+
+}  // namespace dmgan

@@ -1,0 +1,572 @@
+// CPU kernels for the dynamic memory: memory_write and memory_read, forward and backward.
+//
+// Reading works on tiles of kTile pixels of one sample: their C x kTile features, the T x kTile
+// scores and the C x kTile memory output stay in L1, and every inner loop runs over contiguous
+// pixels so the compiler vectorises it. Work is split over (sample, pixel chunk) with
+// at::parallel_for (OpenMP). Backward reductions (dK, dV, gate, weight gradients) go through
+// per-chunk partials with a split that does not depend on the thread count, summed in a fixed
+// order: gradients are bitwise reproducible.
+#include <ATen/Dispatch.h>
+#include <ATen/OpMathType.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <algorithm>
+#include <cmath>
+#include <limits>
+#include <vector>
+
+#include "memory.h"
+
+namespace dmgan {
+namespace {
+
+constexpr int64_t kTile = 64;    // pixels computed together
+constexpr int64_t kChunk = 1024; // pixels per partial-sum slot in the backward (a multiple of kTile)
+
+template <typename T>
+inline T sigmoid(T x) {
+  return T(1) / (T(1) + std::exp(-x));
+}
+
+template <typename acc_t, typename scalar_t>
+std::vector<acc_t> to_acc(const at::Tensor& t) {
+  const scalar_t* p = t.data_ptr<scalar_t>();
+  return std::vector<acc_t>(p, p + t.numel());
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory reading
+
+template <typename acc_t>
+struct ReadScratch {
+  std::vector<acc_t> r, alpha, o, z, aux;
+  ReadScratch(int64_t C, int64_t T) : r(C * kTile), alpha(T * kTile), o(C * kTile), z(kTile), aux(T * kTile) {}
+};
+
+// The forward for pixels [n0, n0 + P) of sample b: r (C x P), alpha (T x P), o (C x P), gate in z.
+template <typename scalar_t, typename acc_t>
+void read_tile(const scalar_t* img_b, const acc_t* keys_b, const acc_t* values_b, const bool* mask, int64_t b,
+               int64_t batch, bool legacy, const acc_t* gate_w, acc_t gate_b, int64_t C, int64_t T, int64_t N,
+               int64_t n0, int64_t P, ReadScratch<acc_t>& s) {
+  acc_t* r = s.r.data();
+  acc_t* alpha = s.alpha.data();
+  acc_t* o = s.o.data();
+  acc_t* z = s.z.data();
+  for (int64_t c = 0; c < C; ++c) {
+    const scalar_t* src = img_b + c * N + n0;
+    for (int64_t p = 0; p < P; ++p) r[c * P + p] = static_cast<acc_t>(src[p]);
+  }
+  // Key addressing: scores[t][p] = sum_c k[c][t] r[c][p].
+  std::fill(alpha, alpha + T * P, acc_t(0));
+  for (int64_t t = 0; t < T; ++t) {
+    acc_t* st = alpha + t * P;
+    for (int64_t c = 0; c < C; ++c) {
+      const acc_t k = keys_b[c * T + t];
+      const acc_t* rc = r + c * P;
+      for (int64_t p = 0; p < P; ++p) st[p] += k * rc[p];
+    }
+  }
+  // Padding: 1 where the word is masked for that pixel. The reference's legacy broadcast gives
+  // batch-major row b N + q the mask of sample (b N + q) mod B.
+  acc_t* masked = s.aux.data();
+  for (int64_t p = 0; p < P; ++p) {
+    const bool* row = mask + (legacy ? ((b * N + n0 + p) % batch) : b) * T;
+    for (int64_t t = 0; t < T; ++t) masked[t * P + p] = row[t] ? acc_t(1) : acc_t(0);
+  }
+  // Softmax over words; a pixel with every word masked reads nothing (alpha = 0).
+  constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
+  for (int64_t p = 0; p < P; ++p) z[p] = kNegInf;
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t p = 0; p < P; ++p)
+      if (masked[t * P + p] == acc_t(0)) z[p] = std::max(z[p], alpha[t * P + p]);
+  std::vector<acc_t>& total = s.o;  // o is free until value reading: borrow P entries as sums
+  std::fill(total.begin(), total.begin() + P, acc_t(0));
+  for (int64_t t = 0; t < T; ++t) {
+    for (int64_t p = 0; p < P; ++p) {
+      const acc_t e = masked[t * P + p] != acc_t(0) ? acc_t(0) : std::exp(alpha[t * P + p] - z[p]);
+      alpha[t * P + p] = e;
+      total[p] += e;
+    }
+  }
+  for (int64_t p = 0; p < P; ++p) z[p] = total[p] > acc_t(0) ? acc_t(1) / total[p] : acc_t(0);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t p = 0; p < P; ++p) alpha[t * P + p] *= z[p];
+  // Value reading: o[c][p] = sum_t v[c][t] alpha[t][p].
+  std::fill(o, o + C * P, acc_t(0));
+  for (int64_t c = 0; c < C; ++c) {
+    acc_t* oc = o + c * P;
+    for (int64_t t = 0; t < T; ++t) {
+      const acc_t v = values_b[c * T + t];
+      const acc_t* at = alpha + t * P;
+      for (int64_t p = 0; p < P; ++p) oc[p] += v * at[p];
+    }
+  }
+  // Response gate g = sigmoid(w_r . r + w_o . o + b).
+  for (int64_t p = 0; p < P; ++p) z[p] = gate_b;
+  for (int64_t c = 0; c < C; ++c) {
+    const acc_t wr = gate_w[c], wo = gate_w[C + c];
+    for (int64_t p = 0; p < P; ++p) z[p] += wr * r[c * P + p] + wo * o[c * P + p];
+  }
+  for (int64_t p = 0; p < P; ++p) z[p] = sigmoid(z[p]);
+}
+
+template <typename scalar_t>
+void read_forward_impl(const at::Tensor& img, const at::Tensor& keys, const at::Tensor& values,
+                       const at::Tensor& pad_mask, const at::Tensor& gate_w, const at::Tensor& gate_b, bool legacy,
+                       at::Tensor& out, at::Tensor* attention) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = img.size(0), C = img.size(1), N = img.size(2) * img.size(3), T = keys.size(2);
+  const auto keys_acc = to_acc<acc_t, scalar_t>(keys);
+  const auto values_acc = to_acc<acc_t, scalar_t>(values);
+  const auto gw = to_acc<acc_t, scalar_t>(gate_w);
+  const acc_t gb = static_cast<acc_t>(gate_b.data_ptr<scalar_t>()[0]);
+  const scalar_t* img_p = img.data_ptr<scalar_t>();
+  const bool* mask = pad_mask.data_ptr<bool>();
+  scalar_t* out_p = out.data_ptr<scalar_t>();
+  scalar_t* att_p = attention ? attention->data_ptr<scalar_t>() : nullptr;
+  const int64_t tiles = (N + kTile - 1) / kTile;
+  at::parallel_for(0, batch * tiles, 1, [&](int64_t begin, int64_t end) {
+    ReadScratch<acc_t> s(C, T);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / tiles, n0 = (i % tiles) * kTile, P = std::min(kTile, N - n0);
+      read_tile<scalar_t, acc_t>(img_p + b * C * N, keys_acc.data() + b * C * T, values_acc.data() + b * C * T,
+                                 mask, b, batch, legacy, gw.data(), gb, C, T, N, n0, P, s);
+      for (int64_t c = 0; c < C; ++c) {
+        scalar_t* dst = out_p + (b * C + c) * N + n0;
+        const acc_t* r = s.r.data() + c * P;
+        const acc_t* o = s.o.data() + c * P;
+        for (int64_t p = 0; p < P; ++p) dst[p] = static_cast<scalar_t>(r[p] + (o[p] - r[p]) * s.z[p]);
+      }
+      if (att_p) {
+        for (int64_t t = 0; t < T; ++t) {
+          scalar_t* dst = att_p + (b * T + t) * N + n0;
+          for (int64_t p = 0; p < P; ++p) dst[p] = static_cast<scalar_t>(s.alpha[t * P + p]);
+        }
+      }
+    }
+  });
+}
+
+template <typename scalar_t>
+void read_backward_impl(const at::Tensor& grad_out, const at::Tensor& img, const at::Tensor& keys,
+                        const at::Tensor& values, const at::Tensor& pad_mask, const at::Tensor& gate_w,
+                        const at::Tensor& gate_b, bool legacy, at::Tensor& grad_img, at::Tensor& grad_keys,
+                        at::Tensor& grad_values, at::Tensor& grad_gate_w, at::Tensor& grad_gate_b) {
+  using acc_t = at::opmath_type<scalar_t>;
+  const int64_t batch = img.size(0), C = img.size(1), N = img.size(2) * img.size(3), T = keys.size(2);
+  const auto keys_acc = to_acc<acc_t, scalar_t>(keys);
+  const auto values_acc = to_acc<acc_t, scalar_t>(values);
+  const auto gw = to_acc<acc_t, scalar_t>(gate_w);
+  const acc_t gb = static_cast<acc_t>(gate_b.data_ptr<scalar_t>()[0]);
+  const scalar_t* img_p = img.data_ptr<scalar_t>();
+  const scalar_t* dy_p = grad_out.data_ptr<scalar_t>();
+  const bool* mask = pad_mask.data_ptr<bool>();
+  scalar_t* dimg_p = grad_img.data_ptr<scalar_t>();
+  // Partials per (sample, chunk): dK (C x T), dV (C x T), d gate_w (2C), d gate_b (1).
+  const int64_t chunks = (N + kChunk - 1) / kChunk, slot = 2 * C * T + 2 * C + 1;
+  std::vector<acc_t> partials(batch * chunks * slot, acc_t(0));
+  at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
+    ReadScratch<acc_t> s(C, T);
+    std::vector<acc_t> dy(C * kTile), d_alpha(T * kTile), d_pre_gate(kTile);
+    for (int64_t i = begin; i < end; ++i) {
+      const int64_t b = i / chunks, chunk = i % chunks;
+      const acc_t* k = keys_acc.data() + b * C * T;
+      const acc_t* v = values_acc.data() + b * C * T;
+      acc_t* dk = partials.data() + i * slot;
+      acc_t* dv = dk + C * T;
+      acc_t* dgw = dv + C * T;
+      acc_t* dgb = dgw + 2 * C;
+      for (int64_t n0 = chunk * kChunk; n0 < std::min(N, (chunk + 1) * kChunk); n0 += kTile) {
+        const int64_t P = std::min(kTile, N - n0);
+        read_tile<scalar_t, acc_t>(img_p + b * C * N, k, v, mask, b, batch, legacy, gw.data(), gb, C, T, N, n0, P, s);
+        const acc_t* r = s.r.data();
+        const acc_t* alpha = s.alpha.data();
+        acc_t* o = s.o.data();
+        const acc_t* g = s.z.data();
+        for (int64_t c = 0; c < C; ++c) {
+          const scalar_t* src = dy_p + (b * C + c) * N + n0;
+          for (int64_t p = 0; p < P; ++p) dy[c * P + p] = static_cast<acc_t>(src[p]);
+        }
+        // Response gate: r' = r + (o - r) g.
+        std::fill(d_pre_gate.begin(), d_pre_gate.end(), acc_t(0));
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t p = 0; p < P; ++p) d_pre_gate[p] += dy[c * P + p] * (o[c * P + p] - r[c * P + p]);
+        for (int64_t p = 0; p < P; ++p) {
+          d_pre_gate[p] *= g[p] * (acc_t(1) - g[p]);
+          *dgb += d_pre_gate[p];
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t sr = 0, so = 0;
+          for (int64_t p = 0; p < P; ++p) {
+            sr += r[c * P + p] * d_pre_gate[p];
+            so += o[c * P + p] * d_pre_gate[p];
+          }
+          dgw[c] += sr;
+          dgw[C + c] += so;
+        }
+        // dr (kept in dy) and do (kept in o).
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t wr = gw[c], wo = gw[C + c];
+          for (int64_t p = 0; p < P; ++p) {
+            const acc_t d = dy[c * P + p];
+            o[c * P + p] = d * g[p] + wo * d_pre_gate[p];
+            dy[c * P + p] = d * (acc_t(1) - g[p]) + wr * d_pre_gate[p];
+          }
+        }
+        // Value reading o = V alpha^T: dV and d_alpha.
+        std::fill(d_alpha.begin(), d_alpha.begin() + T * P, acc_t(0));
+        for (int64_t c = 0; c < C; ++c) {
+          const acc_t* doc = o + c * P;
+          for (int64_t t = 0; t < T; ++t) {
+            const acc_t* at = alpha + t * P;
+            acc_t* dat = d_alpha.data() + t * P;
+            const acc_t vct = v[c * T + t];
+            acc_t sum = 0;
+            for (int64_t p = 0; p < P; ++p) {
+              sum += doc[p] * at[p];
+              dat[p] += doc[p] * vct;
+            }
+            dv[c * T + t] += sum;
+          }
+        }
+        // Softmax: d_scores = alpha (d_alpha - sum_t alpha d_alpha), into d_alpha.
+        acc_t* dot = s.z.data();  // the gate is no longer needed
+        std::fill(dot, dot + P, acc_t(0));
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t p = 0; p < P; ++p) dot[p] += alpha[t * P + p] * d_alpha[t * P + p];
+        for (int64_t t = 0; t < T; ++t)
+          for (int64_t p = 0; p < P; ++p) d_alpha[t * P + p] = alpha[t * P + p] * (d_alpha[t * P + p] - dot[p]);
+        // Key addressing s = r^T K: dr += K ds, dK += r ds^T.
+        for (int64_t c = 0; c < C; ++c) {
+          acc_t* drc = dy.data() + c * P;
+          const acc_t* rc = r + c * P;
+          for (int64_t t = 0; t < T; ++t) {
+            const acc_t* dst = d_alpha.data() + t * P;
+            const acc_t kct = k[c * T + t];
+            acc_t sum = 0;
+            for (int64_t p = 0; p < P; ++p) {
+              drc[p] += kct * dst[p];
+              sum += rc[p] * dst[p];
+            }
+            dk[c * T + t] += sum;
+          }
+        }
+        for (int64_t c = 0; c < C; ++c) {
+          scalar_t* dst = dimg_p + (b * C + c) * N + n0;
+          for (int64_t p = 0; p < P; ++p) dst[p] = static_cast<scalar_t>(dy[c * P + p]);
+        }
+      }
+    }
+  });
+  // Fixed-order reduction of the partials.
+  scalar_t* dk_p = grad_keys.data_ptr<scalar_t>();
+  scalar_t* dv_p = grad_values.data_ptr<scalar_t>();
+  std::vector<acc_t> dgate(2 * C + 1, acc_t(0));
+  for (int64_t b = 0; b < batch; ++b) {
+    for (int64_t j = 0; j < C * T; ++j) {
+      acc_t sk = 0, sv = 0;
+      for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+        const acc_t* part = partials.data() + (b * chunks + chunk) * slot;
+        sk += part[j];
+        sv += part[C * T + j];
+      }
+      dk_p[b * C * T + j] = static_cast<scalar_t>(sk);
+      dv_p[b * C * T + j] = static_cast<scalar_t>(sv);
+    }
+    for (int64_t chunk = 0; chunk < chunks; ++chunk) {
+      const acc_t* part = partials.data() + (b * chunks + chunk) * slot + 2 * C * T;
+      for (int64_t j = 0; j < 2 * C + 1; ++j) dgate[j] += part[j];
+    }
+  }
+  scalar_t* dgw_p = grad_gate_w.data_ptr<scalar_t>();
+  for (int64_t j = 0; j < 2 * C; ++j) dgw_p[j] = static_cast<scalar_t>(dgate[j]);
+  grad_gate_b.data_ptr<scalar_t>()[0] = static_cast<scalar_t>(dgate[2 * C]);
+}
+
+std::tuple<at::Tensor, at::Tensor> memory_read_cpu(const at::Tensor& img, const at::Tensor& keys,
+                                                   const at::Tensor& values, const at::Tensor& pad_mask,
+                                                   const at::Tensor& gate_w, const at::Tensor& gate_b,
+                                                   bool return_attention, bool legacy_mask) {
+  check_read_inputs(img, keys, values, pad_mask, gate_w, gate_b);
+  TORCH_CHECK(img.device().is_cpu(), "memory_read (cpu kernel): inputs must be on the CPU, got ", img.device());
+  at::Tensor out = at::empty_like(img);
+  at::Tensor attention = return_attention
+                             ? at::empty({img.size(0), keys.size(2), img.size(2), img.size(3)}, img.options())
+                             : at::empty({0}, img.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, img.scalar_type(), "memory_read_cpu", [&] {
+    read_forward_impl<scalar_t>(img, keys, values, pad_mask, gate_w, gate_b, legacy_mask, out,
+                                return_attention ? &attention : nullptr);
+  });
+  return {out, attention};
+}
+
+std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_read_backward_cpu(
+    const at::Tensor& grad_out, const at::Tensor& img, const at::Tensor& keys, const at::Tensor& values,
+    const at::Tensor& pad_mask, const at::Tensor& gate_w, const at::Tensor& gate_b, bool legacy_mask) {
+  check_read_inputs(img, keys, values, pad_mask, gate_w, gate_b);
+  TORCH_CHECK(grad_out.sizes() == img.sizes() && grad_out.scalar_type() == img.scalar_type() &&
+                  grad_out.is_contiguous() && grad_out.device() == img.device(),
+              "memory_read_backward: grad_out must be a contiguous ", img.scalar_type(), " tensor of shape ",
+              img.sizes());
+  at::Tensor grad_img = at::empty_like(img), grad_keys = at::empty_like(keys), grad_values = at::empty_like(values);
+  at::Tensor grad_gate_w = at::empty_like(gate_w), grad_gate_b = at::empty_like(gate_b);
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, img.scalar_type(), "memory_read_backward_cpu", [&] {
+    read_backward_impl<scalar_t>(grad_out, img, keys, values, pad_mask, gate_w, gate_b, legacy_mask, grad_img,
+                                 grad_keys, grad_values, grad_gate_w, grad_gate_b);
+  });
+  return {grad_img, grad_keys, grad_values, grad_gate_w, grad_gate_b};
+}
+
+// ---------------------------------------------------------------------------------------------
+// Memory writing: per sample, all its words at once (N_m x T and N_r x T tiles).
+
+template <typename acc_t>
+struct WriteForward {
+  std::vector<acc_t> words_pre, image_pre, gate, memory, keys_pre, values_pre;
+};
+
+// Forward for sample b; weights in acc_t, in the order of the op's schema.
+template <typename scalar_t, typename acc_t>
+void write_sample(const scalar_t* words_b, const scalar_t* rbar_b, const std::vector<std::vector<acc_t>>& w,
+                  int64_t NW, int64_t NR, int64_t T, std::vector<acc_t>& words_f, WriteForward<acc_t>& f) {
+  const int64_t NM = 2 * NR;
+  const auto &A = w[0], &Bw = w[1], &M_w = w[2], &M_w_b = w[3], &M_r = w[4], &M_r_b = w[5];
+  const auto &key_w = w[6], &key_b = w[7], &value_w = w[8], &value_b = w[9];
+  words_f.assign(words_b, words_b + NW * T);
+  std::vector<acc_t> rbar(rbar_b, rbar_b + NR);
+  acc_t gate_r = 0;
+  for (int64_t r = 0; r < NR; ++r) gate_r += Bw[r] * rbar[r];
+  f.gate.assign(T, gate_r);
+  for (int64_t k = 0; k < NW; ++k)
+    for (int64_t t = 0; t < T; ++t) f.gate[t] += A[k] * words_f[k * T + t];
+  for (auto& g : f.gate) g = sigmoid(g);
+  f.image_pre.assign(M_r_b.begin(), M_r_b.end());
+  for (int64_t m = 0; m < NM; ++m)
+    for (int64_t r = 0; r < NR; ++r) f.image_pre[m] += M_r[m * NR + r] * rbar[r];
+  f.words_pre.assign(NM * T, acc_t(0));
+  f.memory.assign(NM * T, acc_t(0));
+  for (int64_t m = 0; m < NM; ++m) {
+    acc_t* row = f.words_pre.data() + m * T;
+    for (int64_t t = 0; t < T; ++t) row[t] = M_w_b[m];
+    for (int64_t k = 0; k < NW; ++k) {
+      const acc_t wmk = M_w[m * NW + k];
+      const acc_t* wk = words_f.data() + k * T;
+      for (int64_t t = 0; t < T; ++t) row[t] += wmk * wk[t];
+    }
+    const acc_t image = std::max(f.image_pre[m], acc_t(0));
+    for (int64_t t = 0; t < T; ++t)
+      f.memory[m * T + t] = std::max(row[t], acc_t(0)) * f.gate[t] + image * (acc_t(1) - f.gate[t]);
+  }
+  auto project = [&](const std::vector<acc_t>& W, const std::vector<acc_t>& bias, std::vector<acc_t>& pre) {
+    pre.assign(NR * T, acc_t(0));
+    for (int64_t r = 0; r < NR; ++r) {
+      acc_t* row = pre.data() + r * T;
+      for (int64_t t = 0; t < T; ++t) row[t] = bias[r];
+      for (int64_t m = 0; m < NM; ++m) {
+        const acc_t wrm = W[r * NM + m];
+        const acc_t* mem = f.memory.data() + m * T;
+        for (int64_t t = 0; t < T; ++t) row[t] += wrm * mem[t];
+      }
+    }
+  };
+  project(key_w, key_b, f.keys_pre);
+  project(value_w, value_b, f.values_pre);
+}
+
+template <typename scalar_t>
+std::vector<std::vector<at::opmath_type<scalar_t>>> weights_acc(at::TensorList weights) {
+  std::vector<std::vector<at::opmath_type<scalar_t>>> w;
+  for (const auto& t : weights) w.push_back(to_acc<at::opmath_type<scalar_t>, scalar_t>(t));
+  return w;
+}
+
+std::tuple<at::Tensor, at::Tensor> memory_write_cpu(const at::Tensor& words, const at::Tensor& rbar,
+                                                    const at::Tensor& A, const at::Tensor& B, const at::Tensor& M_w,
+                                                    const at::Tensor& M_w_b, const at::Tensor& M_r,
+                                                    const at::Tensor& M_r_b, const at::Tensor& key_w,
+                                                    const at::Tensor& key_b, const at::Tensor& value_w,
+                                                    const at::Tensor& value_b) {
+  const std::vector<at::Tensor> weights = {A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b};
+  check_write_inputs(words, rbar, weights);
+  TORCH_CHECK(words.device().is_cpu(), "memory_write (cpu kernel): inputs must be on the CPU");
+  const int64_t batch = words.size(0), NW = words.size(1), T = words.size(2), NR = rbar.size(1);
+  at::Tensor keys = at::empty({batch, NR, T}, words.options()), values = at::empty({batch, NR, T}, words.options());
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, words.scalar_type(), "memory_write_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto w = weights_acc<scalar_t>(weights);
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      WriteForward<acc_t> f;
+      std::vector<acc_t> words_f;
+      for (int64_t b = begin; b < end; ++b) {
+        write_sample<scalar_t, acc_t>(words.data_ptr<scalar_t>() + b * NW * T, rbar.data_ptr<scalar_t>() + b * NR, w,
+                                      NW, NR, T, words_f, f);
+        scalar_t* k = keys.data_ptr<scalar_t>() + b * NR * T;
+        scalar_t* v = values.data_ptr<scalar_t>() + b * NR * T;
+        for (int64_t j = 0; j < NR * T; ++j) {
+          k[j] = static_cast<scalar_t>(std::max(f.keys_pre[j], acc_t(0)));
+          v[j] = static_cast<scalar_t>(std::max(f.values_pre[j], acc_t(0)));
+        }
+      }
+    });
+  });
+  return {keys, values};
+}
+
+std::vector<at::Tensor> memory_write_backward_cpu(const at::Tensor& grad_keys, const at::Tensor& grad_values,
+                                                  const at::Tensor& words, const at::Tensor& rbar, const at::Tensor& A,
+                                                  const at::Tensor& B, const at::Tensor& M_w, const at::Tensor& M_w_b,
+                                                  const at::Tensor& M_r, const at::Tensor& M_r_b,
+                                                  const at::Tensor& key_w, const at::Tensor& key_b,
+                                                  const at::Tensor& value_w, const at::Tensor& value_b) {
+  const std::vector<at::Tensor> weights = {A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b};
+  check_write_inputs(words, rbar, weights);
+  const int64_t batch = words.size(0), NW = words.size(1), T = words.size(2), NR = rbar.size(1), NM = 2 * NR;
+  for (const auto& g : {grad_keys, grad_values}) {
+    TORCH_CHECK(g.sizes() == at::IntArrayRef({batch, NR, T}) && g.scalar_type() == words.scalar_type() &&
+                    g.is_contiguous() && g.device() == words.device(),
+                "memory_write_backward: output gradients must be contiguous B x N_r x T tensors of the inputs' dtype");
+  }
+  at::Tensor grad_words = at::empty_like(words), grad_rbar = at::empty_like(rbar);
+  std::vector<at::Tensor> grads = {grad_words, grad_rbar};
+  for (const auto& w : weights) grads.push_back(at::empty_like(w));
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, words.scalar_type(), "memory_write_backward_cpu", [&] {
+    using acc_t = at::opmath_type<scalar_t>;
+    const auto w = weights_acc<scalar_t>(weights);
+    const auto &A_ = w[0], &B_ = w[1], &M_w_ = w[2], &M_r_ = w[4], &key_w_ = w[6], &value_w_ = w[8];
+    int64_t slot = 0;  // per-sample partials of every weight gradient, reduced in sample order below
+    std::vector<int64_t> offset;
+    for (const auto& t : weights) {
+      offset.push_back(slot);
+      slot += t.numel();
+    }
+    std::vector<acc_t> partials(batch * slot, acc_t(0));
+    at::parallel_for(0, batch, 1, [&](int64_t begin, int64_t end) {
+      WriteForward<acc_t> f;
+      std::vector<acc_t> words_f, d_memory(NM * T), d_key_pre(NR * T), d_words_pre(NM * T), d_gate_pre(T), d_image_pre(NM);
+      for (int64_t b = begin; b < end; ++b) {
+        write_sample<scalar_t, acc_t>(words.data_ptr<scalar_t>() + b * NW * T, rbar.data_ptr<scalar_t>() + b * NR, w,
+                                      NW, NR, T, words_f, f);
+        acc_t* part = partials.data() + b * slot;
+        std::fill(d_memory.begin(), d_memory.end(), acc_t(0));
+        // Key and value projections Y = ReLU(W M + b).
+        auto project_backward = [&](const at::Tensor& grad, const std::vector<acc_t>& pre, const std::vector<acc_t>& W,
+                                    acc_t* dW, acc_t* db) {
+          const scalar_t* g = grad.data_ptr<scalar_t>() + b * NR * T;
+          for (int64_t j = 0; j < NR * T; ++j) d_key_pre[j] = pre[j] > acc_t(0) ? static_cast<acc_t>(g[j]) : acc_t(0);
+          for (int64_t r = 0; r < NR; ++r) {
+            const acc_t* dy = d_key_pre.data() + r * T;
+            for (int64_t t = 0; t < T; ++t) db[r] += dy[t];
+            for (int64_t m = 0; m < NM; ++m) {
+              const acc_t* mem = f.memory.data() + m * T;
+              acc_t* dm = d_memory.data() + m * T;
+              const acc_t wrm = W[r * NM + m];
+              acc_t sum = 0;
+              for (int64_t t = 0; t < T; ++t) {
+                sum += dy[t] * mem[t];
+                dm[t] += wrm * dy[t];
+              }
+              dW[r * NM + m] += sum;
+            }
+          }
+        };
+        project_backward(grad_keys, f.keys_pre, key_w_, part + offset[6], part + offset[7]);
+        project_backward(grad_values, f.values_pre, value_w_, part + offset[8], part + offset[9]);
+        // Mixing M = F_w g + f_r (1 - g) and the gate g = sigmoid(A w + B rbar).
+        std::fill(d_gate_pre.begin(), d_gate_pre.end(), acc_t(0));
+        for (int64_t m = 0; m < NM; ++m) {
+          const acc_t image = std::max(f.image_pre[m], acc_t(0));
+          acc_t d_image = 0;
+          for (int64_t t = 0; t < T; ++t) {
+            const acc_t dm = d_memory[m * T + t], g = f.gate[t], pre = f.words_pre[m * T + t];
+            d_words_pre[m * T + t] = pre > acc_t(0) ? dm * g : acc_t(0);
+            d_image += dm * (acc_t(1) - g);
+            d_gate_pre[t] += dm * (std::max(pre, acc_t(0)) - image);
+          }
+          d_image_pre[m] = f.image_pre[m] > acc_t(0) ? d_image : acc_t(0);
+        }
+        acc_t d_gate_total = 0;
+        for (int64_t t = 0; t < T; ++t) {
+          d_gate_pre[t] *= f.gate[t] * (acc_t(1) - f.gate[t]);
+          d_gate_total += d_gate_pre[t];
+        }
+        const scalar_t* rb = rbar.data_ptr<scalar_t>() + b * NR;
+        scalar_t* drb = grad_rbar.data_ptr<scalar_t>() + b * NR;
+        for (int64_t r = 0; r < NR; ++r) {
+          const acc_t rr = static_cast<acc_t>(rb[r]);
+          part[offset[1] + r] += d_gate_total * rr;  // B
+          acc_t d = d_gate_total * B_[r];
+          for (int64_t m = 0; m < NM; ++m) {
+            part[offset[4] + m * NR + r] += d_image_pre[m] * rr;  // M_r
+            d += M_r_[m * NR + r] * d_image_pre[m];
+          }
+          drb[r] = static_cast<scalar_t>(d);
+        }
+        for (int64_t m = 0; m < NM; ++m) {
+          part[offset[5] + m] += d_image_pre[m];  // M_r_b
+          acc_t s = 0;
+          for (int64_t t = 0; t < T; ++t) s += d_words_pre[m * T + t];
+          part[offset[3] + m] += s;  // M_w_b
+        }
+        scalar_t* dw = grad_words.data_ptr<scalar_t>() + b * NW * T;
+        for (int64_t k = 0; k < NW; ++k) {
+          const acc_t* wk = words_f.data() + k * T;
+          acc_t dA = 0;
+          std::vector<acc_t> dwk(T);
+          for (int64_t t = 0; t < T; ++t) {
+            dA += wk[t] * d_gate_pre[t];
+            dwk[t] = A_[k] * d_gate_pre[t];
+          }
+          part[offset[0] + k] += dA;
+          for (int64_t m = 0; m < NM; ++m) {
+            const acc_t* dwp = d_words_pre.data() + m * T;
+            const acc_t mwk = M_w_[m * NW + k];
+            acc_t s = 0;
+            for (int64_t t = 0; t < T; ++t) {
+              s += dwp[t] * wk[t];
+              dwk[t] += mwk * dwp[t];
+            }
+            part[offset[2] + m * NW + k] += s;  // M_w
+          }
+          for (int64_t t = 0; t < T; ++t) dw[k * T + t] = static_cast<scalar_t>(dwk[t]);
+        }
+      }
+    });
+    for (size_t i = 0; i < weights.size(); ++i) {
+      scalar_t* dst = grads[i + 2].data_ptr<scalar_t>();
+      for (int64_t j = 0; j < weights[i].numel(); ++j) {
+        acc_t s = 0;
+        for (int64_t b = 0; b < batch; ++b) s += partials[b * slot + offset[i] + j];
+        dst[j] = static_cast<scalar_t>(s);
+      }
+    }
+  });
+  return grads;
+}
+
+}  // namespace
+
+TORCH_LIBRARY(dmgan, m) {
+  m.def(
+      "memory_write(Tensor words, Tensor rbar, Tensor A, Tensor B, Tensor M_w, Tensor M_w_b, Tensor M_r, "
+      "Tensor M_r_b, Tensor key_w, Tensor key_b, Tensor value_w, Tensor value_b) -> (Tensor, Tensor)");
+  m.def(
+      "memory_write_backward(Tensor grad_keys, Tensor grad_values, Tensor words, Tensor rbar, Tensor A, "
+      "Tensor B, Tensor M_w, Tensor M_w_b, Tensor M_r, Tensor M_r_b, Tensor key_w, Tensor key_b, "
+      "Tensor value_w, Tensor value_b) -> Tensor[]");
+  m.def(
+      "memory_read(Tensor img, Tensor keys, Tensor values, Tensor pad_mask, Tensor gate_w, Tensor gate_b, "
+      "bool return_attention, bool legacy_mask) -> (Tensor, Tensor)");
+  m.def(
+      "memory_read_backward(Tensor grad_out, Tensor img, Tensor keys, Tensor values, Tensor pad_mask, "
+      "Tensor gate_w, Tensor gate_b, bool legacy_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
+
+TORCH_LIBRARY_IMPL(dmgan, CPU, m) {
+  m.impl("memory_write", &memory_write_cpu);
+  m.impl("memory_write_backward", &memory_write_backward_cpu);
+  m.impl("memory_read", &memory_read_cpu);
+  m.impl("memory_read_backward", &memory_read_backward_cpu);
+}
+
+}  // namespace dmgan

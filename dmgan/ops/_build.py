@@ -1,0 +1,73 @@
+"""How the C++/CUDA extension is built: sources, flags, the CUDA toolkit and target architectures.
+
+Shared by setup.py (ahead of time) and dmgan.ops._cpp (on first use). Environment switches:
+the CUDA kernels are added when torch is a CUDA build and a CUDA toolkit is found (no GPU needed);
+``DMGAN_SKIP_CUDA=1`` builds the CPU kernels only, ``DMGAN_FORCE_CUDA=1`` makes a missing toolkit
+an error instead of a CPU-only build, and ``TORCH_CUDA_ARCH_LIST`` picks the architectures
+(default: 8.6 8.9 9.0 12.0+PTX).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+CSRC = Path(__file__).resolve().parents[2] / "csrc"
+CPU_SOURCES = ("memory_cpu.cpp",)
+CUDA_SOURCES = ("memory_cuda.cu",)
+DEFAULT_ARCHS = "8.6 8.9 9.0 12.0+PTX"  # RTX 30xx, RTX 40xx, H100, RTX 50xx (+PTX: newer GPUs)
+CXX_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
+NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
+
+
+def find_cuda_home() -> str | None:
+    """CUDA_HOME, or the toolkit the ``nvcc`` on PATH belongs to, following a wrapper script that
+    execs the real nvcc (torch would take the wrapper's folder for the toolkit)."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    nvcc = shutil.which("nvcc")
+    if nvcc is None:
+        return None
+    path = Path(nvcc).resolve()
+    try:
+        head = path.read_bytes()[:4096]
+    except OSError:
+        head = b""
+    if head.startswith(b"#!"):
+        match = re.search(rb"exec\s+(\S*nvcc)\b", head)
+        if match:
+            path = Path(match.group(1).decode())
+    home = path.parent.parent
+    return str(home) if (home / "include" / "cuda.h").exists() else None
+
+
+def want_cuda() -> bool:
+    """Build the CUDA kernels? Yes with a CUDA build of torch and a CUDA toolkit."""
+    import torch
+
+    if os.environ.get("DMGAN_SKIP_CUDA") == "1":
+        return False
+    if torch.version.cuda is not None and find_cuda_home() is not None:
+        return True
+    if os.environ.get("DMGAN_FORCE_CUDA") == "1":
+        raise RuntimeError(
+            f"DMGAN_FORCE_CUDA=1 but torch {'is a CPU build' if torch.version.cuda is None else 'finds no CUDA toolkit'}"
+            " (set CUDA_HOME to the toolkit folder)"
+        )
+    return False
+
+
+def prepare_cuda_env() -> None:
+    """Point torch's extension builder at the real toolkit and give it architectures to build for."""
+    home = find_cuda_home()
+    if home:
+        os.environ.setdefault("CUDA_HOME", home)
+    os.environ.setdefault("TORCH_CUDA_ARCH_LIST", DEFAULT_ARCHS)
+
+
+def sources(with_cuda: bool) -> list[str]:
+    names = CPU_SOURCES + (CUDA_SOURCES if with_cuda else ())
+    return [str(CSRC / name) for name in names]

@@ -1,0 +1,108 @@
+"""The C++/CUDA extension beyond parity (tests/test_ops_backends.py has that): input validation,
+the fall-back when it cannot load, and the CUDA build gate on a machine without a GPU."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmgan import ops
+from dmgan.ops import _build
+from tests.parity import ReadShape, WriteShape, read_case, write_case
+
+_cpp = pytest.importorskip("dmgan.ops._cpp", reason="the C++ extension did not load", exc_type=ImportError)
+
+
+def test_extension_is_loaded_and_registered():
+    assert _cpp.HOW_LOADED in ("prebuilt", "built on first use")
+    for name in ("memory_write", "memory_write_backward", "memory_read", "memory_read_backward"):
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dmgan::{name}", "CPU")
+
+
+def test_auto_prefers_the_extension_on_cpu():
+    assert ops.AUTO_ORDER["cpu"][0] == "cpp"
+    assert "cpp" in ops.available_backends("cpu")
+
+
+@pytest.mark.parametrize(
+    ("change", "match"),
+    [
+        (lambda c: c.update(keys=c["keys"][:, :, :2].contiguous(), values=c["values"][:, :, :2].contiguous()),
+         r"pad_mask must be B x T = 2 x 2"),
+        (lambda c: c.update(values=c["values"][:1]), r"values must match keys"),
+        (lambda c: c.update(img=c["img"].transpose(2, 3)), r"must be contiguous"),
+        (lambda c: c.update(gate_w=c["gate_w"][:, :10]), r"gate_w must hold 2 N_r = 64"),
+        (lambda c: c.update(pad_mask=c["pad_mask"].float()), r"pad_mask must be bool"),
+        (lambda c: c.update(keys=c["keys"].double()), r"every float input must be Float"),
+        (lambda c: c.update(img=c["img"][0]), r"img must be B x N_r x H x W"),
+    ],
+)  # fmt: skip
+def test_bad_input_raises_a_python_error_naming_the_problem(change, match):
+    case = read_case(ReadShape(2, 32, 3, 5, (4, 2)), torch.float32)
+    change(case)
+    with pytest.raises(RuntimeError, match=match):
+        torch.ops.dmgan.memory_read(*case.values(), False, False)
+
+
+def test_bad_write_input_names_the_weight():
+    case = write_case(WriteShape(2, 24, 32, 3), torch.float32)
+    case["key_w"] = case["key_w"][:, :10]
+    with pytest.raises(RuntimeError, match=r"key_w must have shape \[32, 64, 1\]"):
+        torch.ops.dmgan.memory_write(*case.values())
+
+
+def test_a_backend_that_cannot_load_warns_once_under_auto_and_raises_when_named(monkeypatch):
+    monkeypatch.setitem(ops.BACKEND_MODULES, "cpp", "dmgan.ops._no_such_extension")
+    monkeypatch.delitem(ops._loaded, "cpp", raising=False)
+    case = read_case(ReadShape(1, 32, 3, 3, (2,)), torch.float32)
+    with pytest.warns(RuntimeWarning, match="the 'cpp' backend is unavailable"):
+        auto, _ = ops.memory_read(**case)
+    torch.testing.assert_close(auto, ops.memory_read(**case, backend="eager")[0])
+    with pytest.raises(RuntimeError, match="backend 'cpp' is unavailable: ModuleNotFoundError"):
+        ops.memory_read(**case, backend="cpp")
+    monkeypatch.delitem(ops._loaded, "cpp")  # let later tests load the real one again
+
+
+def test_cuda_toolkit_is_found_behind_a_wrapper_script(tmp_path, monkeypatch):
+    toolkit = tmp_path / "cuda-13.0"
+    (toolkit / "bin").mkdir(parents=True)
+    (toolkit / "include").mkdir()
+    (toolkit / "include" / "cuda.h").write_text("")
+    (toolkit / "bin" / "nvcc").write_text("")
+    wrapper = tmp_path / "bin" / "nvcc"
+    wrapper.parent.mkdir()
+    wrapper.write_text(f'#!/bin/sh\nexec {toolkit}/bin/nvcc "$@"\n')
+    wrapper.chmod(0o755)
+    monkeypatch.delenv("CUDA_HOME", raising=False)
+    monkeypatch.delenv("CUDA_PATH", raising=False)
+    monkeypatch.setenv("PATH", str(wrapper.parent))
+    assert _build.find_cuda_home() == str(toolkit)
+
+
+def test_cuda_sources_compile_and_link_without_a_gpu(tmp_path):
+    """The CUDA build gate: the extension was built with its CUDA kernels, or, where it was built
+    without them (DMGAN_SKIP_CUDA=1), the CUDA source compiles for sm_90 here."""
+    if torch._C._dispatch_has_kernel_for_dispatch_key("dmgan::memory_read", "CUDA"):
+        return  # setup.py / the first-use build compiled and linked csrc/memory_cuda.cu
+    home = _build.find_cuda_home()
+    if home is None or torch.version.cuda is None:
+        pytest.skip(f"no CUDA toolkit ({home=}) or a CPU build of torch ({torch.version.cuda=})")
+    from torch.utils.cpp_extension import include_paths
+
+    nvcc = Path(home) / "bin" / "nvcc"
+    python_include = (
+        Path(sys.base_prefix) / "include" / f"python{sys.version_info.major}.{sys.version_info.minor}"
+    )
+    command = [
+        str(nvcc), "-c", str(_build.CSRC / "memory_cuda.cu"), "-o", str(tmp_path / "memory_cuda.o"),
+        "-std=c++20", "-O1", "--expt-relaxed-constexpr", "-gencode=arch=compute_90,code=sm_90", "-Xcompiler", "-fPIC",
+        *(f"-I{p}" for p in include_paths()), f"-I{python_include}", f"-I{_build.CSRC}",
+    ]  # fmt: skip
+    result = subprocess.run(command, capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert shutil.which("true") is None or (tmp_path / "memory_cuda.o").stat().st_size > 0
