@@ -5,7 +5,8 @@
 // pixels so the compiler vectorises it. Work is split over (sample, pixel chunk) with
 // at::parallel_for (OpenMP). Backward reductions (dK, dV, gate, weight gradients) go through
 // per-chunk partials with a split that does not depend on the thread count, summed in a fixed
-// order: gradients are bitwise reproducible.
+// order: gradients are bitwise reproducible (`omp simd` reductions fix their order at compile
+// time, so they are too).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
@@ -22,7 +23,59 @@ namespace dmgan {
 namespace {
 
 constexpr int64_t kTile = 64;    // pixels computed together
+constexpr int64_t kVec = 16;     // pixels per register accumulator (two AVX2 vectors)
 constexpr int64_t kChunk = 1024; // pixels per partial-sum slot in the backward (a multiple of kTile)
+
+// Width of a tile's buffers: P pixels rounded up to kVec. Pixels past P are zero-filled on load,
+// so they add nothing to any sum, and are never stored.
+inline int64_t padded(int64_t P) { return (P + kVec - 1) / kVec * kVec; }
+
+// out[j] (+)= sum_i coef[i * coef_stride] * rows[i * row_stride + j] for j < width (a multiple
+// of kVec): the reduction index i outside, kVec accumulators in registers inside.
+template <typename acc_t>
+inline void combine_rows(const acc_t* coef, int64_t coef_stride, const acc_t* rows, int64_t row_stride,
+                         int64_t count, int64_t width, acc_t* out, bool accumulate) {
+  for (int64_t j0 = 0; j0 < width; j0 += kVec) {
+    acc_t acc[kVec];
+    for (int64_t j = 0; j < kVec; ++j) acc[j] = accumulate ? out[j0 + j] : acc_t(0);
+    for (int64_t i = 0; i < count; ++i) {
+      const acc_t w = coef[i * coef_stride];
+      const acc_t* row = rows + i * row_stride + j0;
+#pragma omp simd
+      for (int64_t j = 0; j < kVec; ++j) acc[j] += w * row[j];
+    }
+    for (int64_t j = 0; j < kVec; ++j) out[j0 + j] = acc[j];
+  }
+}
+
+// out[t * out_stride] += sum_j x[j] * rows[t * width + j] for t < count: four rows per pass, so
+// each x vector loaded serves four products.
+template <typename acc_t>
+inline void dot_rows(const acc_t* x, const acc_t* rows, int64_t width, int64_t count, acc_t* out, int64_t out_stride) {
+  int64_t t = 0;
+  for (; t + 4 <= count; t += 4) {
+    const acc_t *r0 = rows + t * width, *r1 = r0 + width, *r2 = r1 + width, *r3 = r2 + width;
+    acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+#pragma omp simd reduction(+ : s0, s1, s2, s3)
+    for (int64_t j = 0; j < width; ++j) {
+      s0 += x[j] * r0[j];
+      s1 += x[j] * r1[j];
+      s2 += x[j] * r2[j];
+      s3 += x[j] * r3[j];
+    }
+    out[t * out_stride] += s0;
+    out[(t + 1) * out_stride] += s1;
+    out[(t + 2) * out_stride] += s2;
+    out[(t + 3) * out_stride] += s3;
+  }
+  for (; t < count; ++t) {
+    const acc_t* row = rows + t * width;
+    acc_t sum = 0;
+#pragma omp simd reduction(+ : sum)
+    for (int64_t j = 0; j < width; ++j) sum += x[j] * row[j];
+    out[t * out_stride] += sum;
+  }
+}
 
 template <typename T>
 inline T sigmoid(T x) {
@@ -49,66 +102,49 @@ template <typename scalar_t, typename acc_t>
 void read_tile(const scalar_t* img_b, const acc_t* keys_b, const acc_t* values_b, const bool* mask, int64_t b,
                int64_t batch, bool legacy, const acc_t* gate_w, acc_t gate_b, int64_t C, int64_t T, int64_t N,
                int64_t n0, int64_t P, ReadScratch<acc_t>& s) {
+  const int64_t S = padded(P);  // buffer width
   acc_t* r = s.r.data();
   acc_t* alpha = s.alpha.data();
   acc_t* o = s.o.data();
   acc_t* z = s.z.data();
   for (int64_t c = 0; c < C; ++c) {
     const scalar_t* src = img_b + c * N + n0;
-    for (int64_t p = 0; p < P; ++p) r[c * P + p] = static_cast<acc_t>(src[p]);
+    for (int64_t p = 0; p < S; ++p) r[c * S + p] = p < P ? static_cast<acc_t>(src[p]) : acc_t(0);
   }
   // Key addressing: scores[t][p] = sum_c k[c][t] r[c][p].
-  std::fill(alpha, alpha + T * P, acc_t(0));
-  for (int64_t t = 0; t < T; ++t) {
-    acc_t* st = alpha + t * P;
-    for (int64_t c = 0; c < C; ++c) {
-      const acc_t k = keys_b[c * T + t];
-      const acc_t* rc = r + c * P;
-      for (int64_t p = 0; p < P; ++p) st[p] += k * rc[p];
-    }
-  }
+  for (int64_t t = 0; t < T; ++t) combine_rows(keys_b + t, T, r, S, C, S, alpha + t * S, false);
   // Padding: 1 where the word is masked for that pixel. The reference's legacy broadcast gives
   // batch-major row b N + q the mask of sample (b N + q) mod B.
   acc_t* masked = s.aux.data();
-  for (int64_t p = 0; p < P; ++p) {
+  for (int64_t p = 0; p < S; ++p) {
     const bool* row = mask + (legacy ? ((b * N + n0 + p) % batch) : b) * T;
-    for (int64_t t = 0; t < T; ++t) masked[t * P + p] = row[t] ? acc_t(1) : acc_t(0);
+    for (int64_t t = 0; t < T; ++t) masked[t * S + p] = row[t] ? acc_t(1) : acc_t(0);
   }
   // Softmax over words; a pixel with every word masked reads nothing (alpha = 0).
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
-  for (int64_t p = 0; p < P; ++p) z[p] = kNegInf;
+  for (int64_t p = 0; p < S; ++p) z[p] = kNegInf;
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t p = 0; p < P; ++p)
-      if (masked[t * P + p] == acc_t(0)) z[p] = std::max(z[p], alpha[t * P + p]);
-  std::vector<acc_t>& total = s.o;  // o is free until value reading: borrow P entries as sums
-  std::fill(total.begin(), total.begin() + P, acc_t(0));
+    for (int64_t p = 0; p < S; ++p)
+      if (masked[t * S + p] == acc_t(0)) z[p] = std::max(z[p], alpha[t * S + p]);
+  acc_t* total = o;  // o is free until value reading: borrow S entries as sums
+  std::fill(total, total + S, acc_t(0));
   for (int64_t t = 0; t < T; ++t) {
-    for (int64_t p = 0; p < P; ++p) {
-      const acc_t e = masked[t * P + p] != acc_t(0) ? acc_t(0) : std::exp(alpha[t * P + p] - z[p]);
-      alpha[t * P + p] = e;
+    for (int64_t p = 0; p < S; ++p) {
+      const acc_t e = masked[t * S + p] != acc_t(0) ? acc_t(0) : std::exp(alpha[t * S + p] - z[p]);
+      alpha[t * S + p] = e;
       total[p] += e;
     }
   }
-  for (int64_t p = 0; p < P; ++p) z[p] = total[p] > acc_t(0) ? acc_t(1) / total[p] : acc_t(0);
+  for (int64_t p = 0; p < S; ++p) z[p] = total[p] > acc_t(0) ? acc_t(1) / total[p] : acc_t(0);
   for (int64_t t = 0; t < T; ++t)
-    for (int64_t p = 0; p < P; ++p) alpha[t * P + p] *= z[p];
+    for (int64_t p = 0; p < S; ++p) alpha[t * S + p] *= z[p];
   // Value reading: o[c][p] = sum_t v[c][t] alpha[t][p].
-  std::fill(o, o + C * P, acc_t(0));
-  for (int64_t c = 0; c < C; ++c) {
-    acc_t* oc = o + c * P;
-    for (int64_t t = 0; t < T; ++t) {
-      const acc_t v = values_b[c * T + t];
-      const acc_t* at = alpha + t * P;
-      for (int64_t p = 0; p < P; ++p) oc[p] += v * at[p];
-    }
-  }
+  for (int64_t c = 0; c < C; ++c) combine_rows(values_b + c * T, 1, alpha, S, T, S, o + c * S, false);
   // Response gate g = sigmoid(w_r . r + w_o . o + b).
-  for (int64_t p = 0; p < P; ++p) z[p] = gate_b;
-  for (int64_t c = 0; c < C; ++c) {
-    const acc_t wr = gate_w[c], wo = gate_w[C + c];
-    for (int64_t p = 0; p < P; ++p) z[p] += wr * r[c * P + p] + wo * o[c * P + p];
-  }
-  for (int64_t p = 0; p < P; ++p) z[p] = sigmoid(z[p]);
+  for (int64_t p = 0; p < S; ++p) z[p] = gate_b;
+  combine_rows(gate_w, 1, r, S, C, S, z, true);
+  combine_rows(gate_w + C, 1, o, S, C, S, z, true);
+  for (int64_t p = 0; p < S; ++p) z[p] = sigmoid(z[p]);
 }
 
 template <typename scalar_t>
@@ -132,16 +168,17 @@ void read_forward_impl(const at::Tensor& img, const at::Tensor& keys, const at::
       const int64_t b = i / tiles, n0 = (i % tiles) * kTile, P = std::min(kTile, N - n0);
       read_tile<scalar_t, acc_t>(img_p + b * C * N, keys_acc.data() + b * C * T, values_acc.data() + b * C * T,
                                  mask, b, batch, legacy, gw.data(), gb, C, T, N, n0, P, s);
+      const int64_t S = padded(P);
       for (int64_t c = 0; c < C; ++c) {
         scalar_t* dst = out_p + (b * C + c) * N + n0;
-        const acc_t* r = s.r.data() + c * P;
-        const acc_t* o = s.o.data() + c * P;
+        const acc_t* r = s.r.data() + c * S;
+        const acc_t* o = s.o.data() + c * S;
         for (int64_t p = 0; p < P; ++p) dst[p] = static_cast<scalar_t>(r[p] + (o[p] - r[p]) * s.z[p]);
       }
       if (att_p) {
         for (int64_t t = 0; t < T; ++t) {
           scalar_t* dst = att_p + (b * T + t) * N + n0;
-          for (int64_t p = 0; p < P; ++p) dst[p] = static_cast<scalar_t>(s.alpha[t * P + p]);
+          for (int64_t p = 0; p < P; ++p) dst[p] = static_cast<scalar_t>(s.alpha[t * S + p]);
         }
       }
     }
@@ -178,7 +215,7 @@ void read_backward_impl(const at::Tensor& grad_out, const at::Tensor& img, const
       acc_t* dgw = dv + C * T;
       acc_t* dgb = dgw + 2 * C;
       for (int64_t n0 = chunk * kChunk; n0 < std::min(N, (chunk + 1) * kChunk); n0 += kTile) {
-        const int64_t P = std::min(kTile, N - n0);
+        const int64_t P = std::min(kTile, N - n0), S = padded(P);
         read_tile<scalar_t, acc_t>(img_p + b * C * N, k, v, mask, b, batch, legacy, gw.data(), gb, C, T, N, n0, P, s);
         const acc_t* r = s.r.data();
         const acc_t* alpha = s.alpha.data();
@@ -186,75 +223,45 @@ void read_backward_impl(const at::Tensor& grad_out, const at::Tensor& img, const
         const acc_t* g = s.z.data();
         for (int64_t c = 0; c < C; ++c) {
           const scalar_t* src = dy_p + (b * C + c) * N + n0;
-          for (int64_t p = 0; p < P; ++p) dy[c * P + p] = static_cast<acc_t>(src[p]);
+          for (int64_t p = 0; p < S; ++p) dy[c * S + p] = p < P ? static_cast<acc_t>(src[p]) : acc_t(0);
         }
-        // Response gate: r' = r + (o - r) g.
+        // Response gate: r' = r + (o - r) g. Padded pixels have dy = 0 and add nothing below.
         std::fill(d_pre_gate.begin(), d_pre_gate.end(), acc_t(0));
         for (int64_t c = 0; c < C; ++c)
-          for (int64_t p = 0; p < P; ++p) d_pre_gate[p] += dy[c * P + p] * (o[c * P + p] - r[c * P + p]);
-        for (int64_t p = 0; p < P; ++p) {
+          for (int64_t p = 0; p < S; ++p) d_pre_gate[p] += dy[c * S + p] * (o[c * S + p] - r[c * S + p]);
+        for (int64_t p = 0; p < S; ++p) {
           d_pre_gate[p] *= g[p] * (acc_t(1) - g[p]);
           *dgb += d_pre_gate[p];
         }
-        for (int64_t c = 0; c < C; ++c) {
-          acc_t sr = 0, so = 0;
-          for (int64_t p = 0; p < P; ++p) {
-            sr += r[c * P + p] * d_pre_gate[p];
-            so += o[c * P + p] * d_pre_gate[p];
-          }
-          dgw[c] += sr;
-          dgw[C + c] += so;
-        }
+        dot_rows(d_pre_gate.data(), r, S, C, dgw, 1);
+        dot_rows(d_pre_gate.data(), o, S, C, dgw + C, 1);
         // dr (kept in dy) and do (kept in o).
         for (int64_t c = 0; c < C; ++c) {
           const acc_t wr = gw[c], wo = gw[C + c];
-          for (int64_t p = 0; p < P; ++p) {
-            const acc_t d = dy[c * P + p];
-            o[c * P + p] = d * g[p] + wo * d_pre_gate[p];
-            dy[c * P + p] = d * (acc_t(1) - g[p]) + wr * d_pre_gate[p];
+          for (int64_t p = 0; p < S; ++p) {
+            const acc_t d = dy[c * S + p];
+            o[c * S + p] = d * g[p] + wo * d_pre_gate[p];
+            dy[c * S + p] = d * (acc_t(1) - g[p]) + wr * d_pre_gate[p];
           }
         }
-        // Value reading o = V alpha^T: dV and d_alpha.
-        std::fill(d_alpha.begin(), d_alpha.begin() + T * P, acc_t(0));
-        for (int64_t c = 0; c < C; ++c) {
-          const acc_t* doc = o + c * P;
-          for (int64_t t = 0; t < T; ++t) {
-            const acc_t* at = alpha + t * P;
-            acc_t* dat = d_alpha.data() + t * P;
-            const acc_t vct = v[c * T + t];
-            acc_t sum = 0;
-            for (int64_t p = 0; p < P; ++p) {
-              sum += doc[p] * at[p];
-              dat[p] += doc[p] * vct;
-            }
-            dv[c * T + t] += sum;
-          }
-        }
+        // Value reading o = V alpha^T: dV[c][t] = sum_p do[c][p] alpha[t][p], d_alpha = V^T do.
+        for (int64_t c = 0; c < C; ++c) dot_rows(o + c * S, alpha, S, T, dv + c * T, 1);
+        for (int64_t t = 0; t < T; ++t) combine_rows(v + t, T, o, S, C, S, d_alpha.data() + t * S, false);
         // Softmax: d_scores = alpha (d_alpha - sum_t alpha d_alpha), into d_alpha.
         acc_t* dot = s.z.data();  // the gate is no longer needed
-        std::fill(dot, dot + P, acc_t(0));
+        std::fill(dot, dot + S, acc_t(0));
         for (int64_t t = 0; t < T; ++t)
-          for (int64_t p = 0; p < P; ++p) dot[p] += alpha[t * P + p] * d_alpha[t * P + p];
+          for (int64_t p = 0; p < S; ++p) dot[p] += alpha[t * S + p] * d_alpha[t * S + p];
         for (int64_t t = 0; t < T; ++t)
-          for (int64_t p = 0; p < P; ++p) d_alpha[t * P + p] = alpha[t * P + p] * (d_alpha[t * P + p] - dot[p]);
-        // Key addressing s = r^T K: dr += K ds, dK += r ds^T.
+          for (int64_t p = 0; p < S; ++p) d_alpha[t * S + p] = alpha[t * S + p] * (d_alpha[t * S + p] - dot[p]);
+        // Key addressing s = r^T K: dr += K ds, dK[c][t] = sum_p r[c][p] ds[t][p].
         for (int64_t c = 0; c < C; ++c) {
-          acc_t* drc = dy.data() + c * P;
-          const acc_t* rc = r + c * P;
-          for (int64_t t = 0; t < T; ++t) {
-            const acc_t* dst = d_alpha.data() + t * P;
-            const acc_t kct = k[c * T + t];
-            acc_t sum = 0;
-            for (int64_t p = 0; p < P; ++p) {
-              drc[p] += kct * dst[p];
-              sum += rc[p] * dst[p];
-            }
-            dk[c * T + t] += sum;
-          }
+          combine_rows(k + c * T, 1, d_alpha.data(), S, T, S, dy.data() + c * S, true);
+          dot_rows(r + c * S, d_alpha.data(), S, T, dk + c * T, 1);
         }
         for (int64_t c = 0; c < C; ++c) {
           scalar_t* dst = dimg_p + (b * C + c) * N + n0;
-          for (int64_t p = 0; p < P; ++p) dst[p] = static_cast<scalar_t>(dy[c * P + p]);
+          for (int64_t p = 0; p < P; ++p) dst[p] = static_cast<scalar_t>(dy[c * S + p]);
         }
       }
     }

@@ -1,0 +1,79 @@
+"""Memory reading: every implementation x forward / forward+backward x shape x dtype, side by side.
+
+    .venv/bin/python -m pytest benchmarks --benchmark-enable --benchmark-group-by=param:read_shape,param:dtype,param:direction
+
+Groups hold one shape, dtype and direction, so each backend's median and its ratio to the others
+sit in one table. On a GPU each call ends with torch.cuda.synchronize().
+"""
+
+from __future__ import annotations
+
+import functools
+
+import pytest
+import torch
+
+from benchmarks import memory_impls
+from dmgan import ops
+from tests.parity import read_case
+
+ON_GPU = torch.cuda.is_available()
+DEVICE = "cuda" if ON_GPU else "cpu"
+DTYPES = [torch.float32, torch.bfloat16]
+
+
+def _dmgan_backend(name):
+    return functools.partial(lambda backend, **kw: ops.memory_read(**kw, backend=backend)[0], name)
+
+
+@functools.cache
+def _compiled_literal():
+    return torch.compile(memory_impls.literal)
+
+
+IMPLEMENTATIONS = {
+    "eager-literal": lambda: memory_impls.literal,
+    "eager-sdpa": lambda: memory_impls.sdpa,
+    "eager-reference": lambda: _dmgan_backend("eager"),
+    "compile-literal": _compiled_literal,
+    "cpp": lambda: _dmgan_backend("cpp"),
+    "triton": lambda: _dmgan_backend("triton"),
+}
+
+
+def _available(name: str) -> bool:
+    if name in ("cpp", "triton"):
+        return name in ops.available_backends(DEVICE) and (name != "triton" or ON_GPU)
+    return True
+
+
+@pytest.mark.parametrize("direction", ["forward", "forward+backward"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+def test_memory_read(benchmark, impl, dtype, direction, read_shape):
+    if not _available(impl):
+        pytest.skip(f"{impl} does not run on {DEVICE} here")
+    case = read_case(read_shape, dtype, DEVICE)
+    fn = IMPLEMENTATIONS[impl]()
+    backward = direction == "forward+backward"
+    if backward:
+        case = {k: (v.requires_grad_() if v.is_floating_point() else v) for k, v in case.items()}
+        grad = torch.randn(case["img"].shape, dtype=dtype, device=DEVICE)
+
+    def step():
+        out = fn(**case)
+        if backward:
+            torch.autograd.backward(out, grad)
+            for v in case.values():
+                v.grad = None
+        if ON_GPU:
+            torch.cuda.synchronize()
+        return out
+
+    out = step()  # warm-up: compiles, builds, autotunes
+    assert out.shape == case["img"].shape and torch.isfinite(out).all()
+    benchmark.extra_info.update(
+        impl=impl, shape=str(read_shape), dtype=str(dtype).removeprefix("torch."), direction=direction,
+        device=torch.cuda.get_device_name() if ON_GPU else "cpu", torch=torch.__version__,
+    )  # fmt: skip
+    benchmark.pedantic(step, rounds=10 if ON_GPU else 5, iterations=5 if ON_GPU else 1, warmup_rounds=2)
