@@ -7,7 +7,6 @@
 from __future__ import annotations
 
 import torch
-from torch import Tensor
 
 from kernels._common import MAX_WORDS, SUPPORTED_CHANNELS, interpreting
 from kernels.memory_read import memory_read as memory_read_op
@@ -32,35 +31,10 @@ def unsupported_reason(channels: int, num_words: int, device: torch.device | Non
     return None
 
 
-def _compute_dtype(reference: Tensor) -> torch.dtype:
-    """The autocast dtype when autocast is on (the kernels accumulate in fp32 regardless)."""
-    device_type = reference.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return reference.dtype
-
-
-def memory_write(words: Tensor, rbar: Tensor, *weights: Tensor) -> tuple[Tensor, Tensor]:
-    dtype = _compute_dtype(words)
-    return memory_write_op(*(t.to(dtype) for t in (words, rbar, *weights)))
-
-
-def memory_read(
-    img: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    pad_mask: Tensor,
-    gate_w: Tensor,
-    gate_b: Tensor,
-    return_attention: bool = False,
-    legacy_mask: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    dtype = _compute_dtype(img)
-    img, keys, values, gate_w, gate_b = (t.to(dtype) for t in (img, keys, values, gate_w, gate_b))
-    r_new, attention = memory_read_op(
-        img, keys, values, pad_mask, gate_w, gate_b, return_attention, legacy_mask
-    )
-    return r_new, attention if return_attention else None
+# The registered ops take the reference's arguments; dmgan.ops hands them contiguous tensors of one
+# dtype and turns the empty attention tensor into None when it was not asked for.
+memory_write = memory_write_op
+memory_read = memory_read_op
 
 
 __all__ = ["MAX_WORDS", "SUPPORTED_CHANNELS", "memory_read", "memory_write", "supports", "unsupported_reason"]

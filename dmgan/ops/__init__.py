@@ -25,7 +25,8 @@ from torch import Tensor
 from dmgan.checks import ShapeChecker
 from dmgan.ops import reference
 
-# Backend name -> module with memory_write / memory_read (the reference's signatures), and optionally
+# Backend name -> module with memory_write / memory_read (the reference's signatures, positional
+# arguments; attention may come back as an empty tensor when not asked for), and optionally
 # supports(device) -> bool and unsupported_reason(channels, num_words, device) -> str | None.
 BACKEND_MODULES: dict[str, str] = {
     "eager": "dmgan.ops.reference",
@@ -94,6 +95,22 @@ def _resolve(backend: str, device: torch.device, channels: int, num_words: int) 
     return module
 
 
+def _fused_inputs(
+    impl: ModuleType, reference_tensor: Tensor, tensors: tuple[Tensor, ...]
+) -> tuple[Tensor, ...]:
+    """Fused kernels take one contiguous dtype: the autocast dtype under autocast (they accumulate
+    in fp32 regardless), else the first input's. The eager reference takes the inputs as they are,
+    so autocast handles it op by op."""
+    if impl is reference:
+        return tensors
+    device_type = reference_tensor.device.type
+    if torch.is_autocast_enabled(device_type):
+        dtype = torch.get_autocast_dtype(device_type)
+    else:
+        dtype = reference_tensor.dtype
+    return tuple(t.to(dtype).contiguous() for t in tensors)
+
+
 def memory_write(
     words: Tensor,
     rbar: Tensor,
@@ -131,7 +148,8 @@ def memory_write(
     if words.shape[2] == 0:
         raise ValueError("memory_write: words has no word (T = 0)")
     impl = _resolve(backend, words.device, rbar.shape[1], words.shape[2])
-    return impl.memory_write(words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)
+    tensors = (words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)
+    return impl.memory_write(*_fused_inputs(impl, words, tensors))
 
 
 def memory_read(
@@ -165,16 +183,11 @@ def memory_read(
     if keys.shape[2] == 0:
         raise ValueError("memory_read: keys has no word (T = 0)")
     impl = _resolve(backend, img.device, img.shape[1], keys.shape[2])
-    return impl.memory_read(
-        img,
-        keys,
-        values,
-        pad_mask,
-        gate_w,
-        gate_b,
-        return_attention=return_attention,
-        legacy_mask=legacy_mask,
+    img, keys, values, gate_w, gate_b = _fused_inputs(impl, img, (img, keys, values, gate_w, gate_b))
+    r_new, attention = impl.memory_read(
+        img, keys, values, pad_mask.contiguous(), gate_w, gate_b, return_attention, legacy_mask
     )
+    return r_new, attention if return_attention else None
 
 
 __all__ = ["AUTO_ORDER", "available_backends", "memory_read", "memory_write"]

@@ -7,7 +7,7 @@ reports (``backend="cpp"``) or warns about once and falls back to eager (``backe
 
 The C++ side defines the schemas and the CPU / CUDA kernels; here they get their fake (shape)
 implementations and autograd (the backwards are ops of their own), so ``torch.compile`` and
-``torch.library.opcheck`` work, and an autocast-aware wrapper with the reference's signatures.
+``torch.library.opcheck`` work, and the reference's signatures for ``dmgan.ops``.
 """
 
 from __future__ import annotations
@@ -124,33 +124,7 @@ def unsupported_reason(channels: int, num_words: int, device: torch.device) -> s
     return None
 
 
-def _compute_dtype(reference: Tensor) -> torch.dtype:
-    device_type = reference.device.type
-    if torch.is_autocast_enabled(device_type):
-        return torch.get_autocast_dtype(device_type)
-    return reference.dtype
-
-
-def memory_write(words: Tensor, rbar: Tensor, *weights: Tensor) -> tuple[Tensor, Tensor]:
-    dtype = _compute_dtype(words)
-    return _ops.memory_write(*(t.to(dtype).contiguous() for t in (words, rbar, *weights)))
-
-
-def memory_read(
-    img: Tensor,
-    keys: Tensor,
-    values: Tensor,
-    pad_mask: Tensor,
-    gate_w: Tensor,
-    gate_b: Tensor,
-    return_attention: bool = False,
-    legacy_mask: bool = False,
-) -> tuple[Tensor, Tensor | None]:
-    dtype = _compute_dtype(img)
-    img, keys, values, gate_w, gate_b = (
-        t.to(dtype).contiguous() for t in (img, keys, values, gate_w, gate_b)
-    )
-    r_new, attention = _ops.memory_read(
-        img, keys, values, pad_mask.contiguous(), gate_w, gate_b, return_attention, legacy_mask
-    )
-    return r_new, attention if return_attention else None
+# The registered ops take the reference's arguments; dmgan.ops hands them contiguous tensors of one
+# dtype and turns the empty attention tensor into None when it was not asked for.
+memory_write = _ops.memory_write
+memory_read = _ops.memory_read
