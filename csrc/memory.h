@@ -7,10 +7,25 @@
 
 #include <ATen/ATen.h>
 
+#include <cstdlib>
+#include <cstring>
+#include <limits>
 #include <tuple>
 #include <vector>
 
 namespace dmgan {
+
+// Every buffer a kernel writes: uninitialised, or NaN-filled when DMGAN_POISON_OUTPUTS=1 (the
+// tests set it, so an element a kernel forgets to write shows up instead of passing by luck).
+inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  const char* poison = std::getenv("DMGAN_POISON_OUTPUTS");
+  if (poison != nullptr && std::strcmp(poison, "1") == 0) {
+    return at::full(sizes, std::numeric_limits<double>::quiet_NaN(), options);
+  }
+  return at::empty(sizes, options);
+}
+
+inline at::Tensor new_output_like(const at::Tensor& t) { return new_output(t.sizes(), t.options()); }
 
 // Shapes every implementation checks before launching: named errors instead of crashes.
 inline void check_write_inputs(const at::Tensor& words, const at::Tensor& rbar, at::TensorList weights) {

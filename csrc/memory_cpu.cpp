@@ -297,10 +297,10 @@ std::tuple<at::Tensor, at::Tensor> memory_read_cpu(const at::Tensor& img, const 
                                                    bool return_attention, bool legacy_mask) {
   check_read_inputs(img, keys, values, pad_mask, gate_w, gate_b);
   TORCH_CHECK(img.device().is_cpu(), "memory_read (cpu kernel): inputs must be on the CPU, got ", img.device());
-  at::Tensor out = at::empty_like(img);
+  at::Tensor out = new_output_like(img);
   at::Tensor attention = return_attention
-                             ? at::empty({img.size(0), keys.size(2), img.size(2), img.size(3)}, img.options())
-                             : at::empty({0}, img.options());
+                             ? new_output({img.size(0), keys.size(2), img.size(2), img.size(3)}, img.options())
+                             : new_output({0}, img.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, img.scalar_type(), "memory_read_cpu", [&] {
     read_forward_impl<scalar_t>(img, keys, values, pad_mask, gate_w, gate_b, legacy_mask, out,
                                 return_attention ? &attention : nullptr);
@@ -316,8 +316,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_re
                   grad_out.is_contiguous() && grad_out.device() == img.device(),
               "memory_read_backward: grad_out must be a contiguous ", img.scalar_type(), " tensor of shape ",
               img.sizes());
-  at::Tensor grad_img = at::empty_like(img), grad_keys = at::empty_like(keys), grad_values = at::empty_like(values);
-  at::Tensor grad_gate_w = at::empty_like(gate_w), grad_gate_b = at::empty_like(gate_b);
+  at::Tensor grad_img = new_output_like(img), grad_keys = new_output_like(keys), grad_values = new_output_like(values);
+  at::Tensor grad_gate_w = new_output_like(gate_w), grad_gate_b = new_output_like(gate_b);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, img.scalar_type(), "memory_read_backward_cpu", [&] {
     read_backward_impl<scalar_t>(grad_out, img, keys, values, pad_mask, gate_w, gate_b, legacy_mask, grad_img,
                                  grad_keys, grad_values, grad_gate_w, grad_gate_b);
@@ -398,7 +398,7 @@ std::tuple<at::Tensor, at::Tensor> memory_write_cpu(const at::Tensor& words, con
   check_write_inputs(words, rbar, weights);
   TORCH_CHECK(words.device().is_cpu(), "memory_write (cpu kernel): inputs must be on the CPU");
   const int64_t batch = words.size(0), NW = words.size(1), T = words.size(2), NR = rbar.size(1);
-  at::Tensor keys = at::empty({batch, NR, T}, words.options()), values = at::empty({batch, NR, T}, words.options());
+  at::Tensor keys = new_output({batch, NR, T}, words.options()), values = new_output({batch, NR, T}, words.options());
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, words.scalar_type(), "memory_write_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto w = weights_acc<scalar_t>(weights);
@@ -434,9 +434,9 @@ std::vector<at::Tensor> memory_write_backward_cpu(const at::Tensor& grad_keys, c
                     g.is_contiguous() && g.device() == words.device(),
                 "memory_write_backward: output gradients must be contiguous B x N_r x T tensors of the inputs' dtype");
   }
-  at::Tensor grad_words = at::empty_like(words), grad_rbar = at::empty_like(rbar);
+  at::Tensor grad_words = new_output_like(words), grad_rbar = new_output_like(rbar);
   std::vector<at::Tensor> grads = {grad_words, grad_rbar};
-  for (const auto& w : weights) grads.push_back(at::empty_like(w));
+  for (const auto& w : weights) grads.push_back(new_output_like(w));
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, words.scalar_type(), "memory_write_backward_cpu", [&] {
     using acc_t = at::opmath_type<scalar_t>;
     const auto w = weights_acc<scalar_t>(weights);

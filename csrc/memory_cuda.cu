@@ -253,9 +253,9 @@ std::tuple<at::Tensor, at::Tensor> memory_read_cuda(const at::Tensor& img, const
   const c10::cuda::CUDAGuard guard(img.device());
   const ReadArgs a{(int)img.size(0), (int)img.size(1), (int)(img.size(2) * img.size(3)), (int)keys.size(2),
                    legacy_mask};
-  at::Tensor out = at::empty_like(img);
-  at::Tensor attention = return_attention ? at::empty({a.batch, a.T, img.size(2), img.size(3)}, img.options())
-                                          : at::empty({0}, img.options());
+  at::Tensor out = new_output_like(img);
+  at::Tensor attention = return_attention ? new_output({a.batch, a.T, img.size(2), img.size(3)}, img.options())
+                                          : new_output({0}, img.options());
   const dim3 grid((a.N + kThreads - 1) / kThreads, a.batch);
   const size_t shared = (2 * a.C * a.T + 2 * a.C) * sizeof(float);
   auto stream = c10::cuda::getCurrentCUDAStream();
@@ -292,8 +292,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_re
   const int max_t = word_block(a.T);
   const dim3 grid((a.N + kThreads - 1) / kThreads, a.batch);
   const int64_t slot = 2 * a.C * a.T + 2 * a.C + 1;
-  at::Tensor partials = at::empty({a.batch, (int64_t)grid.x, slot}, img.options().dtype(at::kFloat));
-  at::Tensor grad_img = at::empty_like(img);
+  at::Tensor partials = new_output({a.batch, (int64_t)grid.x, slot}, img.options().dtype(at::kFloat));
+  at::Tensor grad_img = new_output_like(img);
   const size_t shared = (2 * a.C * a.T + 2 * a.C + kWarps * max_t) * sizeof(float);
   auto stream = c10::cuda::getCurrentCUDAStream();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, img.scalar_type(), "memory_read_backward_cuda", [&] {
@@ -505,7 +505,7 @@ std::tuple<at::Tensor, at::Tensor> memory_write_cuda(const at::Tensor& words, co
   TORCH_CHECK(words.is_cuda(), "memory_write (cuda kernel): inputs must be on a CUDA device");
   const c10::cuda::CUDAGuard guard(words.device());
   const WriteArgs a{(int)words.size(1), (int)rbar.size(1), (int)words.size(2)};
-  at::Tensor keys = at::empty({words.size(0), a.NR, a.T}, words.options()), values = at::empty_like(keys);
+  at::Tensor keys = new_output({words.size(0), a.NR, a.T}, words.options()), values = new_output_like(keys);
   const size_t shared = (a.NR + 3 * 2 * a.NR + a.NW + 32) * sizeof(float);
   TORCH_CHECK(shared <= 48 * 1024, "memory_write (cuda kernel): N_w and N_r too large for shared memory");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, words.scalar_type(), "memory_write_cuda", [&] {
@@ -541,8 +541,8 @@ std::vector<at::Tensor> memory_write_backward_cuda(const at::Tensor& grad_keys, 
     total += weights[i].numel();
   }
   off.total = total;
-  at::Tensor partials = at::empty({words.size(0), total}, words.options().dtype(at::kFloat));
-  at::Tensor grad_words = at::empty_like(words), grad_rbar = at::empty_like(rbar);
+  at::Tensor partials = new_output({words.size(0), total}, words.options().dtype(at::kFloat));
+  at::Tensor grad_words = new_output_like(words), grad_rbar = new_output_like(rbar);
   const size_t shared = (3 * a.NR + 5 * 2 * a.NR + a.NW + 32) * sizeof(float);  // see the kernel's layout
   TORCH_CHECK(shared <= 48 * 1024, "memory_write_backward (cuda kernel): N_w and N_r too large for shared memory");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, words.scalar_type(), "memory_write_backward_cuda", [&] {

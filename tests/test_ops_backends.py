@@ -2,9 +2,8 @@
 
 On a machine without a GPU the Triton kernels run under TRITON_INTERPRET=1 (set in conftest):
 small shapes, fp32 and fp16 (the interpreter computes bf16 dots wrongly, so bf16 runs on a GPU
-only); the C++ extension runs its CPU kernels in fp32 and bf16. Triton output buffers are
-poisoned with NaN so an unwritten element fails the comparison (the C++ kernels allocate theirs
-with at::empty, and an unwritten element there is caught when the comparison sees garbage).
+only); the C++ extension runs its CPU kernels in fp32 and bf16. Every backend's output buffers
+are poisoned with NaN, so an unwritten element fails the comparison.
 """
 
 from __future__ import annotations
@@ -45,6 +44,7 @@ WRITE_SHAPES = [
 
 @pytest.fixture(autouse=True)
 def _poison_outputs(monkeypatch):
+    monkeypatch.setenv("DMGAN_POISON_OUTPUTS", "1")  # read by the C++ / CUDA kernels' allocations
     if "triton" in FUSED:
         import kernels._common
 
