@@ -73,7 +73,7 @@ def test_memory_read(benchmark, impl, dtype, direction, read_shape):
     out = step()  # warm-up: compiles, builds, autotunes
     assert out.shape == case["img"].shape and torch.isfinite(out).all()
     benchmark.extra_info.update(
-        impl=impl, shape=str(read_shape), dtype=str(dtype).removeprefix("torch."), direction=direction,
+        kind="memory_read", impl=impl, shape=str(read_shape), dtype=str(dtype).removeprefix("torch."), direction=direction,
         device=torch.cuda.get_device_name() if ON_GPU else "cpu", torch=torch.__version__,
     )  # fmt: skip
     benchmark.pedantic(step, rounds=10 if ON_GPU else 5, iterations=5 if ON_GPU else 1, warmup_rounds=2)

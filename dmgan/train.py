@@ -8,6 +8,7 @@ come with the training issue.
 from __future__ import annotations
 
 import argparse
+import functools
 import math
 import time
 from collections.abc import Sequence
@@ -67,30 +68,44 @@ class GAN:
             ema=ParameterEMA(netG, t.ema_decay),
         )
 
-    def step(self, batch: Batch) -> dict[str, float]:
+    def step(self, batch: Batch, autocast_dtype: torch.dtype | None = None) -> dict[str, float]:
         """One iteration: text → G once → each D steps on (real, fake) → G steps against the
-        updated Ds on the same fakes (adversarial + λ DAMSM + KL) → EMA."""
+        updated Ds on the same fakes (adversarial + λ DAMSM + KL) → EMA.
+
+        ``autocast_dtype`` (e.g. torch.bfloat16) runs the forward passes under autocast; losses
+        are fp32 and backward runs outside it. fp16 needs gradient scaling, which the training
+        loop owns, so it is refused here.
+        """
+        if autocast_dtype == torch.float16:
+            raise ValueError("GAN.step: fp16 autocast needs gradient scaling; use bfloat16 here")
         t = self.cfg.train
-        with torch.no_grad():
+        device_type = batch.captions.device.type
+        autocast = functools.partial(
+            torch.autocast, device_type, dtype=autocast_dtype, enabled=autocast_dtype is not None
+        )
+        with torch.no_grad(), autocast():
             words_emb, sent_emb = self.text_encoder(batch.captions, batch.cap_lens)
         mask = (batch.captions == 0)[:, : words_emb.shape[2]]
         noise = torch.randn(batch.captions.shape[0], self.cfg.model.z_dim, device=words_emb.device)
-        fake_imgs, _, mu, logvar = self.netG(noise, sent_emb, words_emb, mask)
+        with autocast():
+            fake_imgs, _, mu, logvar = self.netG(noise, sent_emb, words_emb, mask)
 
         logs: dict[str, float] = {}
         for i, (netD, optD) in enumerate(zip(self.netsD, self.optimizersD)):
             optD.zero_grad(set_to_none=True)
-            errD = discriminator_loss(netD, batch.images[i], fake_imgs[i], sent_emb)
+            with autocast():
+                errD = discriminator_loss(netD, batch.images[i], fake_imgs[i], sent_emb)
             errD.backward()
             optD.step()
             logs[f"d_loss{i}"] = errD.item()
 
         self.optimizerG.zero_grad(set_to_none=True)
-        errG, parts = generator_loss(
-            self.netsD, self.image_encoder, fake_imgs, words_emb, sent_emb, batch.cap_lens,
-            batch.class_ids, t.damsm_lambda, (t.gamma1, t.gamma2, t.gamma3),
-        )  # fmt: skip
-        kl = kl_loss(mu, logvar)
+        with autocast():
+            errG, parts = generator_loss(
+                self.netsD, self.image_encoder, fake_imgs, words_emb, sent_emb, batch.cap_lens,
+                batch.class_ids, t.damsm_lambda, (t.gamma1, t.gamma2, t.gamma3),
+            )  # fmt: skip
+            kl = kl_loss(mu, logvar)
         (errG + t.kl_weight * kl).backward()
         self.optimizerG.step()
         self.ema.update(self.netG)

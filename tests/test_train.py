@@ -51,3 +51,18 @@ def test_train_entry_point_runs_a_smoke(capsys):
     main(["--steps", "1", "--batch-size", "2", "--vocab-size", "30"])
     out = capsys.readouterr().out
     assert "step 1/1" in out and "every loss is finite" in out
+
+
+def test_bf16_autocast_iteration_is_finite_and_fp16_is_refused():
+    cfg = tiny_config()
+    gan = GAN.build(cfg, vocab_size=20)
+    batch = synthetic_batch(cfg, 20, batch_size=4, device="cpu")
+    logs = gan.step(batch, autocast_dtype=torch.bfloat16)
+    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert all(p.dtype == torch.float32 for p in gan.netG.parameters())
+    try:
+        gan.step(batch, autocast_dtype=torch.float16)
+    except ValueError as e:
+        assert "gradient scaling" in str(e)
+    else:
+        raise AssertionError("fp16 accepted without a gradient scaler")
