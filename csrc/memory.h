@@ -77,4 +77,21 @@ inline void check_read_inputs(const at::Tensor& img, const at::Tensor& keys, con
   }
 }
 
+// Output gradients handed to the backward ops: contiguous, of the inputs' dtype, device and shape.
+inline void check_write_grads(const at::Tensor& grad_keys, const at::Tensor& grad_values, const at::Tensor& words,
+                              const at::Tensor& rbar) {
+  for (const auto& g : {grad_keys, grad_values}) {
+    TORCH_CHECK(g.sizes() == at::IntArrayRef({words.size(0), rbar.size(1), words.size(2)}) &&
+                    g.scalar_type() == words.scalar_type() && g.is_contiguous() && g.device() == words.device(),
+                "memory_write_backward: output gradients must be contiguous B x N_r x T tensors of the inputs' dtype");
+  }
+}
+
+inline void check_read_grad(const at::Tensor& grad_out, const at::Tensor& img) {
+  TORCH_CHECK(grad_out.sizes() == img.sizes() && grad_out.scalar_type() == img.scalar_type() &&
+                  grad_out.is_contiguous() && grad_out.device() == img.device(),
+              "memory_read_backward: grad_out must be a contiguous ", img.scalar_type(), " tensor of shape ",
+              img.sizes());
+}
+
 }  // namespace dmgan

@@ -147,16 +147,27 @@ void read_tile(const scalar_t* img_b, const acc_t* keys_b, const acc_t* values_b
   for (int64_t p = 0; p < S; ++p) z[p] = sigmoid(z[p]);
 }
 
+// A sample's small operands in the accumulation type, shared by every tile.
+template <typename scalar_t, typename acc_t = at::opmath_type<scalar_t>>
+struct ReadOperands {
+  std::vector<acc_t> keys, values, gate_w;
+  acc_t gate_b;
+  ReadOperands(const at::Tensor& k, const at::Tensor& v, const at::Tensor& gw, const at::Tensor& gb)
+      : keys(to_acc<acc_t, scalar_t>(k)),
+        values(to_acc<acc_t, scalar_t>(v)),
+        gate_w(to_acc<acc_t, scalar_t>(gw)),
+        gate_b(static_cast<acc_t>(gb.data_ptr<scalar_t>()[0])) {}
+};
+
 template <typename scalar_t>
 void read_forward_impl(const at::Tensor& img, const at::Tensor& keys, const at::Tensor& values,
                        const at::Tensor& pad_mask, const at::Tensor& gate_w, const at::Tensor& gate_b, bool legacy,
                        at::Tensor& out, at::Tensor* attention) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = img.size(0), C = img.size(1), N = img.size(2) * img.size(3), T = keys.size(2);
-  const auto keys_acc = to_acc<acc_t, scalar_t>(keys);
-  const auto values_acc = to_acc<acc_t, scalar_t>(values);
-  const auto gw = to_acc<acc_t, scalar_t>(gate_w);
-  const acc_t gb = static_cast<acc_t>(gate_b.data_ptr<scalar_t>()[0]);
+  const ReadOperands<scalar_t> ops(keys, values, gate_w, gate_b);
+  const auto &keys_acc = ops.keys, &values_acc = ops.values, &gw = ops.gate_w;
+  const acc_t gb = ops.gate_b;
   const scalar_t* img_p = img.data_ptr<scalar_t>();
   const bool* mask = pad_mask.data_ptr<bool>();
   scalar_t* out_p = out.data_ptr<scalar_t>();
@@ -192,10 +203,9 @@ void read_backward_impl(const at::Tensor& grad_out, const at::Tensor& img, const
                         at::Tensor& grad_values, at::Tensor& grad_gate_w, at::Tensor& grad_gate_b) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = img.size(0), C = img.size(1), N = img.size(2) * img.size(3), T = keys.size(2);
-  const auto keys_acc = to_acc<acc_t, scalar_t>(keys);
-  const auto values_acc = to_acc<acc_t, scalar_t>(values);
-  const auto gw = to_acc<acc_t, scalar_t>(gate_w);
-  const acc_t gb = static_cast<acc_t>(gate_b.data_ptr<scalar_t>()[0]);
+  const ReadOperands<scalar_t> ops(keys, values, gate_w, gate_b);
+  const auto &keys_acc = ops.keys, &values_acc = ops.values, &gw = ops.gate_w;
+  const acc_t gb = ops.gate_b;
   const scalar_t* img_p = img.data_ptr<scalar_t>();
   const scalar_t* dy_p = grad_out.data_ptr<scalar_t>();
   const bool* mask = pad_mask.data_ptr<bool>();
@@ -312,10 +322,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_re
     const at::Tensor& grad_out, const at::Tensor& img, const at::Tensor& keys, const at::Tensor& values,
     const at::Tensor& pad_mask, const at::Tensor& gate_w, const at::Tensor& gate_b, bool legacy_mask) {
   check_read_inputs(img, keys, values, pad_mask, gate_w, gate_b);
-  TORCH_CHECK(grad_out.sizes() == img.sizes() && grad_out.scalar_type() == img.scalar_type() &&
-                  grad_out.is_contiguous() && grad_out.device() == img.device(),
-              "memory_read_backward: grad_out must be a contiguous ", img.scalar_type(), " tensor of shape ",
-              img.sizes());
+  check_read_grad(grad_out, img);
   at::Tensor grad_img = new_output_like(img), grad_keys = new_output_like(keys), grad_values = new_output_like(values);
   at::Tensor grad_gate_w = new_output_like(gate_w), grad_gate_b = new_output_like(gate_b);
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, img.scalar_type(), "memory_read_backward_cpu", [&] {
@@ -429,11 +436,7 @@ std::vector<at::Tensor> memory_write_backward_cpu(const at::Tensor& grad_keys, c
   const std::vector<at::Tensor> weights = {A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b};
   check_write_inputs(words, rbar, weights);
   const int64_t batch = words.size(0), NW = words.size(1), T = words.size(2), NR = rbar.size(1), NM = 2 * NR;
-  for (const auto& g : {grad_keys, grad_values}) {
-    TORCH_CHECK(g.sizes() == at::IntArrayRef({batch, NR, T}) && g.scalar_type() == words.scalar_type() &&
-                    g.is_contiguous() && g.device() == words.device(),
-                "memory_write_backward: output gradients must be contiguous B x N_r x T tensors of the inputs' dtype");
-  }
+  check_write_grads(grad_keys, grad_values, words, rbar);
   at::Tensor grad_words = new_output_like(words), grad_rbar = new_output_like(rbar);
   std::vector<at::Tensor> grads = {grad_words, grad_rbar};
   for (const auto& w : weights) grads.push_back(new_output_like(w));

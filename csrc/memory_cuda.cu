@@ -282,10 +282,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_re
     const at::Tensor& pad_mask, const at::Tensor& gate_w, const at::Tensor& gate_b, bool legacy_mask) {
   check_read_inputs(img, keys, values, pad_mask, gate_w, gate_b);
   TORCH_CHECK(img.is_cuda() && keys.size(2) <= 64, "memory_read_backward (cuda kernel): CUDA inputs, T <= 64");
-  TORCH_CHECK(grad_out.sizes() == img.sizes() && grad_out.scalar_type() == img.scalar_type() &&
-                  grad_out.is_contiguous() && grad_out.device() == img.device(),
-              "memory_read_backward: grad_out must be a contiguous ", img.scalar_type(), " tensor of shape ",
-              img.sizes());
+  check_read_grad(grad_out, img);
   const c10::cuda::CUDAGuard guard(img.device());
   const ReadArgs a{(int)img.size(0), (int)img.size(1), (int)(img.size(2) * img.size(3)), (int)keys.size(2),
                    legacy_mask};
@@ -526,11 +523,7 @@ std::vector<at::Tensor> memory_write_backward_cuda(const at::Tensor& grad_keys, 
   const std::vector<at::Tensor> weights = {A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b};
   check_write_inputs(words, rbar, weights);
   TORCH_CHECK(words.is_cuda(), "memory_write_backward (cuda kernel): inputs must be on a CUDA device");
-  for (const auto& g : {grad_keys, grad_values}) {
-    TORCH_CHECK(g.sizes() == at::IntArrayRef({words.size(0), rbar.size(1), words.size(2)}) &&
-                    g.scalar_type() == words.scalar_type() && g.is_contiguous() && g.device() == words.device(),
-                "memory_write_backward: output gradients must be contiguous B x N_r x T tensors of the inputs' dtype");
-  }
+  check_write_grads(grad_keys, grad_values, words, rbar);
   const c10::cuda::CUDAGuard guard(words.device());
   const WriteArgs a{(int)words.size(1), (int)rbar.size(1), (int)words.size(2)};
   WriteOffsets off{};

@@ -106,3 +106,13 @@ def test_cuda_sources_compile_and_link_without_a_gpu(tmp_path):
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert shutil.which("true") is None or (tmp_path / "memory_cuda.o").stat().st_size > 0
+
+
+def test_backward_ops_check_the_output_gradients():
+    case = read_case(ReadShape(2, 32, 3, 5, (4, 2)), torch.float32)
+    with pytest.raises(RuntimeError, match="grad_out must be a contiguous Float tensor of shape"):
+        torch.ops.dmgan.memory_read_backward(case["img"][:, :, :2].contiguous(), *case.values(), False)
+    write = write_case(WriteShape(2, 24, 32, 3), torch.float32)
+    grad = torch.zeros(2, 32, 4)  # T = 4, the words have 3
+    with pytest.raises(RuntimeError, match="output gradients must be contiguous B x N_r x T"):
+        torch.ops.dmgan.memory_write_backward(grad, grad, *write.values())
