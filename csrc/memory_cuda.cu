@@ -326,6 +326,32 @@ struct WriteArgs {
   int NW, NR, T;
 };
 
+// Shared memory of the writing kernels, in floats: one definition for both kernels and for the
+// launchers that size the allocation. The backward adds the gradient buffers before the scratch.
+struct WriteShared {
+  float *rbar, *image_pre, *words, *words_pre, *memory;              // NR, NM, NW, NM, NM
+  float *d_key, *d_value, *d_words_pre, *d_image, *scratch;          // NR, NR, NM, NM (backward); 32
+
+  __host__ __device__ static size_t floats(const WriteArgs& a, bool backward) {
+    const size_t NM = 2 * a.NR;
+    return a.NR + 3 * NM + a.NW + (backward ? 2 * a.NR + 2 * NM : 0) + 32;
+  }
+
+  __device__ WriteShared(float* smem, const WriteArgs& a, bool backward) {
+    const int NM = 2 * a.NR;
+    rbar = smem;
+    image_pre = rbar + a.NR;
+    words = image_pre + NM;
+    words_pre = words + a.NW;
+    memory = words_pre + NM;
+    d_key = memory + NM;
+    d_value = d_key + (backward ? a.NR : 0);
+    d_words_pre = d_value + (backward ? a.NR : 0);
+    d_image = d_words_pre + (backward ? NM : 0);
+    scratch = d_image + (backward ? NM : 0);
+  }
+};
+
 struct WriteWeights {
   const void *A, *B, *M_w, *M_w_b, *M_r, *M_r_b, *key_w, *key_b, *value_w, *value_b;
 };
@@ -387,12 +413,9 @@ __global__ void __launch_bounds__(kWriteThreads) write_forward_kernel(const scal
                                                                       WriteArgs a) {
   extern __shared__ float smem[];
   const int NM = 2 * a.NR, b = blockIdx.x;
-  float* rbar_s = smem;
-  float* image_pre = rbar_s + a.NR;
-  float* words_s = image_pre + NM;
-  float* words_pre = words_s + a.NW;
-  float* memory = words_pre + NM;
-  float* scratch = memory + NM;
+  const WriteShared sh(smem, a, /*backward=*/false);
+  float *rbar_s = sh.rbar, *image_pre = sh.image_pre, *words_s = sh.words, *words_pre = sh.words_pre;
+  float *memory = sh.memory, *scratch = sh.scratch;
   const float gate_r = image_side<scalar_t>(rbar, w, a, b, rbar_s, image_pre, scratch);
   for (int t = 0; t < a.T; ++t) {
     word_side<scalar_t>(words, w, a, b, t, gate_r, image_pre, words_s, words_pre, memory, scratch);
@@ -416,16 +439,10 @@ __global__ void __launch_bounds__(kWriteThreads) write_backward_kernel(
     WriteWeights w, scalar_t* grad_words, scalar_t* grad_rbar, float* partials, WriteOffsets off, WriteArgs a) {
   extern __shared__ float smem[];
   const int NM = 2 * a.NR, b = blockIdx.x;
-  float* rbar_s = smem;
-  float* image_pre = rbar_s + a.NR;
-  float* words_s = image_pre + NM;
-  float* words_pre = words_s + a.NW;
-  float* memory = words_pre + NM;
-  float* d_key = memory + NM;        // NR
-  float* d_value = d_key + a.NR;     // NR
-  float* d_words_pre = d_value + a.NR;  // NM
-  float* d_image_acc = d_words_pre + NM;  // NM, over all words
-  float* scratch = d_image_acc + NM;
+  const WriteShared sh(smem, a, /*backward=*/true);
+  float *rbar_s = sh.rbar, *image_pre = sh.image_pre, *words_s = sh.words, *words_pre = sh.words_pre;
+  float *memory = sh.memory, *d_key = sh.d_key, *d_value = sh.d_value, *d_words_pre = sh.d_words_pre;
+  float *d_image_acc = sh.d_image, *scratch = sh.scratch;
   float* part = partials + (size_t)b * off.total;
   for (int64_t i = threadIdx.x; i < off.total; i += blockDim.x) part[i] = 0.f;
   for (int m = threadIdx.x; m < NM; m += blockDim.x) d_image_acc[m] = 0.f;
@@ -503,7 +520,7 @@ std::tuple<at::Tensor, at::Tensor> memory_write_cuda(const at::Tensor& words, co
   const c10::cuda::CUDAGuard guard(words.device());
   const WriteArgs a{(int)words.size(1), (int)rbar.size(1), (int)words.size(2)};
   at::Tensor keys = new_output({words.size(0), a.NR, a.T}, words.options()), values = new_output_like(keys);
-  const size_t shared = (a.NR + 3 * 2 * a.NR + a.NW + 32) * sizeof(float);
+  const size_t shared = WriteShared::floats(a, /*backward=*/false) * sizeof(float);
   TORCH_CHECK(shared <= 48 * 1024, "memory_write (cuda kernel): N_w and N_r too large for shared memory");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, words.scalar_type(), "memory_write_cuda", [&] {
     write_forward_kernel<scalar_t><<<words.size(0), kWriteThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(
@@ -536,7 +553,7 @@ std::vector<at::Tensor> memory_write_backward_cuda(const at::Tensor& grad_keys, 
   off.total = total;
   at::Tensor partials = new_output({words.size(0), total}, words.options().dtype(at::kFloat));
   at::Tensor grad_words = new_output_like(words), grad_rbar = new_output_like(rbar);
-  const size_t shared = (3 * a.NR + 5 * 2 * a.NR + a.NW + 32) * sizeof(float);  // see the kernel's layout
+  const size_t shared = WriteShared::floats(a, /*backward=*/true) * sizeof(float);
   TORCH_CHECK(shared <= 48 * 1024, "memory_write_backward (cuda kernel): N_w and N_r too large for shared memory");
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, words.scalar_type(), "memory_write_backward_cuda", [&] {
     write_backward_kernel<scalar_t><<<words.size(0), kWriteThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(
