@@ -62,6 +62,7 @@ setup(
         "numpy>=1.26",
         "pillow>=10",
         "einops>=0.8",
+        "tqdm>=4.66",
     ],
     extras_require={
         "dev": PINNED
@@ -69,6 +70,7 @@ setup(
             "numpy==2.4.6",
             "pillow==13.0.0",
             "einops==0.8.2",
+            "tqdm==4.70.1",
             "ninja==1.13.2",
             "pytest==9.2.0",
             "pytest-benchmark==5.3.1",

@@ -105,16 +105,16 @@ def _shapes() -> Config:
             embedding_dim=128,
             word_dim=64,
             r_num=1,
-            base_size=32,
+            base_size=16,
             image_encoder="small",
         ),
-        text=TextConfig(words_num=12, captions_per_image=10, eval_words_num=12),
+        text=TextConfig(words_num=16, captions_per_image=10, eval_words_num=16),
         train=TrainConfig(
             batch_size=16,
-            max_epoch=30,
-            snapshot_interval=5,
-            encoder_batch_size=32,
-            encoder_max_epoch=10,
+            max_epoch=4,
+            snapshot_interval=1,
+            encoder_batch_size=48,
+            encoder_max_epoch=8,
         ),
     )
 

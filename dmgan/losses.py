@@ -24,11 +24,15 @@ def discriminator_loss(netD: nn.Module, real_imgs: Tensor, fake_imgs: Tensor, co
     """L_D = (real + cond_real) / 2 + (fake + cond_fake + cond_wrong) / 3.
 
     cond_wrong pairs image b with caption b+1 (real images 0..B-2, sentences 1..B-1), as the
-    reference does, with no class check. ``fake_imgs`` is detached here.
+    reference does, with no class check. ``fake_imgs`` is detached here. ``netD`` may be wrapped in
+    DistributedDataParallel.
     """
-    real_features = netD(real_imgs)
-    fake_features = netD(fake_imgs.detach())
-    batch = real_features.shape[0]
+    batch = real_imgs.shape[0]
+    # One forward over real and fake: a DistributedDataParallel D allows one forward per backward.
+    real_features, fake_features = netD(torch.cat([real_imgs, fake_imgs.detach().to(real_imgs.dtype)])).split(
+        batch
+    )
+    netD = getattr(netD, "module", netD)  # the heads are called on the wrapped module
     cond_real = _bce(netD.COND_DNET(real_features, conditions), 1.0)
     cond_fake = _bce(netD.COND_DNET(fake_features, conditions), 0.0)
     if batch > 1:

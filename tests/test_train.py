@@ -7,7 +7,7 @@ import dataclasses
 import torch
 
 from dmgan.config import get_preset, override
-from dmgan.train import GAN, main, synthetic_batch
+from dmgan.train import GAN, synthetic_batch
 
 
 def tiny_config():
@@ -47,22 +47,26 @@ def test_config_override_rejects_unknown_fields():
             raise AssertionError(f"{bad} accepted")
 
 
-def test_train_entry_point_runs_a_smoke(capsys):
-    main(["--steps", "1", "--batch-size", "2", "--vocab-size", "30"])
-    out = capsys.readouterr().out
-    assert "step 1/1" in out and "every loss is finite" in out
-
-
-def test_bf16_autocast_iteration_is_finite_and_fp16_is_refused():
+def test_bf16_autocast_iteration_is_finite_and_keeps_fp32_weights():
     cfg = tiny_config()
-    gan = GAN.build(cfg, vocab_size=20)
+    gan = GAN.build(cfg, vocab_size=20, amp="bf16")
     batch = synthetic_batch(cfg, 20, batch_size=4, device="cpu")
-    logs = gan.step(batch, autocast_dtype=torch.bfloat16)
-    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    logs = gan.step(batch)
+    assert logs["nonfinite"] == 0 and all(torch.isfinite(torch.tensor(v)) for v in logs.values())
     assert all(p.dtype == torch.float32 for p in gan.netG.parameters())
+    assert not gan.scalerG.is_enabled()
+
+
+def test_fp16_uses_one_gradient_scaler_per_optimizer_and_unknown_amp_is_refused():
+    cfg = tiny_config()
+    gan = GAN.build(cfg, vocab_size=20, amp="fp16")
+    assert gan.scalerG.is_enabled() and len(gan.scalersD) == 3 and all(s.is_enabled() for s in gan.scalersD)
+    logs = gan.step(synthetic_batch(cfg, 20, batch_size=4, device="cpu"))
+    assert logs["nonfinite"] == 0
+    assert gan.scalerG.get_scale() > 0
     try:
-        gan.step(batch, autocast_dtype=torch.float16)
+        GAN.build(cfg, vocab_size=20, amp="fp8")
     except ValueError as e:
-        assert "gradient scaling" in str(e)
+        assert "amp" in str(e) and "fp8" in str(e)
     else:
-        raise AssertionError("fp16 accepted without a gradient scaler")
+        raise AssertionError("unknown amp mode accepted")

@@ -1,0 +1,218 @@
+"""The training script end to end on tiny shapes data: stages, AMP modes, resume equality,
+2-process Gloo DDP, NaN/Inf handling, signals, bad input."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from dmgan import checkpoint
+from dmgan.data import DatasetLayoutError
+from dmgan.data import shapes as shapes_data
+from dmgan.train import main, run
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = [
+    "--set", "model.gf_dim=8", "--set", "model.df_dim=4", "--set", "model.embedding_dim=16",
+    "--set", "model.word_dim=8", "--set", "model.z_dim=8", "--set", "model.condition_dim=8",
+    "--set", "train.encoder_batch_size=8", "--batch-size", "4", "--threads", "1", "--log-every", "1",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data_dir(tmp_path_factory) -> Path:
+    return shapes_data.generate(tmp_path_factory.mktemp("shapes"), num_train=32, num_test=8, seed=1)
+
+
+@pytest.fixture(scope="module")
+def encoders(data_dir, tmp_path_factory) -> list[str]:
+    """A DAMSM stage of one epoch; its encoders are given to the GAN runs below."""
+    out = tmp_path_factory.mktemp("damsm")
+    main(["--data-dir", str(data_dir), "--out", str(out), "--stage", "damsm", "--damsm-epochs", "1", *TINY])
+    return ["--text-encoder", str(out / "damsm" / "text_encoder.pth"),
+            "--image-encoder", str(out / "damsm" / "image_encoder.pth")]  # fmt: skip
+
+
+def gan_args(data_dir: Path, out: Path, encoders: list[str], *extra: str) -> list[str]:
+    return ["--data-dir", str(data_dir), "--out", str(out), "--stage", "gan", *encoders, *TINY, *extra]
+
+
+def metrics(out: Path, stage: str = "gan") -> list[dict]:
+    lines = (out / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r["stage"] == stage]
+
+
+def test_damsm_stage_writes_reference_style_encoders(encoders):
+    text = checkpoint.load(encoders[1])
+    assert "encoder.weight" in text and any(k.startswith("rnn.") for k in text)
+    assert "emb_cnn_code.weight" in checkpoint.load(encoders[3])
+
+
+@pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
+def test_a_few_steps_per_amp_mode(data_dir, encoders, tmp_path, amp):
+    _results, gan = run(gan_args(data_dir, tmp_path, encoders, "--amp", amp, "--max-steps", "2"))
+    rows = metrics(tmp_path)
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["nonfinite"] == 0 and all(map(torch.isfinite, map(torch.tensor, (r["g_loss"], r["d_loss0"]))))
+               for r in rows)  # fmt: skip
+    assert gan.amp == amp and gan.scalerG.is_enabled() == (amp == "fp16")
+    assert all(p.dtype == torch.float32 for p in gan.netG.parameters())
+    assert (tmp_path / "samples" / "step000002.png").is_file()
+    state = checkpoint.load(tmp_path / "checkpoints" / "latest.pt")
+    assert state["step"] == 2 and checkpoint.all_finite(state["gan"])
+
+
+def test_resume_gives_identical_weights(data_dir, encoders, tmp_path):
+    run(
+        gan_args(data_dir, tmp_path / "straight", encoders, "--max-steps", "6")
+    )  # crosses an epoch (8 batches)
+    run(gan_args(data_dir, tmp_path / "halves", encoders, "--max-steps", "3"))
+    run(gan_args(data_dir, tmp_path / "halves", encoders, "--max-steps", "6", "--resume"))
+    a = checkpoint.load(tmp_path / "straight" / "checkpoints" / "latest.pt")
+    b = checkpoint.load(tmp_path / "halves" / "checkpoints" / "latest.pt")
+    assert a["step"] == b["step"] == 6
+    for part in ("netG", "netsD", "ema", "optimizerG"):
+        flat_a = [t for t in _tensors(a["gan"][part])]
+        flat_b = [t for t in _tensors(b["gan"][part])]
+        assert len(flat_a) == len(flat_b) > 0
+        assert all(torch.equal(x, y) for x, y in zip(flat_a, flat_b)), part
+    c = checkpoint.load(tmp_path / "halves" / "checkpoints" / "latest.pt")
+    assert not all(torch.equal(x, y) for x, y in zip(_tensors(c["gan"]["netG"]), _tensors(
+        checkpoint.load(tmp_path / "straight" / "checkpoints" / "latest.pt")["gan"]["ema"])))  # fmt: skip
+
+
+def _tensors(obj):
+    if isinstance(obj, torch.Tensor):
+        yield obj
+    elif isinstance(obj, dict):
+        for k in sorted(obj, key=str):
+            yield from _tensors(obj[k])
+    elif isinstance(obj, (list, tuple)):
+        for v in obj:
+            yield from _tensors(v)
+
+
+def test_two_gloo_processes_keep_identical_generators(data_dir, encoders, tmp_path):
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "tests" / "_ddp_worker.py"), str(tmp_path),
+           *gan_args(data_dir, tmp_path / "out", encoders, "--max-steps", "3", "--device", "cpu")]  # fmt: skip
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    g0, g1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
+    assert g0["params"].keys() == g1["params"].keys()
+    # Parameters and their EMA agree bit for bit. (BatchNorm running statistics are per rank, as in
+    # any DDP run without --sync-bn; DDP broadcasts rank 0's at every forward.)
+    assert all(torch.equal(g0["params"][k], g1["params"][k]) for k in g0["params"])
+    assert all(torch.equal(a, b) for a, b in zip(g0["ema"], g1["ema"]))
+    state = checkpoint.load(tmp_path / "out" / "checkpoints" / "latest.pt")
+    assert state["step"] == 3
+    assert all(torch.equal(state["gan"]["netG"][k], v) for k, v in g0["params"].items())
+    assert "cpu x 2" in proc.stdout
+
+
+def test_nonfinite_steps_are_skipped_then_training_stops(data_dir, encoders, tmp_path, monkeypatch):
+    import dmgan.train as train_module
+
+    real_loss = train_module.generator_loss
+    calls = {"n": 0}
+
+    def sometimes_nan(*args, **kwargs):
+        total, parts = real_loss(*args, **kwargs)
+        calls["n"] += 1
+        return (total * float("nan"), parts) if calls["n"] == 2 else (total, parts)
+
+    monkeypatch.setattr(train_module, "generator_loss", sometimes_nan)
+    run(gan_args(data_dir, tmp_path / "once", encoders, "--max-steps", "3"))
+    rows = metrics(tmp_path / "once")
+    assert rows[-1]["step"] == 3 and rows[-1]["skipped_steps"] == 1
+    assert checkpoint.all_finite(checkpoint.load(tmp_path / "once" / "checkpoints" / "latest.pt")["gan"])
+
+    monkeypatch.setattr(
+        train_module, "generator_loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("inf"), {})
+    )
+    with pytest.raises(SystemExit, match="3 steps in a row had NaN/Inf losses"):
+        run(gan_args(data_dir, tmp_path / "always", encoders, "--max-steps", "3", "--max-nonfinite", "3"))
+    assert not (tmp_path / "always" / "checkpoints" / "latest.pt").exists()
+
+
+def test_checkpoint_with_nonfinite_weights_is_never_written(data_dir, encoders, tmp_path, monkeypatch):
+    from dmgan.ema import ParameterEMA
+
+    real_update = ParameterEMA.update
+
+    def poisoned_update(self, model):  # losses stay finite; only the averaged weights go bad
+        real_update(self, model)
+        self.params[0].view(-1)[0] = float("nan")
+
+    monkeypatch.setattr(ParameterEMA, "update", poisoned_update)
+    with pytest.raises(SystemExit, match="refusing to write a checkpoint"):
+        run(gan_args(data_dir, tmp_path, encoders, "--max-steps", "2"))
+    assert not (tmp_path / "checkpoints" / "latest.pt").exists()
+
+
+def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
+    path = tmp_path / "latest.pt"
+    checkpoint.save({"step": 1, "w": torch.ones(3)}, path)
+
+    def crash(obj, f, *a, **k):
+        f.write(b"partial")
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(torch, "save", crash)
+    with pytest.raises(KeyboardInterrupt):
+        checkpoint.save({"step": 2, "w": torch.zeros(3)}, path)
+    monkeypatch.undo()
+    assert checkpoint.load(path)["step"] == 1 and list(tmp_path.iterdir()) == [path]
+
+
+def test_sigterm_writes_a_checkpoint_and_exits_cleanly(data_dir, encoders, tmp_path):
+    out = tmp_path / "run"
+    cmd = [sys.executable, str(REPO / "train.py"), *gan_args(data_dir, out, encoders, "--max-steps", "100000",
+           "--checkpoint-every", "100000")]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    deadline = time.time() + 120
+    while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and metrics(out)):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr[-2000:]
+    assert "SIGTERM: checkpoint written" in stdout and "Traceback" not in stderr
+    state = checkpoint.load(out / "checkpoints" / "latest.pt")
+    assert state["step"] >= 1 and checkpoint.all_finite(state["gan"])
+
+
+def test_corrupt_image_is_skipped_and_reported(data_dir, encoders, tmp_path):
+    import shutil
+
+    copy = shutil.copytree(data_dir, tmp_path / "data")
+    (copy / "images" / "train_00005.png").write_bytes(b"garbage")
+    with pytest.warns(UserWarning, match="unreadable image"):
+        run(gan_args(copy, tmp_path / "out", encoders, "--max-steps", "8"))  # one epoch: every image
+    assert metrics(tmp_path / "out")[-1]["skipped_images"] == 1
+
+
+def test_bad_input_errors(data_dir, encoders, tmp_path):
+    with pytest.raises(DatasetLayoutError, match="expected the AttnGAN layout"):
+        main(["--data-dir", str(tmp_path / "missing"), "--out", str(tmp_path), *TINY])
+    with pytest.raises(SystemExit, match="needs a DAMSM text encoder"):
+        main(["--data-dir", str(data_dir), "--out", str(tmp_path / "x"), "--stage", "gan", *TINY])
+    bad_vocab = tmp_path / "text_encoder.pth"
+    state = checkpoint.load(encoders[1])
+    state["encoder.weight"] = torch.zeros(7, state["encoder.weight"].shape[1])
+    checkpoint.save(state, bad_vocab)
+    with pytest.raises(
+        ValueError, match=r"vocabulary mismatch: captions.pickle has \d+ words .* trained with 7"
+    ):
+        main(gan_args(data_dir, tmp_path / "y", ["--text-encoder", str(bad_vocab), *encoders[2:]]))
+    with pytest.raises(SystemExit):
+        main(["--preset", "bird", "--out", str(tmp_path / "z")])  # the real presets need --data-dir
