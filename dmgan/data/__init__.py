@@ -1,0 +1,19 @@
+"""Datasets in the AttnGAN layout (CUB-200, COCO) and the built-in procedurally drawn ``shapes``."""
+
+from dmgan.data.dataset import (
+    EXPECTED_LAYOUT,
+    Batch,
+    DatasetLayoutError,
+    TextImageDataset,
+    Vocabulary,
+    check_vocabulary,
+    collate,
+    subsample_caption,
+    tokenize,
+)
+from dmgan.data.sampler import EpochSampler
+
+__all__ = [
+    "EXPECTED_LAYOUT", "Batch", "DatasetLayoutError", "EpochSampler", "TextImageDataset", "Vocabulary",
+    "check_vocabulary", "collate", "subsample_caption", "tokenize",
+]  # fmt: skip

@@ -1,0 +1,217 @@
+"""The built-in ``shapes`` dataset: procedurally drawn objects with captions from a small grammar.
+
+Every image holds one object (sometimes a second, smaller one) of a shape, colour, size and
+position on a plain background, and gets ten captions drawn from a grammar with synonyms and
+varied word order, e.g. "a small red circle in the top left on a gray background". Everything is
+deterministic from a seed and written in the AttnGAN (COCO-style) layout the real datasets use::
+
+    root/images/<key>.png            76 x 76 RGB (the loader resizes/crops like the reference)
+    root/text/<key>.txt              10 captions, one per line
+    root/{train,test}/filenames.pickle
+    root/{train,test}/class_info.pickle
+    root/captions.pickle             built by the loader's code, as for CUB / COCO
+    root/attributes.json             per image: the attributes of its main object (for the
+                                     attribute classifier and caption accuracy)
+
+so ``python train.py`` exercises the same loader code path as CUB and COCO. The class id of an
+image is its main object's (colour, shape) combination.
+
+    >>> scene = sample_scene(random.Random(0))
+    >>> scene.objects[0].colour in COLOURS and scene.objects[0].shape in SHAPES
+    True
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import pickle
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+from PIL import Image, ImageDraw
+
+COLOURS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 170, 40),
+    "blue": (40, 70, 230),
+    "yellow": (240, 220, 30),
+    "pink": (240, 80, 200),
+    "cyan": (40, 220, 230),
+}
+BACKGROUNDS: dict[str, tuple[int, int, int]] = {
+    "black": (15, 15, 15),
+    "white": (245, 245, 245),
+    "gray": (128, 128, 128),
+}
+SHAPES = ("circle", "square", "triangle", "cross")
+SIZES = ("small", "large")
+POSITIONS = ("top left", "top right", "bottom left", "bottom right", "center")
+
+# Words a caption may use for each attribute value (the first is the canonical one).
+SYNONYMS: dict[str, tuple[str, ...]] = {
+    "circle": ("circle", "disc", "round shape"),
+    "square": ("square", "box"),
+    "triangle": ("triangle",),
+    "cross": ("cross", "plus sign"),
+    "small": ("small", "little", "tiny"),
+    "large": ("large", "big"),
+    "top left": ("top left", "upper left"),
+    "top right": ("top right", "upper right"),
+    "bottom left": ("bottom left", "lower left"),
+    "bottom right": ("bottom right", "lower right"),
+    "center": ("center", "middle"),
+    "gray": ("gray", "grey"),
+}
+
+CANVAS = 76  # = 64 * 76 / 64: the loader's resize-then-random-crop leaves the layout intact
+_CENTRES = {
+    "top left": (0.3, 0.3),
+    "top right": (0.7, 0.3),
+    "bottom left": (0.3, 0.7),
+    "bottom right": (0.7, 0.7),
+    "center": (0.5, 0.5),
+}
+_RADIUS = {"small": (0.11, 0.14), "large": (0.19, 0.24)}  # fraction of the canvas side
+
+
+@dataclass(frozen=True)
+class ShapeObject:
+    shape: str
+    colour: str
+    size: str
+    position: str
+
+
+@dataclass(frozen=True)
+class Scene:
+    objects: tuple[ShapeObject, ...]  # the first is the main object; a second one is smaller
+    background: str
+
+
+def class_id(obj: ShapeObject) -> int:
+    """1-based id of the (colour, shape) combination, like CUB's 1..200 class ids."""
+    return 1 + list(COLOURS).index(obj.colour) * len(SHAPES) + SHAPES.index(obj.shape)
+
+
+def sample_scene(rng: random.Random, second_object_prob: float = 0.25) -> Scene:
+    main = ShapeObject(
+        rng.choice(SHAPES), rng.choice(list(COLOURS)), rng.choice(SIZES), rng.choice(POSITIONS)
+    )
+    objects = [main]
+    if rng.random() < second_object_prob:
+        corners = [p for p in POSITIONS if p not in (main.position, "center")]
+        objects.append(
+            ShapeObject(
+                rng.choice(SHAPES),
+                rng.choice([c for c in COLOURS if c != main.colour]),
+                "small",
+                rng.choice(corners),
+            )
+        )
+        if main.size == "small":  # the main object stays the bigger one
+            objects[0] = ShapeObject(main.shape, main.colour, "large", main.position)
+    return Scene(tuple(objects), rng.choice(list(BACKGROUNDS)))
+
+
+def draw_scene(scene: Scene, rng: random.Random, canvas: int = CANVAS) -> Image.Image:
+    image = Image.new("RGB", (canvas, canvas), BACKGROUNDS[scene.background])
+    draw = ImageDraw.Draw(image)
+    for obj in reversed(scene.objects):  # main object on top
+        cx, cy = _CENTRES[obj.position]
+        cx, cy = (cx + rng.uniform(-0.04, 0.04)) * canvas, (cy + rng.uniform(-0.04, 0.04)) * canvas
+        r = rng.uniform(*_RADIUS[obj.size]) * canvas
+        fill = tuple(min(255, max(0, c + rng.randint(-15, 15))) for c in COLOURS[obj.colour])
+        if obj.shape == "circle":
+            draw.ellipse([cx - r, cy - r, cx + r, cy + r], fill=fill)
+        elif obj.shape == "square":
+            s = r * 0.9
+            draw.rectangle([cx - s, cy - s, cx + s, cy + s], fill=fill)
+        elif obj.shape == "triangle":
+            points = [(cx + r * math.sin(a), cy - r * math.cos(a)) for a in (0, 2.094, 4.189)]
+            draw.polygon([(x, y + 0.2 * r) for x, y in points], fill=fill)
+        else:  # cross
+            w = r * 0.38
+            draw.rectangle([cx - r, cy - w, cx + r, cy + w], fill=fill)
+            draw.rectangle([cx - w, cy - r, cx + w, cy + r], fill=fill)
+    return image
+
+
+def _say(value: str, rng: random.Random) -> str:
+    return rng.choice(SYNONYMS.get(value, (value,)))
+
+
+def describe(scene: Scene, rng: random.Random) -> str:
+    """One caption of the scene from the grammar (lower case, no punctuation)."""
+    main = scene.objects[0]
+    colour, shape = main.colour, _say(main.shape, rng)
+    size, where = _say(main.size, rng), _say(main.position, rng)
+    bg = _say(scene.background, rng)
+    prep = rng.choice(("in the", "at the"))
+    if len(scene.objects) > 1:
+        other = scene.objects[1]
+        second = f"{_say(other.size, rng)} {other.colour} {_say(other.shape, rng)}"
+        return rng.choice(
+            (
+                f"a {size} {colour} {shape} and a {second} on {bg}",
+                f"a {colour} {shape} {prep} {where} and a {second}",
+                f"a {size} {colour} {shape} next to a {second}",
+            )
+        )
+    return rng.choice(
+        (
+            f"a {size} {colour} {shape} {prep} {where} on a {bg} background",
+            f"a {colour} {shape} {prep} {where}",
+            f"{bg} background with a {size} {colour} {shape} {prep} {where}",
+            f"there is a {size} {colour} {shape} {prep} {where}",
+            f"a {shape} that is {colour} and {size} on {bg}",
+            f"{prep} {where} a {colour} {shape} on {bg}",
+            f"a {size} {colour} {shape}",
+        )
+    )
+
+
+def generate(
+    root: str | os.PathLike,
+    num_train: int = 4000,
+    num_test: int = 500,
+    seed: int = 0,
+    captions_per_image: int = 10,
+) -> Path:
+    """Draw the dataset into ``root`` (idempotent: an existing complete dataset is kept)."""
+    root = Path(root)
+    done = root / "attributes.json"
+    if done.is_file():
+        return root
+    rng = random.Random(seed)
+    (root / "images").mkdir(parents=True, exist_ok=True)
+    (root / "text").mkdir(exist_ok=True)
+    attributes: dict[str, dict] = {}
+    for split, count in (("train", num_train), ("test", num_test)):
+        keys, classes = [], []
+        for i in range(count):
+            key = f"{split}_{i:05d}"
+            scene = sample_scene(rng)
+            draw_scene(scene, rng).save(root / "images" / f"{key}.png")
+            captions = [describe(scene, rng) for _ in range(captions_per_image)]
+            (root / "text" / f"{key}.txt").write_text("\n".join(captions) + "\n")
+            keys.append(key)
+            classes.append(class_id(scene.objects[0]))
+            attributes[key] = {**asdict(scene.objects[0]), "background": scene.background}
+        (root / split).mkdir(exist_ok=True)
+        with open(root / split / "filenames.pickle", "wb") as f:
+            pickle.dump(keys, f, protocol=2)
+        with open(root / split / "class_info.pickle", "wb") as f:
+            pickle.dump(classes, f, protocol=2)
+    tmp = done.with_suffix(".tmp")
+    tmp.write_text(json.dumps(attributes))
+    tmp.replace(done)  # written last: its presence marks a complete dataset
+    return root
+
+
+def default_root() -> Path:
+    """``$DMGAN_DATA/shapes`` or ``~/.cache/dmgan/shapes``."""
+    base = os.environ.get("DMGAN_DATA") or os.path.join(os.path.expanduser("~"), ".cache", "dmgan")
+    return Path(base) / "shapes"
