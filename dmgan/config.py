@@ -144,3 +144,20 @@ def override(cfg: Config, **changes: Any) -> Config:
     return dataclasses.replace(
         cfg, **{g: dataclasses.replace(getattr(cfg, g), **kv) for g, kv in groups.items()}
     )
+
+
+def config_from_dict(data: dict[str, Any]) -> Config:
+    """Inverse of ``dataclasses.asdict(cfg)`` (as stored in checkpoints).
+
+    >>> cfg = get_preset("coco")
+    >>> config_from_dict(dataclasses.asdict(cfg)) == cfg
+    True
+    """
+    train = dict(data["train"])
+    train["betas"] = tuple(train["betas"])
+    return Config(
+        name=data["name"],
+        model=ModelConfig(**data["model"]),
+        text=TextConfig(**data["text"]),
+        train=TrainConfig(**train),
+    )

@@ -462,8 +462,12 @@ def train_gan(args: argparse.Namespace, cfg: Config, root: Path, rt: Runtime, st
         state = gan.state_dict()
         if not checkpoint.all_finite(state):
             raise SystemExit("refusing to write a checkpoint: the weights hold NaN/Inf")
+        vocab = [dataset.vocab.ixtoword[i] for i in range(len(dataset.vocab))]
         checkpoint.save({"gan": state, "rng": rng_state(), "step": step, "position": position,
-                         "config": dataclasses.asdict(cfg), "vocab_size": len(dataset.vocab)}, ckpt_path)  # fmt: skip
+                         "config": dataclasses.asdict(cfg), "vocab": vocab,  # self-contained for sampling
+                         "data_dir": str(root.resolve()),
+                         "text_encoder": gan.text_encoder.state_dict(),
+                         "image_encoder": gan.image_encoder.state_dict()}, ckpt_path)  # fmt: skip
 
     per_epoch = loader.sampler.batches_per_epoch  # type: ignore[union-attr]
     total_steps = min(args.max_steps or t.max_epoch * per_epoch, t.max_epoch * per_epoch)
@@ -556,43 +560,17 @@ class SampleCaptions:
         return stage_grid(fake_imgs, self.texts, path)
 
 
-@torch.no_grad()
-def generate_for_captions(gan: GAN, captions: Tensor, cap_lens: Tensor, batch_size: int = 64) -> Tensor:
-    """Last-stage images (N x 3 x S x S, [-1, 1]) of the EMA generator for N captions."""
-    netG = unwrap(gan.netG)
-    device = next(netG.parameters()).device
-    out = []
-    with gan.ema.swapped_into(netG):
-        netG.eval()
-        for i in range(0, len(captions), batch_size):
-            c, n = captions[i : i + batch_size].to(device), cap_lens[i : i + batch_size].to(device)
-            words_emb, sent_emb, mask = gan.encode(c, n)
-            noise = torch.randn(len(c), gan.cfg.model.z_dim, device=device)
-            out.append(netG(noise, sent_emb, words_emb, mask)[0][-1].float().cpu())
-        netG.train()
-    return torch.cat(out)
+def short_evaluation(gan: GAN, root: Path, cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
+    """R-precision (and caption accuracy on shapes) over one caption per test image; FID and IS
+    take longer and belong to ``python -m dmgan.evaluate``."""
+    from dmgan.evaluate import evaluate, pipeline_from_training
 
-
-def evaluate_shapes(gan: GAN, root: Path, cfg: Config, seed: int) -> dict[str, Any]:
-    """Caption accuracy on the shapes test captions: an attribute classifier, trained on the real
-    training images, reads the main object of each generated image."""
-    from dmgan.attributes import accuracy, attribute_targets, load_attributes, train_classifier
-
-    attributes = load_attributes(root)
-    real = make_dataset(root, cfg, "train", seed, train=False)
-    real_images = torch.stack([real.transform(real.load_image(k), real.item_rng(0))[-1] for k in real.keys])
-    classifier = train_classifier(
-        real_images, attribute_targets([attributes[k] for k in real.keys]), seed=seed
-    )
-    test = make_dataset(root, cfg, "test", seed, train=False)
-    targets = attribute_targets([attributes[k] for k in test.keys])
-    test_images = torch.stack([test.transform(test.load_image(k), test.item_rng(0))[-1] for k in test.keys])
-    pairs = [test.caption(i, test.item_rng(i)) for i in range(len(test))]
-    fake = generate_for_captions(gan, torch.stack([c for c, _ in pairs]), torch.tensor([n for _, n in pairs]))
-    real_acc = accuracy(classifier.predict(test_images), targets)
-    fake_acc = accuracy(classifier.predict(fake), targets)
-    return {"caption_accuracy": fake_acc, "classifier_accuracy_on_real_test_images": real_acc,
-            "num_captions": len(test)}  # fmt: skip
+    test = make_dataset(root, cfg, "test", args.seed, train=False)
+    device = next(unwrap(gan.netG).parameters()).device
+    print(f"evaluating on {len(test)} test captions "
+          f"(for FID: python -m dmgan.evaluate {args.out}/checkpoints/latest.pt)", flush=True)  # fmt: skip
+    return evaluate(pipeline_from_training(gan, test.vocab, device), root, len(test), fid=False, seed=args.seed,
+                    progress=False)  # fmt: skip
 
 
 # --------------------------------------------------------------------------------------------
@@ -708,13 +686,8 @@ def run(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], GAN | None]:
                 gan_start = time.perf_counter()
                 gan = train_gan(args, cfg, root, rt, stop, log)
                 results["gan_seconds"] = round(time.perf_counter() - gan_start, 1)
-                if (
-                    args.stage in ("all", "eval")
-                    and rt.is_main
-                    and cfg.name == "shapes"
-                    and args.data_dir is None
-                ):
-                    results.update(evaluate_shapes(gan, root, cfg, args.seed))
+                if args.stage in ("all", "eval") and rt.is_main:
+                    results.update(short_evaluation(gan, root, cfg, args))
             results["total_seconds"] = round(time.perf_counter() - started, 1)
     finally:
         rt.stop()

@@ -42,3 +42,41 @@ def stage_grid(
     path.parent.mkdir(parents=True, exist_ok=True)
     canvas.save(path)
     return path
+
+
+def attention_figure(
+    stages: Sequence[Tensor], attention: Tensor, words: Sequence[str], caption: str, path: str | os.PathLike
+) -> Path:
+    """One sample: its stages side by side (top row), then, per word, the last image with the
+    memory's key-addressing map for that word over it (which regions read the word).
+
+    ``stages``: 3 x S_i x S_i images; ``attention``: T x s x s (T >= len(words)).
+    """
+    size = stages[-1].shape[-1]
+    top = to_uint8(torch.cat([F.interpolate(s[None].float(), size=(size, size), mode="nearest")
+                              for s in stages], dim=3))[0]  # fmt: skip
+    base = to_uint8(stages[-1][None])[0].astype(np.float32)
+    maps = F.interpolate(attention[None, : len(words)].float(), size=(size, size), mode="bilinear",
+                         align_corners=False)[0]  # fmt: skip
+    maps = maps / maps.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
+    tiles = []
+    for m in maps.numpy():
+        heat = np.stack([255 * m, 64 * m, 0 * m], axis=-1)  # red-orange where the word was read
+        tiles.append((0.45 * base + 0.55 * heat).clip(0, 255).astype(np.uint8))
+    label_h, pad = 14, 4
+    per_row = max(1, top.shape[1] // (size + pad))
+    rows = (len(tiles) + per_row - 1) // per_row
+    width = max(top.shape[1], per_row * (size + pad))
+    canvas = Image.new("RGB", (width, 18 + size + pad + rows * (size + label_h + pad)), (255, 255, 255))
+    draw = ImageDraw.Draw(canvas)
+    draw.text((2, 2), caption[:120], fill=(0, 0, 0))
+    canvas.paste(Image.fromarray(top), (0, 18))
+    for i, (tile, word) in enumerate(zip(tiles, words)):
+        x = (i % per_row) * (size + pad)
+        y = 18 + size + pad + (i // per_row) * (size + label_h + pad)
+        canvas.paste(Image.fromarray(tile), (x, y))
+        draw.text((x + 2, y + size + 1), word, fill=(0, 0, 0))
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    canvas.save(path)
+    return path

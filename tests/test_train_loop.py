@@ -18,13 +18,9 @@ from dmgan import checkpoint
 from dmgan.data import DatasetLayoutError
 from dmgan.data import shapes as shapes_data
 from dmgan.train import main, run
+from tests.tiny import TINY
 
 REPO = Path(__file__).resolve().parents[1]
-TINY = [
-    "--set", "model.gf_dim=8", "--set", "model.df_dim=4", "--set", "model.embedding_dim=16",
-    "--set", "model.word_dim=8", "--set", "model.z_dim=8", "--set", "model.condition_dim=8",
-    "--set", "train.encoder_batch_size=8", "--batch-size", "4", "--threads", "1", "--log-every", "1",
-]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

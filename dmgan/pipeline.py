@@ -1,0 +1,129 @@
+"""A trained text-to-image model for inference: checkpoint → captions → images (and attention).
+
+A training checkpoint (``runs/<preset>/checkpoints/latest.pt``) holds everything needed: the
+config, the generator and its EMA, the frozen DAMSM encoders and the vocabulary.
+
+    pipe = TextToImage.load("runs/shapes/checkpoints/latest.pt")
+    captions = pipe.tokenize(["a large red circle in the top left"])
+    images, attention = pipe.generate(captions, seed=0, return_attention=True)
+"""
+
+from __future__ import annotations
+
+import os
+import random
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from dmgan import checkpoint
+from dmgan.config import Config, config_from_dict
+from dmgan.data import Vocabulary, subsample_caption
+from dmgan.models import G_NET, build_image_encoder, build_text_encoder
+
+
+@dataclass
+class Captions:
+    """Encoded captions: indices N x L (0-padded), lengths N, the texts, and unknown words per text."""
+
+    indices: Tensor
+    lengths: Tensor
+    texts: list[str]
+    unknown: list[list[str]] = field(default_factory=list)
+
+
+def truncated_noise(count: int, dim: int, truncation: float | None, generator: torch.Generator) -> Tensor:
+    """z ~ N(0, I), entries with |z| > truncation redrawn until none is left (the truncation trick)."""
+    z = torch.randn(count, dim, generator=generator)
+    if truncation is not None:
+        if truncation <= 0:
+            raise ValueError(f"truncation must be positive, got {truncation}")
+        while (outside := z.abs() > truncation).any():
+            z[outside] = torch.randn(int(outside.sum()), generator=generator)
+    return z
+
+
+@dataclass
+class TextToImage:
+    cfg: Config
+    netG: G_NET
+    text_encoder: nn.Module
+    image_encoder: nn.Module
+    vocab: Vocabulary
+
+    @classmethod
+    def load(
+        cls, path: str | os.PathLike, device: str | torch.device = "cpu", weights: str = "ema"
+    ) -> TextToImage:
+        """``weights``: "ema" (the averaged generator, what the reference samples with) or "raw"."""
+        if weights not in ("ema", "raw"):
+            raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
+        state = checkpoint.load(path)
+        missing = {"config", "gan", "text_encoder", "image_encoder", "vocab"} - state.keys()
+        if missing:
+            raise ValueError(f"{path} is not a dmgan training checkpoint (missing {sorted(missing)})")
+        cfg = config_from_dict(state["config"])
+        netG = G_NET(cfg.model)
+        netG.load_state_dict(state["gan"]["netG"])
+        if weights == "ema":
+            with torch.no_grad():
+                for p, avg in zip(netG.parameters(), state["gan"]["ema"]["params"], strict=True):
+                    p.copy_(avg)
+        words = list(state["vocab"])
+        vocab = Vocabulary(dict(enumerate(words)), {w: i for i, w in enumerate(words)})
+        text_encoder = build_text_encoder(cfg.model, len(words))
+        text_encoder.load_state_dict(state["text_encoder"])
+        image_encoder = build_image_encoder(cfg.model.image_encoder, cfg.model.embedding_dim)
+        image_encoder.load_state_dict(state["image_encoder"])
+        modules = [m.to(device).eval().requires_grad_(False) for m in (netG, text_encoder, image_encoder)]
+        return cls(cfg, *modules, vocab)  # type: ignore[arg-type]
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.netG.parameters()).device
+
+    def tokenize(self, texts: list[str], words_num: int | None = None) -> Captions:
+        """Encode captions; unknown words are dropped (and listed per caption). A caption with no
+        known word is an error that names it."""
+        words_num = words_num or self.cfg.text.words_num
+        rows, lengths, unknown = [], [], []
+        for text in texts:
+            known, missing = self.vocab.encode(text)
+            if not known:
+                raise ValueError(f"caption {text!r} has no word of the vocabulary ({len(self.vocab)} words)")
+            padded, n = subsample_caption(known, words_num, random.Random(0))  # as the loader does
+            rows.append(padded)
+            lengths.append(n)
+            unknown.append(missing)
+        return Captions(torch.tensor(rows), torch.tensor(lengths), list(texts), unknown)
+
+    @torch.no_grad()
+    def encode(self, indices: Tensor, lengths: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Word features N x D x T, sentence features N x D, padding mask N x T."""
+        indices, lengths = indices.to(self.device), lengths.to(self.device)
+        words_emb, sent_emb = self.text_encoder(indices, lengths)
+        return words_emb, sent_emb, (indices == 0)[:, : words_emb.shape[2]]
+
+    @torch.no_grad()
+    def generate(
+        self,
+        captions: Captions,
+        seed: int = 0,
+        truncation: float | None = None,
+        return_attention: bool = False,
+        batch_size: int = 64,
+    ) -> tuple[list[Tensor], list[Tensor]]:
+        """Images of every stage (each N x 3 x S x S in [-1, 1], on the CPU) and, when asked, the
+        key-addressing maps of each refinement stage (N x T x s x s)."""
+        generator = torch.Generator().manual_seed(seed)
+        stages: list[list[Tensor]] = []
+        maps: list[list[Tensor]] = []
+        for start in range(0, len(captions.indices), batch_size):
+            idx = captions.indices[start : start + batch_size]
+            words_emb, sent_emb, mask = self.encode(idx, captions.lengths[start : start + batch_size])
+            z = truncated_noise(len(idx), self.cfg.model.z_dim, truncation, generator).to(self.device)
+            imgs, att, _, _ = self.netG(z, sent_emb, words_emb, mask, return_attention=return_attention)
+            stages.append([i.float().cpu() for i in imgs])
+            maps.append([a.float().cpu() for a in att])
+        return [torch.cat(s) for s in zip(*stages)], [torch.cat(m) for m in zip(*maps)]

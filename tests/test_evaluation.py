@@ -1,0 +1,174 @@
+"""Metrics (FID, IS, R-precision) against known answers, and the sample / evaluate command lines."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+
+import numpy as np
+import pytest
+import scipy.linalg
+import torch
+from torch import nn
+
+from dmgan import metrics
+from dmgan.data import shapes as shapes_data
+from dmgan.evaluate import main as evaluate_main
+from dmgan.sample import main as sample_main
+from dmgan.train import main as train_main
+from tests.tiny import TINY
+
+
+class Flatten(nn.Module):
+    """A stand-in feature extractor: the 'images' are the features."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x):
+        return x.flatten(1).double()
+
+
+def scipy_fid(x: np.ndarray, y: np.ndarray) -> float:
+    mu1, mu2 = x.mean(0), y.mean(0)
+    s1, s2 = np.cov(x, rowvar=False), np.cov(y, rowvar=False)
+    covmean = scipy.linalg.sqrtm(s1 @ s2).real
+    return float(((mu1 - mu2) ** 2).sum() + np.trace(s1 + s2 - 2 * covmean))
+
+
+def fid_of(x: torch.Tensor, y: torch.Tensor) -> float:
+    metric = metrics.fid_metric(Flatten(x.shape[1]))
+    metric.update(x[:, :, None, None], real=True)
+    metric.update(y[:, :, None, None], real=False)
+    return float(metric.compute())
+
+
+def test_fid_matches_scipy_and_the_gaussian_closed_form():
+    g = torch.Generator().manual_seed(0)
+    d, n = 4, 40000
+    a1, a2 = (
+        torch.randn(d, d, generator=g, dtype=torch.float64),
+        torch.randn(d, d, generator=g, dtype=torch.float64),
+    )
+    s1, s2 = a1 @ a1.T + 0.5 * torch.eye(d), a2 @ a2.T + 0.5 * torch.eye(d)
+    mu1, mu2 = torch.zeros(d, dtype=torch.float64), torch.arange(d, dtype=torch.float64)
+    x = mu1 + torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(s1).T
+    y = mu2 + torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(s2).T
+    ours = fid_of(x, y)
+    assert ours == pytest.approx(scipy_fid(x.numpy(), y.numpy()), rel=1e-6)
+    closed = float((mu1 - mu2).square().sum() + torch.trace(s1 + s2)
+                   - 2 * np.trace(scipy.linalg.sqrtm((s1 @ s2).numpy()).real))  # fmt: skip
+    assert ours == pytest.approx(closed, rel=0.03)
+    small = torch.randn(30, 3, generator=g, dtype=torch.float64)  # small matrices too
+    assert fid_of(small, small * 2 + 1) == pytest.approx(
+        scipy_fid(small.numpy(), (small * 2 + 1).numpy()), rel=1e-6
+    )
+
+
+def test_fid_of_a_set_with_itself_is_zero():
+    x = torch.randn(500, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    assert abs(fid_of(x, x)) < 1e-6
+    assert fid_of(x, x + 0.5) == pytest.approx(8 * 0.25, rel=1e-4)  # a shift moves only the means
+
+
+def test_reference_stats_round_trip(tmp_path):
+    x = torch.randn(200, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    y = x + 1
+    first = metrics.fid_metric(Flatten(5))
+    first.update(x[:, :, None, None], real=True)
+    metrics.save_reference_stats(first, tmp_path / "ref.npz")
+    second = metrics.fid_metric(Flatten(5))
+    assert metrics.load_reference_stats(second, tmp_path / "ref.npz") == 200
+    second.update(y[:, :, None, None], real=False)
+    assert float(second.compute()) == pytest.approx(fid_of(x, y), rel=1e-9)
+    with pytest.raises(ValueError, match="5 features"):
+        metrics.load_reference_stats(metrics.fid_metric(Flatten(4)), tmp_path / "ref.npz")
+
+
+def test_fid_network_loads_offline_and_gives_2048_features():
+    net = metrics.InceptionFeatures()
+    images = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    features = net(images)
+    assert features.shape == (2, 2048) and torch.isfinite(features).all()
+    assert not torch.allclose(features[0], features[1])
+    assert net(images[:, :, :64, :64]).shape == (2, 2048)  # other sizes are resized to 299
+
+
+def test_inception_score_of_known_classifier_outputs():
+    classes = 10
+    confident_balanced = torch.eye(classes).repeat(20, 1)  # each split sees every class once, twice
+    mean, std = metrics.inception_score(confident_balanced, splits=10)
+    assert mean == pytest.approx(classes) and std == pytest.approx(0, abs=1e-9)
+    assert metrics.inception_score(torch.full((100, classes), 1 / classes))[0] == pytest.approx(1.0)
+    one_class = torch.zeros(100, classes)
+    one_class[:, 3] = 1
+    assert metrics.inception_score(one_class)[0] == pytest.approx(1.0)
+    with pytest.raises(ValueError, match="N >= 10"):
+        metrics.inception_score(torch.rand(5, 3))
+
+
+def test_r_precision_on_constructed_embeddings():
+    g = torch.Generator().manual_seed(0)
+    n, d = 100, 16
+    true = torch.randn(n, d, generator=g)
+    wrong = torch.randn(n, 99, d, generator=g)
+    assert metrics.r_precision(true, true, wrong, generator=g) == (1.0, 0.0)
+    assert metrics.r_precision(wrong[:, 5], true, wrong, generator=g)[0] == 0.0
+    half = torch.where(torch.arange(n)[:, None] < 50, true, wrong[:, 0])
+    mean, std = metrics.r_precision(half, true, wrong, generator=g)
+    assert mean == pytest.approx(0.5) and std > 0  # the hits are shuffled into folds
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    data = shapes_data.generate(tmp_path_factory.mktemp("shapes"), num_train=32, num_test=12, seed=2)
+    out = tmp_path_factory.mktemp("run")
+    train_main(["--data-dir", str(data), "--out", str(out), "--damsm-epochs", "1", "--max-steps", "2", *TINY])
+    return out / "checkpoints" / "latest.pt"
+
+
+def test_training_run_ends_with_a_short_evaluation(trained):
+    results = json.loads((trained.parent.parent / "metrics.json").read_text())
+    assert 0 <= results["r_precision"]["mean"] <= 1
+    assert set(results["caption_accuracy"]) == {"colour", "shape", "size", "position", "background"}
+
+
+def test_sample_cli_writes_grids_and_attention_maps(trained, tmp_path, capsys):
+    from PIL import Image
+
+    captions = tmp_path / "captions.txt"
+    captions.write_text("a large red circle in the top left\n\na small zebra square on gray\n")
+    written = sample_main([str(trained), str(captions), "--samples", "2", "--out", str(tmp_path / "out"),
+                           "--truncation", "1.0"])  # fmt: skip
+    assert len(written) == 1 + 2 * 2 and all(p.is_file() for p in written)
+    assert "unknown words skipped in 'a small zebra square on gray': zebra" in capsys.readouterr().out
+    grid = Image.open(tmp_path / "out" / "grid.png")
+    assert grid.size[0] >= 3 * 64 and grid.size[1] >= 4 * 64  # 4 rows of three stages
+    figure = Image.open(tmp_path / "out" / "caption000_sample00.png")
+    assert figure.size[1] > 2 * 64  # stages, then one attention tile per word
+    meta = json.loads((tmp_path / "out" / "captions.json").read_text())
+    assert meta["unknown_words"] == [[], ["zebra"]]
+
+
+def test_sample_cli_bad_input(trained, tmp_path):
+    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
+        sample_main([str(tmp_path / "missing.pt"), "a red circle"])
+    empty = tmp_path / "empty.txt"
+    empty.write_text("\n\n")
+    with pytest.raises(ValueError, match="holds no caption"):
+        sample_main([str(trained), str(empty)])
+    with pytest.raises(ValueError, match="'zebra giraffe' has no word of the vocabulary"):
+        sample_main([str(trained), "zebra giraffe", "--out", str(tmp_path / "o")])
+    with pytest.raises(FileNotFoundError, match="caption file not found"):
+        sample_main([str(trained), str(tmp_path / "nope.txt")])
+
+
+def test_evaluate_cli_writes_one_json(trained, tmp_path):
+    out = tmp_path / "eval.json"
+    evaluate_main([str(trained), "--num-images", "20", "--no-fid", "--out", str(out)])
+    report = json.loads(out.read_text())
+    assert report["checkpoint_sha256"] == hashlib.sha256(trained.read_bytes()).hexdigest()
+    m = report["metrics"]
+    assert m["num_images"] == 20 and "not computed" in m["inception_score"] and m["seconds"] > 0
+    assert 0 <= m["r_precision"]["mean"] <= 1 and 0 <= m["caption_accuracy"]["colour"] <= 1
