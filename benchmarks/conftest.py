@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import torch
 
-from tests.parity import ReadShape
+from tests.parity import ReadShape, WriteShape
 
 ON_GPU = torch.cuda.is_available()
 
@@ -17,11 +17,15 @@ def _bird(batch: int, size: int) -> ReadShape:
 
 
 def pytest_generate_tests(metafunc):
-    if "read_shape" not in metafunc.fixturenames:
-        return
     config = metafunc.config
-    if config.getoption("benchmark_disable") and not config.getoption("benchmark_enable"):
-        shapes = [ReadShape(2, 32, 4, 5, (6, 3))]
-    else:
-        shapes = [_bird(10, 64), _bird(10, 128)] + ([_bird(32, 64), _bird(32, 128)] if ON_GPU else [])
-    metafunc.parametrize("read_shape", shapes, ids=str)
+    smoke = config.getoption("benchmark_disable") and not config.getoption("benchmark_enable")
+    if "read_shape" in metafunc.fixturenames:
+        if smoke:
+            shapes = [ReadShape(2, 32, 4, 5, (6, 3))]
+        else:
+            shapes = [_bird(10, 64), _bird(10, 128)] + ([_bird(32, 64), _bird(32, 128)] if ON_GPU else [])
+        metafunc.parametrize("read_shape", shapes, ids=str)
+    if "write_shape" in metafunc.fixturenames:
+        # bird: N_w 256, N_r 64, T 18 (the write runs once per refinement stage, on B x T words)
+        shapes = [WriteShape(2, 16, 32, 6)] if smoke else [WriteShape(b, 256, 64, 18) for b in (10, 32)]
+        metafunc.parametrize("write_shape", shapes, ids=str)

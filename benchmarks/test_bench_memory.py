@@ -1,9 +1,10 @@
-"""Memory reading: every implementation x forward / forward+backward x shape x dtype, side by side.
+"""Memory writing and reading: every implementation x forward / forward+backward x shape x dtype.
 
     .venv/bin/python -m pytest benchmarks --benchmark-enable --benchmark-group-by=param:read_shape,param:dtype,param:direction
 
 Groups hold one shape, dtype and direction, so each backend's median and its ratio to the others
-sit in one table. On a GPU each call ends with torch.cuda.synchronize().
+sit in one table. On a GPU each call ends with torch.cuda.synchronize(). Each case also records
+the peak memory of one call (CUDA max allocated, or peak RSS on a CPU) in ``extra_info``.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import pytest
 import torch
 
 from benchmarks import memory_impls
+from benchmarks.peak_memory import peak_bytes
 from dmgan import ops
-from tests.parity import read_case
+from tests.parity import read_case, write_case
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -72,8 +74,62 @@ def test_memory_read(benchmark, impl, dtype, direction, read_shape):
 
     out = step()  # warm-up: compiles, builds, autotunes
     assert out.shape == case["img"].shape and torch.isfinite(out).all()
+    _record(benchmark, step, "memory_read", impl, read_shape, dtype, direction)
+
+
+def _record(benchmark, step, kind, impl, shape, dtype, direction):
     benchmark.extra_info.update(
-        kind="memory_read", impl=impl, shape=str(read_shape), dtype=str(dtype).removeprefix("torch."), direction=direction,
+        kind=kind, impl=impl, shape=str(shape), dtype=str(dtype).removeprefix("torch."), direction=direction,
         device=torch.cuda.get_device_name() if ON_GPU else "cpu", torch=torch.__version__,
+        peak_memory_bytes=peak_bytes(step, DEVICE),
     )  # fmt: skip
     benchmark.pedantic(step, rounds=10 if ON_GPU else 5, iterations=5 if ON_GPU else 1, warmup_rounds=2)
+
+
+def _dmgan_write(name):
+    return functools.partial(lambda backend, **kw: ops.memory_write(**kw, backend=backend), name)
+
+
+@functools.cache
+def _compiled_write():
+    from dmgan.ops import reference
+
+    return torch.compile(reference.memory_write)
+
+
+WRITE_IMPLEMENTATIONS = {
+    "eager-reference": lambda: _dmgan_write("eager"),  # the reference code's form, op for op
+    "compile-reference": _compiled_write,
+    "cpp": lambda: _dmgan_write("cpp"),
+    "triton": lambda: _dmgan_write("triton"),
+}
+
+
+@pytest.mark.parametrize("direction", ["forward", "forward+backward"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+@pytest.mark.parametrize("impl", list(WRITE_IMPLEMENTATIONS))
+def test_memory_write(benchmark, impl, dtype, direction, write_shape):
+    if not _available(impl):
+        pytest.skip(f"{impl} does not run on {DEVICE} here")
+    case = write_case(write_shape, dtype, DEVICE)
+    fn = WRITE_IMPLEMENTATIONS[impl]()
+    backward = direction == "forward+backward"
+    if backward:
+        case = {k: v.requires_grad_() for k, v in case.items()}
+
+    def step():
+        keys, values = fn(**case)
+        if backward:
+            torch.autograd.backward((keys, values), (torch.ones_like(keys), torch.ones_like(values)))
+            for v in case.values():
+                v.grad = None
+        if ON_GPU:
+            torch.cuda.synchronize()
+        return keys
+
+    keys = step()
+    assert (
+        keys.shape == (write_shape.batch, write_shape.channels, write_shape.num_words)
+        and torch.isfinite(keys).all()
+    )
+    _record(benchmark, step, "memory_write", impl, write_shape, dtype, direction)
