@@ -13,6 +13,8 @@ import torch.nn.functional as F
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+MIN_DISPLAY = 128  # smaller images are shown enlarged (nearest neighbour, pixels stay visible)
+
 
 def to_uint8(images: Tensor) -> np.ndarray:
     """B x 3 x H x W in [-1, 1] → B x H x W x 3 uint8."""
@@ -23,9 +25,9 @@ def to_uint8(images: Tensor) -> np.ndarray:
 def stage_grid(
     stages: Sequence[Tensor], captions: Sequence[str], path: str | os.PathLike, text_width: int = 220
 ) -> Path:
-    """One row per caption: the image of every stage (nearest-upsampled to the largest size, so
-    the low-resolution pixels stay visible), then the caption. Writes a PNG and returns its path."""
-    size = stages[-1].shape[-1]
+    """One row per caption: the image of every stage (nearest-upsampled to the largest size, at
+    least ``MIN_DISPLAY``, so the low-resolution pixels stay visible), then the caption. Writes a PNG and returns its path."""
+    size = max(MIN_DISPLAY, stages[-1].shape[-1])
     rows = torch.cat(
         [F.interpolate(s.detach().float(), size=(size, size), mode="nearest") for s in stages], dim=3
     )
@@ -52,10 +54,12 @@ def attention_figure(
 
     ``stages``: 3 x S_i x S_i images; ``attention``: T x s x s (T >= len(words)).
     """
-    size = stages[-1].shape[-1]
+    size = max(MIN_DISPLAY, stages[-1].shape[-1])
     top = to_uint8(torch.cat([F.interpolate(s[None].float(), size=(size, size), mode="nearest")
                               for s in stages], dim=3))[0]  # fmt: skip
-    base = to_uint8(stages[-1][None])[0].astype(np.float32)
+    base = to_uint8(F.interpolate(stages[-1][None].float(), size=(size, size), mode="nearest"))[0].astype(
+        np.float32
+    )
     maps = F.interpolate(attention[None, : len(words)].float(), size=(size, size), mode="bilinear",
                          align_corners=False)[0]  # fmt: skip
     maps = maps / maps.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]

@@ -268,3 +268,13 @@ def test_generator_sizes_follow_the_config():
     assert [i.shape[-1] for i in imgs] == [16, 32]
     with pytest.raises(ValueError, match="base_size"):
         G_NET(dataclasses.replace(cfg, base_size=24))
+
+
+@pytest.mark.parametrize("size", [8, 16, 32])
+def test_small_discriminators_reach_the_4x4_code(size):
+    netD = D_NET(size, ndf=4, nef=8)
+    code = netD(torch.randn(2, 3, size, size))
+    assert code.shape == (2, 32, 4, 4)
+    assert netD.COND_DNET(code, torch.randn(2, 8)).numel() == 2  # one logit per image
+    with pytest.raises(ValueError, match="power of two >= 8"):
+        D_NET(4)

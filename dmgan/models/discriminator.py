@@ -37,7 +37,7 @@ class D_GET_LOGITS(nn.Module):  # noqa: N801 (reference name)
 
 
 class D_NET(nn.Module):  # noqa: N801
-    """Discriminator for S x S images (S a power of two >= 16).
+    """Discriminator for S x S images (S a power of two >= 8).
 
     Layout for S >= 64 (the reference): ``img_code_s16`` (S → S/16, 8ndf channels), then
     log2(S/64) ``downBlock`` layers doubling the width to 4 x 4, then as many ``Block3x3_leakRelu``
@@ -47,8 +47,8 @@ class D_NET(nn.Module):  # noqa: N801
     def __init__(self, image_size: int, ndf: int = 32, nef: int = 256, b_jcu: bool = True) -> None:
         super().__init__()
         levels = math.log2(image_size)
-        if image_size < 16 or levels != int(levels):
-            raise ValueError(f"image_size must be a power of two >= 16, got {image_size}")
+        if image_size < 8 or levels != int(levels):
+            raise ValueError(f"image_size must be a power of two >= 8, got {image_size}")
         self.image_size = image_size
         self.df_dim = ndf
         self.ef_dim = nef
