@@ -3,11 +3,7 @@
 
 from __future__ import annotations
 
-import torch
-
 from tests.parity import ReadShape, WriteShape
-
-ON_GPU = torch.cuda.is_available()
 
 
 def _bird(batch: int, size: int) -> ReadShape:
@@ -23,7 +19,7 @@ def pytest_generate_tests(metafunc):
         if smoke:
             shapes = [ReadShape(2, 32, 4, 5, (6, 3))]
         else:
-            shapes = [_bird(10, 64), _bird(10, 128)] + ([_bird(32, 64), _bird(32, 128)] if ON_GPU else [])
+            shapes = [_bird(10, 64), _bird(10, 128), _bird(32, 64), _bird(32, 128)]
         metafunc.parametrize("read_shape", shapes, ids=str)
     if "write_shape" in metafunc.fixturenames:
         # bird: N_w 256, N_r 64, T 18 (the write runs once per refinement stage, on B x T words)
