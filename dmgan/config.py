@@ -13,6 +13,7 @@ trains on two CPU cores, for the built-in procedurally drawn dataset.
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -167,3 +168,13 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         text=TextConfig(**data["text"]),
         train=TrainConfig(**train),
     )
+
+
+class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """``--help`` shows each default once: not where the help text already states it, nor for
+    unset (None) options and off switches."""
+
+    def _get_help_string(self, action: argparse.Action) -> str | None:
+        if "default" in (action.help or "") or action.default is None or action.default is False:
+            return action.help
+        return super()._get_help_string(action)

@@ -25,6 +25,7 @@ import torch
 from tqdm import tqdm
 
 from dmgan import metrics
+from dmgan.config import HelpFormatter
 from dmgan.data import TextImageDataset
 from dmgan.data.shapes import default_root
 from dmgan.pipeline import Captions, TextToImage
@@ -205,9 +206,7 @@ def pipeline_from_training(gan, vocab, device: torch.device | str) -> TextToImag
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="training checkpoint (runs/<preset>/checkpoints/latest.pt)")
     p.add_argument(
         "--data-dir", default=None, help="dataset folder (default: the one the checkpoint was trained on)"
@@ -224,7 +223,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--weights", default="ema", choices=["ema", "raw"])
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--out", default=None, help="JSON file (default: next to the checkpoint)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p

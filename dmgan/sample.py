@@ -17,6 +17,7 @@ from pathlib import Path
 
 import torch
 
+from dmgan.config import HelpFormatter
 from dmgan.pipeline import TextToImage
 from dmgan.visualize import attention_figure, stage_grid
 
@@ -37,13 +38,11 @@ def read_captions(source: str) -> list[str]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
-    )
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="training checkpoint (runs/<preset>/checkpoints/latest.pt)")
     p.add_argument("captions", help="a caption, or a .txt file with one caption per line")
     p.add_argument("--samples", type=int, default=1, help="images per caption")
-    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--truncation", type=float, default=None, help="redraw noise entries with |z| above this")
     p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA or raw generator weights")
     p.add_argument("--out", default="samples", help="output folder")
