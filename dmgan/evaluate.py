@@ -126,6 +126,7 @@ def evaluate(
     classifier = metrics.load_classifier(is_classifier).to(pipe.device) if is_classifier else None
 
     image_codes, probs, last_images = [], [], []
+    keep_images = (root / "attributes.json").is_file()  # caption accuracy (shapes); 30k x 256² would not fit
     for start in tqdm(range(0, num_images, batch_size), desc="generate", disable=not progress):
         part = Captions(captions.indices[start : start + batch_size], captions.lengths[start : start + batch_size],
                         captions.texts[start : start + batch_size])  # fmt: skip
@@ -137,7 +138,8 @@ def evaluate(
             fid_metric.update(images.to(pipe.device), real=False)
         if classifier is not None:
             probs.append(metrics.classifier_probs(classifier, images))
-        last_images.append(images)
+        if keep_images:
+            last_images.append(images)
 
     if fid_metric is not None:
         results["fid"] = float(fid_metric.compute())
@@ -157,7 +159,7 @@ def evaluate(
         mean, std = metrics.r_precision(torch.cat(image_codes), true_codes, mismatched, generator=generator)
         results["r_precision"] = {"mean": mean, "std": std, "candidates": 100, "folds": 10}
 
-    if (root / "attributes.json").is_file():
+    if keep_images:
         results.update(caption_accuracy(pipe, root, owners, torch.cat(last_images), seed))
     results["seconds"] = round(time.perf_counter() - started, 1)
     return results
