@@ -31,13 +31,18 @@ class ParameterEMA:
             raise ValueError("model has a different number of parameters than the EMA was built from")
         torch._foreach_lerp_(self.params, current, 1.0 - self.decay)
 
+    @torch.no_grad()
+    def copy_to(self, model: nn.Module) -> nn.Module:
+        """Load the averaged weights into ``model`` (for good: see :meth:`swapped_into`)."""
+        torch._foreach_copy_(list(model.parameters()), self.params)
+        return model
+
     @contextmanager
     def swapped_into(self, model: nn.Module) -> Iterator[nn.Module]:
         """Temporarily load the averaged weights into ``model`` (the raw ones come back after)."""
         params = list(model.parameters())
         raw = [p.detach().clone() for p in params]
-        with torch.no_grad():
-            torch._foreach_copy_(params, self.params)
+        self.copy_to(model)
         try:
             yield model
         finally:

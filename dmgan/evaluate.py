@@ -12,7 +12,6 @@ networks the metrics use.
 from __future__ import annotations
 
 import argparse
-import copy
 import hashlib
 import json
 import random
@@ -25,17 +24,15 @@ import torch
 from tqdm import tqdm
 
 from dmgan import metrics
-from dmgan.config import HelpFormatter
-from dmgan.data import TextImageDataset
+from dmgan.config import Config, HelpFormatter
+from dmgan.data import TextImageDataset, dataset_for
 from dmgan.data.shapes import default_root
 from dmgan.pipeline import Captions, TextToImage
 
 
-def evaluation_split(pipe: TextToImage, root: Path, words_num: int | None = None) -> TextImageDataset:
+def evaluation_split(cfg: Config, root: Path) -> TextImageDataset:
     """The test split as evaluation reads it: centre crop, no flip, evaluation caption length."""
-    cfg = pipe.cfg
-    return TextImageDataset(root, "test", cfg.model.image_sizes, words_num or cfg.text.eval_words_num,
-                            cfg.text.captions_per_image, flip=False, random_crop=False)  # fmt: skip
+    return dataset_for(cfg, root, "test", train=False, words_num=cfg.text.eval_words_num)
 
 
 def real_images(dataset: TextImageDataset, indices: Sequence[int] | None = None) -> torch.Tensor:
@@ -49,9 +46,7 @@ def caption_plan(dataset: TextImageDataset, num_images: int, seed: int) -> tuple
     """Which test image each generated image belongs to, and its caption (random per pass)."""
     rng = random.Random(seed)
     owners = [i % len(dataset) for i in range(num_images)]
-    pairs = [dataset.caption(i, rng) for i in owners]
-    return owners, Captions(torch.stack([c for c, _ in pairs]), torch.tensor([n for _, n in pairs]),
-                            [dataset.vocab.decode(c) for c, _ in pairs])  # fmt: skip
+    return owners, Captions.from_pairs([dataset.caption(i, rng) for i in owners], dataset.vocab)
 
 
 @torch.no_grad()
@@ -63,12 +58,9 @@ def all_sentence_codes(pipe: TextToImage, dataset: TextImageDataset, batch_size:
         for i in range(len(dataset))
         for j in range(dataset.captions_per_image)
     ]
-    codes = []
-    for start in range(0, len(pairs), batch_size):
-        chunk = pairs[start : start + batch_size]
-        codes.append(
-            pipe.encode(torch.stack([c for c, _ in chunk]), torch.tensor([n for _, n in chunk]))[1].cpu()
-        )
+    indices, lengths = torch.stack([c for c, _ in pairs]), torch.tensor([n for _, n in pairs])
+    codes = [pipe.encode(indices[i : i + batch_size], lengths[i : i + batch_size])[1].cpu()
+             for i in range(0, len(pairs), batch_size)]  # fmt: skip
     return torch.cat(codes).view(len(dataset), dataset.captions_per_image, -1)
 
 
@@ -103,7 +95,7 @@ def evaluate(
     """Every metric this data supports; see the module docstring."""
     root = Path(root)
     started = time.perf_counter()
-    dataset = evaluation_split(pipe, root)
+    dataset = evaluation_split(pipe.cfg, root)
     owners, captions = caption_plan(dataset, num_images, seed)
     results: dict[str, Any] = {"num_images": num_images, "image_size": pipe.cfg.model.image_sizes[-1]}
 
@@ -128,9 +120,8 @@ def evaluate(
     image_codes, probs, last_images = [], [], []
     keep_images = (root / "attributes.json").is_file()  # caption accuracy (shapes); 30k x 256² would not fit
     for start in tqdm(range(0, num_images, batch_size), desc="generate", disable=not progress):
-        part = Captions(captions.indices[start : start + batch_size], captions.lengths[start : start + batch_size],
-                        captions.texts[start : start + batch_size])  # fmt: skip
-        stages, _ = pipe.generate(part, seed=seed * 1_000_003 + start, batch_size=batch_size)
+        stages, _ = pipe.generate(captions[start : start + batch_size], seed=seed * 1_000_003 + start,
+                                  batch_size=batch_size)  # fmt: skip
         images = stages[-1]
         with torch.no_grad():
             image_codes.append(pipe.image_encoder(images.to(pipe.device))[1].float().cpu())
@@ -160,26 +151,24 @@ def evaluate(
         results["r_precision"] = {"mean": mean, "std": std, "candidates": 100, "folds": 10}
 
     if keep_images:
-        results.update(caption_accuracy(pipe, root, owners, torch.cat(last_images), seed))
+        results.update(caption_accuracy(pipe.cfg, dataset, owners, torch.cat(last_images), seed))
     results["seconds"] = round(time.perf_counter() - started, 1)
     return results
 
 
 def caption_accuracy(
-    pipe: TextToImage, root: Path, owners: list[int], images: torch.Tensor, seed: int
+    cfg: Config, test: TextImageDataset, owners: list[int], images: torch.Tensor, seed: int
 ) -> dict:
     """Built-in shapes data: an attribute classifier trained on the real training images reads
-    the main object of each generated image; per attribute, how often it matches the caption's."""
+    the main object of each generated image (``images[i]`` from a caption of ``test`` image
+    ``owners[i]``); per attribute, how often it matches the caption's."""
     from dmgan.attributes import accuracy, attribute_targets, load_attributes, train_classifier
 
-    attributes = load_attributes(root)
-    cfg = pipe.cfg
-    train = TextImageDataset(root, "train", cfg.model.image_sizes, cfg.text.words_num, cfg.text.captions_per_image,
-                             flip=False, random_crop=False)  # fmt: skip
+    attributes = load_attributes(test.root)
+    train = dataset_for(cfg, test.root, "train", train=False)
     classifier = train_classifier(
         real_images(train), attribute_targets([attributes[k] for k in train.keys]), seed=seed
     )
-    test = evaluation_split(pipe, root)
     targets = attribute_targets([attributes[test.keys[i]] for i in owners])
     real_targets = attribute_targets([attributes[k] for k in test.keys])
     return {
@@ -196,15 +185,6 @@ def file_sha256(path: str | Path) -> str:
         for block in iter(lambda: f.read(1 << 20), b""):
             digest.update(block)
     return digest.hexdigest()
-
-
-def pipeline_from_training(gan, vocab, device: torch.device | str) -> TextToImage:
-    """A :class:`TextToImage` with the EMA weights of a :class:`dmgan.train.GAN` (not modified)."""
-    netG = copy.deepcopy(gan.netG).eval()
-    with torch.no_grad():
-        for p, avg in zip(netG.parameters(), gan.ema.params):
-            p.copy_(avg)
-    return TextToImage(gan.cfg, netG.to(device), gan.text_encoder.eval(), gan.image_encoder.eval(), vocab)
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from dmgan import checkpoint
 from dmgan.config import Config, config_from_dict
 from dmgan.data import Vocabulary, subsample_caption
+from dmgan.ema import ParameterEMA
 from dmgan.models import G_NET, build_image_encoder, build_text_encoder
 
 
@@ -31,6 +32,18 @@ class Captions:
     lengths: Tensor
     texts: list[str]
     unknown: list[list[str]] = field(default_factory=list)
+
+    @classmethod
+    def from_pairs(cls, pairs: list[tuple[Tensor, int]], vocab: Vocabulary) -> Captions:
+        """From (padded indices, length) pairs as :meth:`TextImageDataset.caption` returns them."""
+        return cls(torch.stack([c for c, _ in pairs]), torch.tensor([n for _, n in pairs]),
+                   [vocab.decode(c) for c, _ in pairs])  # fmt: skip
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def __getitem__(self, rows: slice) -> Captions:
+        return Captions(self.indices[rows], self.lengths[rows], self.texts[rows], self.unknown[rows])
 
 
 def truncated_noise(count: int, dim: int, truncation: float | None, generator: torch.Generator) -> Tensor:
@@ -67,9 +80,9 @@ class TextToImage:
         netG = G_NET(cfg.model)
         netG.load_state_dict(state["gan"]["netG"])
         if weights == "ema":
-            with torch.no_grad():
-                for p, avg in zip(netG.parameters(), state["gan"]["ema"]["params"], strict=True):
-                    p.copy_(avg)
+            ema = ParameterEMA(netG)
+            ema.load_state_dict(state["gan"]["ema"])
+            ema.copy_to(netG)
         words = list(state["vocab"])
         vocab = Vocabulary(dict(enumerate(words)), {w: i for i, w in enumerate(words)})
         text_encoder = build_text_encoder(cfg.model, len(words))
@@ -119,10 +132,10 @@ class TextToImage:
         generator = torch.Generator().manual_seed(seed)
         stages: list[list[Tensor]] = []
         maps: list[list[Tensor]] = []
-        for start in range(0, len(captions.indices), batch_size):
-            idx = captions.indices[start : start + batch_size]
-            words_emb, sent_emb, mask = self.encode(idx, captions.lengths[start : start + batch_size])
-            z = truncated_noise(len(idx), self.cfg.model.z_dim, truncation, generator).to(self.device)
+        for start in range(0, len(captions), batch_size):
+            part = captions[start : start + batch_size]
+            words_emb, sent_emb, mask = self.encode(part.indices, part.lengths)
+            z = truncated_noise(len(part), self.cfg.model.z_dim, truncation, generator).to(self.device)
             imgs, att, _, _ = self.netG(z, sent_emb, words_emb, mask, return_attention=return_attention)
             stages.append([i.float().cpu() for i in imgs])
             maps.append([a.float().cpu() for a in att])

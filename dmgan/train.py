@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import dataclasses
 import functools
 import json
@@ -38,11 +39,21 @@ from tqdm import tqdm
 
 from dmgan import checkpoint
 from dmgan.config import PRESETS, Config, HelpFormatter, get_preset, override
-from dmgan.data import Batch, EpochSampler, TextImageDataset, check_vocabulary, collate
+from dmgan.data import (
+    Batch,
+    EpochSampler,
+    TextImageDataset,
+    Vocabulary,
+    check_vocabulary,
+    collate,
+    dataset_for,
+)
 from dmgan.data import shapes as shapes_data
 from dmgan.ema import ParameterEMA
 from dmgan.losses import damsm_loss, discriminator_loss, generator_loss, kl_loss
 from dmgan.models import G_NET, build_discriminators, build_image_encoder, build_text_encoder
+from dmgan.pipeline import Captions, TextToImage
+from dmgan.visualize import stage_grid
 
 AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -153,6 +164,12 @@ class GAN:
         self.scalerG.update()
         self.ema.update(unwrap(self.netG))
         return logs
+
+    def pipeline(self, vocab: Vocabulary) -> TextToImage:
+        """A copy of the EMA generator, in eval mode, with the frozen encoders: for sample grids
+        and evaluation during training (the training networks are left as they are)."""
+        netG = self.ema.copy_to(copy.deepcopy(unwrap(self.netG))).eval()
+        return TextToImage(self.cfg, netG, self.text_encoder, self.image_encoder, vocab)  # type: ignore[arg-type]
 
     def state_dict(self) -> dict[str, Any]:
         return {
@@ -328,13 +345,6 @@ def prepare_dataset(args: argparse.Namespace, cfg: Config) -> Path:
                                 cfg.text.captions_per_image)  # fmt: skip
 
 
-def make_dataset(root: Path, cfg: Config, split: str, seed: int, train: bool) -> TextImageDataset:
-    # Flipping would swap left and right in the shapes captions; the real datasets flip (reference).
-    flip = train and cfg.name != "shapes"
-    return TextImageDataset(root, split, cfg.model.image_sizes, cfg.text.words_num, cfg.text.captions_per_image,
-                            flip=flip, random_crop=train, seed=seed)  # fmt: skip
-
-
 def make_loader(
     dataset: TextImageDataset, batch_size: int, rt: Runtime, seed: int, workers: int
 ) -> DataLoader:
@@ -360,7 +370,7 @@ def pretrain_damsm(args: argparse.Namespace, cfg: Config, root: Path, rt: Runtim
     """Train the text and image encoders with the DAMSM word + sentence losses (reference §4.4:
     Adam re-created each epoch at lr · 0.98^epoch, RNN gradients clipped to 0.25)."""
     t = cfg.train
-    dataset = make_dataset(root, cfg, "train", args.seed, train=True)
+    dataset = dataset_for(cfg, root, "train", train=True, seed=args.seed)
     loader = make_loader(dataset, t.encoder_batch_size, rt, args.seed, args.workers)
     text_encoder = build_text_encoder(cfg.model, len(dataset.vocab)).to(rt.device)
     image_encoder = build_image_encoder(cfg.model.image_encoder, cfg.model.embedding_dim,
@@ -438,7 +448,7 @@ def load_encoders(args: argparse.Namespace, cfg: Config, vocab_size: int) -> tup
 def train_gan(args: argparse.Namespace, cfg: Config, root: Path, rt: Runtime, stop: StopRequest,
               log: MetricsLog) -> GAN:  # fmt: skip
     t = cfg.train
-    dataset = make_dataset(root, cfg, "train", args.seed, train=True)
+    dataset = dataset_for(cfg, root, "train", train=True, seed=args.seed)
     loader = make_loader(dataset, t.batch_size, rt, args.seed, args.workers)
     text_encoder, image_encoder = load_encoders(args, cfg, len(dataset.vocab))
     gan = GAN.build(cfg, len(dataset.vocab), rt.device, args.amp, text_encoder, image_encoder)
@@ -473,9 +483,10 @@ def train_gan(args: argparse.Namespace, cfg: Config, root: Path, rt: Runtime, st
     total_steps = min(args.max_steps or t.max_epoch * per_epoch, t.max_epoch * per_epoch)
     if args.stage == "eval":
         total_steps = step
-    samples = SampleCaptions.from_dataset(
-        make_dataset(root, cfg, "test", args.seed, train=False), args.num_samples
-    )
+    test = dataset_for(cfg, root, "test", train=False, seed=args.seed)
+    rng = test.item_rng(0)  # fixed captions and noise: grids at different steps are comparable
+    samples = Captions.from_pairs([test.caption(i, rng, which=0) for i in range(min(args.num_samples, len(test)))],
+                                  test.vocab)  # fmt: skip
     nonfinite_in_row = skipped_steps = skipped_images = 0
     bar = tqdm(total=total_steps, initial=step, disable=not rt.is_main, desc="DM-GAN", dynamic_ncols=True)
     while step < total_steps:
@@ -509,8 +520,8 @@ def train_gan(args: argparse.Namespace, cfg: Config, root: Path, rt: Runtime, st
             if rt.is_main and (at_end or stopping or step % args.checkpoint_every == 0):
                 save_checkpoint()
             if rt.is_main and (at_end or step % args.sample_every == 0):
-                with gan.ema.swapped_into(unwrap(gan.netG)) as netG:
-                    samples.save_grid(gan, netG, Path(args.out) / "samples" / f"step{step:06d}.png")
+                stages, _ = gan.pipeline(dataset.vocab).generate(samples, seed=0)
+                stage_grid(stages, samples.texts, Path(args.out) / "samples" / f"step{step:06d}.png")
             if stopping:
                 raise Interrupted(stop.signal or signal.SIGTERM, ckpt_path)
             if at_end:
@@ -528,49 +539,15 @@ def train_gan(args: argparse.Namespace, cfg: Config, root: Path, rt: Runtime, st
 # Samples and the short evaluation
 
 
-@dataclass
-class SampleCaptions:
-    """Fixed test captions and noise, so sample grids at different steps are comparable."""
-
-    captions: Tensor
-    cap_lens: Tensor
-    texts: list[str]
-
-    @classmethod
-    def from_dataset(cls, dataset: TextImageDataset, count: int) -> SampleCaptions:
-        rng = dataset.item_rng(0)
-        pairs = [dataset.caption(i, rng, which=0) for i in range(min(count, len(dataset)))]
-        captions = torch.stack([c for c, _ in pairs])
-        return cls(captions, torch.tensor([n for _, n in pairs]), [dataset.vocab.decode(c) for c, _ in pairs])
-
-    @torch.no_grad()
-    def save_grid(self, gan: GAN, netG: nn.Module, path: Path) -> Path:
-        from dmgan.visualize import stage_grid
-
-        device = next(netG.parameters()).device
-        captions, cap_lens = self.captions.to(device), self.cap_lens.to(device)
-        words_emb, sent_emb, mask = gan.encode(captions, cap_lens)
-        noise = torch.randn(
-            len(captions), gan.cfg.model.z_dim, generator=torch.Generator().manual_seed(0)
-        ).to(device)
-        was_training = netG.training
-        netG.eval()
-        fake_imgs, _, _, _ = netG(noise, sent_emb, words_emb, mask)
-        netG.train(was_training)
-        return stage_grid(fake_imgs, self.texts, path)
-
-
 def short_evaluation(gan: GAN, root: Path, cfg: Config, args: argparse.Namespace) -> dict[str, Any]:
     """R-precision (and caption accuracy on shapes) over one caption per test image; FID and IS
     take longer and belong to ``python -m dmgan.evaluate``."""
-    from dmgan.evaluate import evaluate, pipeline_from_training
+    from dmgan.evaluate import evaluate, evaluation_split
 
-    test = make_dataset(root, cfg, "test", args.seed, train=False)
-    device = next(unwrap(gan.netG).parameters()).device
+    test = evaluation_split(cfg, root)
     print(f"evaluating on {len(test)} test captions "
           f"(for FID: python -m dmgan.evaluate {args.out}/checkpoints/latest.pt)", flush=True)  # fmt: skip
-    return evaluate(pipeline_from_training(gan, test.vocab, device), root, len(test), fid=False, seed=args.seed,
-                    progress=False)  # fmt: skip
+    return evaluate(gan.pipeline(test.vocab), root, len(test), fid=False, seed=args.seed, progress=False)
 
 
 # --------------------------------------------------------------------------------------------

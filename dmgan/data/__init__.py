@@ -8,6 +8,7 @@ from dmgan.data.dataset import (
     Vocabulary,
     check_vocabulary,
     collate,
+    dataset_for,
     subsample_caption,
     tokenize,
 )
@@ -15,5 +16,5 @@ from dmgan.data.sampler import EpochSampler
 
 __all__ = [
     "EXPECTED_LAYOUT", "Batch", "DatasetLayoutError", "EpochSampler", "TextImageDataset", "Vocabulary",
-    "check_vocabulary", "collate", "subsample_caption", "tokenize",
+    "check_vocabulary", "collate", "dataset_for", "subsample_caption", "tokenize",
 ]  # fmt: skip

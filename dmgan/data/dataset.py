@@ -26,12 +26,16 @@ import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 from torch import Tensor
 from torch.utils.data import Dataset
+
+if TYPE_CHECKING:
+    from dmgan.config import Config
 
 EXPECTED_LAYOUT = """expected the AttnGAN layout:
   <root>/{train,test}/filenames.pickle      list of image keys per split
@@ -281,6 +285,25 @@ class TextImageDataset(Dataset):
             return None
         caption, length = self.caption(index, rng)
         return images, caption, length, self.class_ids[index], key
+
+
+def dataset_for(
+    cfg: Config,
+    root: str | os.PathLike,
+    split: str,
+    *,
+    train: bool,
+    seed: int = 0,
+    words_num: int | None = None,
+) -> TextImageDataset:
+    """A split as a config trains (``train``: random crop, flip) or evaluates it (centre crop).
+
+    Flipping would swap left and right in the ``shapes`` captions, so only the real datasets flip
+    (as the reference does). ``words_num`` defaults to the config's training caption length.
+    """
+    return TextImageDataset(root, split, cfg.model.image_sizes, words_num or cfg.text.words_num,
+                            cfg.text.captions_per_image, flip=train and cfg.name != "shapes", random_crop=train,
+                            seed=seed)  # fmt: skip
 
 
 @dataclass
