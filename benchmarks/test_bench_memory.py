@@ -43,6 +43,23 @@ IMPLEMENTATIONS = {
 }
 
 
+def _call(fn, case: dict, grads_for=None):
+    """One timed call of ``fn(**case)``; with ``grads_for(out)``, also its backward (input
+    gradients cleared after). Ends with a synchronisation on a GPU."""
+
+    def step():
+        out = fn(**case)
+        if grads_for is not None:
+            torch.autograd.backward(out, grads_for(out))
+            for v in case.values():
+                v.grad = None
+        if ON_GPU:
+            torch.cuda.synchronize()
+        return out
+
+    return step
+
+
 def _available(name: str) -> bool:
     if name in ("cpp", "triton"):
         return name in ops.available_backends(DEVICE) and (name != "triton" or ON_GPU)
@@ -57,21 +74,11 @@ def test_memory_read(benchmark, impl, dtype, direction, read_shape):
         pytest.skip(f"{impl} does not run on {DEVICE} here")
     case = read_case(read_shape, dtype, DEVICE)
     fn = IMPLEMENTATIONS[impl]()
-    backward = direction == "forward+backward"
-    if backward:
+    grad = None
+    if direction == "forward+backward":
         case = {k: (v.requires_grad_() if v.is_floating_point() else v) for k, v in case.items()}
         grad = torch.randn(case["img"].shape, dtype=dtype, device=DEVICE)
-
-    def step():
-        out = fn(**case)
-        if backward:
-            torch.autograd.backward(out, grad)
-            for v in case.values():
-                v.grad = None
-        if ON_GPU:
-            torch.cuda.synchronize()
-        return out
-
+    step = _call(fn, case, None if grad is None else lambda out: grad)
     out = step()  # warm-up: compiles, builds, autotunes
     assert out.shape == case["img"].shape and torch.isfinite(out).all()
     _record(benchmark, step, "memory_read", impl, read_shape, dtype, direction)
@@ -116,18 +123,8 @@ def test_memory_write(benchmark, impl, dtype, direction, write_shape):
     backward = direction == "forward+backward"
     if backward:
         case = {k: v.requires_grad_() for k, v in case.items()}
-
-    def step():
-        keys, values = fn(**case)
-        if backward:
-            torch.autograd.backward((keys, values), (torch.ones_like(keys), torch.ones_like(values)))
-            for v in case.values():
-                v.grad = None
-        if ON_GPU:
-            torch.cuda.synchronize()
-        return keys
-
-    keys = step()
+    step = _call(fn, case, (lambda out: tuple(map(torch.ones_like, out))) if backward else None)
+    keys = step()[0]
     assert (
         keys.shape == (write_shape.batch, write_shape.channels, write_shape.num_words)
         and torch.isfinite(keys).all()

@@ -44,6 +44,13 @@ def fid_network_path() -> Path:
     return path
 
 
+def _load_torchscript(path: Path) -> nn.Module:
+    """A TorchScript module on the CPU in eval mode (without torch.jit.load's deprecation notice)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        return torch.jit.load(str(path), map_location="cpu").eval()
+
+
 class InceptionFeatures(nn.Module):
     """B x 3 x H x W images in [-1, 1] → B x 2048 pool3 features of the TF-2015 Inception."""
 
@@ -51,9 +58,7 @@ class InceptionFeatures(nn.Module):
 
     def __init__(self) -> None:
         super().__init__()
-        with warnings.catch_warnings():  # torch.jit.load's deprecation notice
-            warnings.simplefilter("ignore", FutureWarning)
-            self.net = torch.jit.load(str(fid_network_path()), map_location="cpu").eval()
+        self.net = _load_torchscript(fid_network_path())
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
@@ -121,9 +126,7 @@ def load_classifier(path: str | os.PathLike) -> nn.Module:
     if not path.is_file():
         raise FileNotFoundError(f"IS classifier not found: {path}")
     try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore", FutureWarning)
-            return torch.jit.load(str(path), map_location="cpu").eval()
+        return _load_torchscript(path)
     except RuntimeError:
         pass
     from torchvision.models import inception_v3
