@@ -136,7 +136,7 @@ def load_captions(root: Path, captions_per_image: int) -> tuple[dict[str, list[l
     path = root / "captions.pickle"
     if not path.is_file():
         data = build_captions(root, splits, captions_per_image)
-        tmp = path.with_suffix(".tmp")
+        tmp = path.with_name(f"captions.{os.getpid()}.tmp")  # processes may race to build it
         with open(tmp, "wb") as f:
             pickle.dump(data, f, protocol=2)
         tmp.replace(path)

@@ -143,8 +143,9 @@ class CNN_ENCODER(nn.Module):  # noqa: N801 (reference name)
 class SMALL_CNN_ENCODER(nn.Module):  # noqa: N801
     """A small trainable image encoder with CNN_ENCODER's interface, for the CPU-sized ``shapes`` preset.
 
-    Images in [-1, 1] of any size are resized to 64; four conv blocks give local features
-    B x nef x 8 x 8 (64 regions) and a pooled global code B x nef.
+    Images in [-1, 1] of any size are resized to 32 (the preset's last stage: no upsampling
+    cost); four conv blocks give local features B x nef x 8 x 8 (64 regions) and a pooled global
+    code B x nef.
     """
 
     def __init__(self, nef: int = 256, width: int = 32) -> None:
@@ -159,16 +160,17 @@ class SMALL_CNN_ENCODER(nn.Module):  # noqa: N801
             )
 
         self.trunk = nn.Sequential(
-            block(3, width), nn.MaxPool2d(2),  # 32
-            block(width, 2 * width), nn.MaxPool2d(2),  # 16
-            block(2 * width, 4 * width), nn.MaxPool2d(2),  # 8
+            block(3, width), nn.MaxPool2d(2),  # 16
+            block(width, 2 * width), nn.MaxPool2d(2),  # 8
+            block(2 * width, 4 * width),
             block(4 * width, 4 * width),
         )  # fmt: skip
         self.emb_features = conv1x1(4 * width, nef)
         self.emb_cnn_code = nn.Linear(4 * width, nef)
 
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        x = F.interpolate(x, size=(64, 64), mode="bilinear", align_corners=False)
+        if x.shape[-2:] != (32, 32):
+            x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
         x = self.trunk(x)
         return self.emb_features(x), self.emb_cnn_code(x.mean(dim=(2, 3)))
 
