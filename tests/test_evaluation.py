@@ -207,3 +207,35 @@ def test_inception_v3_state_dict_is_accepted_as_classifier(tmp_path):
     (tmp_path / "bad.pth").write_bytes(b"not a model")
     with pytest.raises(ValueError, match="bad.pth is neither TorchScript nor a readable state dict"):
         metrics.load_classifier(tmp_path / "bad.pth")
+
+
+def test_attribute_retrieval_oracle_hits_and_wrong_images_miss():
+    # Bag-of-words "encoders": an image code equal to its own caption's code retrieves every
+    # attribute; codes of other records retrieve only what they happen to share.
+    from dmgan.evaluate import attribute_retrieval
+
+    records = [
+        {"shape": s, "colour": c, "size": z, "position": p, "background": b}
+        for s, c, z, p, b in [
+            ("circle", "red", "small", "top left", "gray"),
+            ("cross", "blue", "large", "center", "black"),
+            ("triangle", "cyan", "small", "bottom right", "white"),
+            ("square", "pink", "large", "top right", "gray"),
+        ]
+    ]
+    words = sorted(
+        {w for r in records for v in r.values() for w in v.split()}
+        | set("a in the on background top bottom left right center green yellow".split())
+    )
+
+    def encode(texts):
+        codes = torch.zeros(len(texts), len(words))
+        for i, t in enumerate(texts):
+            for w in t.split():
+                codes[i, words.index(w)] += 1
+        return codes
+
+    own = encode([shapes_data.canonical_caption(r) for r in records])
+    assert attribute_retrieval(own, records, encode) == {k: 1.0 for k in records[0]}
+    shifted = attribute_retrieval(own.roll(1, dims=0), records, encode)
+    assert shifted["shape"] == 0.0 and shifted["colour"] == 0.0

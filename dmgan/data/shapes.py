@@ -143,6 +143,19 @@ def _say(value: str, rng: random.Random) -> str:
     return rng.choice(SYNONYMS.get(value, (value,)))
 
 
+def canonical_caption(attributes: dict[str, str]) -> str:
+    """The caption of a one-object scene in canonical words, from its ``attributes.json`` record.
+
+    >>> canonical_caption({"shape": "circle", "colour": "red", "size": "small",
+    ...                    "position": "top left", "background": "gray"})
+    'a small red circle in the top left on a gray background'
+    """
+    a = attributes
+    return (
+        f"a {a['size']} {a['colour']} {a['shape']} in the {a['position']} on a {a['background']} background"
+    )
+
+
 def describe(scene: Scene, rng: random.Random) -> str:
     """One caption of the scene from the grammar (lower case, no punctuation)."""
     main = scene.objects[0]
