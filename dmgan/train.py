@@ -663,9 +663,11 @@ def run(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], GAN | None]:
                 gan_start = time.perf_counter()
                 gan = train_gan(args, cfg, root, rt, stop, log)
                 results["gan_seconds"] = round(time.perf_counter() - gan_start, 1)
-                if args.stage in ("all", "eval") and rt.is_main:
-                    results.update(short_evaluation(gan, root, cfg, args))
-            results["total_seconds"] = round(time.perf_counter() - started, 1)
+        # Outside the handlers: a signal during the evaluation stops it at once (the checkpoint
+        # is already written) instead of setting a flag nobody reads any more.
+        if gan is not None and args.stage in ("all", "eval") and rt.is_main:
+            results.update(short_evaluation(gan, root, cfg, args))
+        results["total_seconds"] = round(time.perf_counter() - started, 1)
     finally:
         rt.stop()
     if rt.is_main:
