@@ -151,21 +151,34 @@ def evaluate(
         results["r_precision"] = {"mean": mean, "std": std, "candidates": 100, "folds": 10}
 
     if keep_images:
-        results.update(caption_accuracy(pipe.cfg, dataset, owners, torch.cat(last_images), seed))
-        results["damsm_attribute_retrieval_on_real_test_images"] = damsm_attribute_retrieval(pipe, dataset)
+        from dmgan.attributes import load_attributes
+
+        attributes, real_test = load_attributes(root), real_images(dataset)
+        results.update(
+            caption_accuracy(pipe.cfg, dataset, attributes, real_test, owners, torch.cat(last_images), seed)
+        )
+        results["damsm_attribute_retrieval_on_real_test_images"] = damsm_attribute_retrieval(
+            pipe, real_test, [attributes[k] for k in dataset.keys]
+        )
     results["seconds"] = round(time.perf_counter() - started, 1)
     return results
 
 
 def caption_accuracy(
-    cfg: Config, test: TextImageDataset, owners: list[int], images: torch.Tensor, seed: int
+    cfg: Config,
+    test: TextImageDataset,
+    attributes: dict[str, dict],
+    real_test: torch.Tensor,
+    owners: list[int],
+    images: torch.Tensor,
+    seed: int,
 ) -> dict:
     """Built-in shapes data: an attribute classifier trained on the real training images reads
     the main object of each generated image (``images[i]`` from a caption of ``test`` image
-    ``owners[i]``); per attribute, how often it matches the caption's."""
-    from dmgan.attributes import accuracy, attribute_targets, load_attributes, train_classifier
+    ``owners[i]``); per attribute, how often it matches the caption's. ``attributes``: the
+    dataset's ``attributes.json``; ``real_test``: :func:`real_images` of ``test``."""
+    from dmgan.attributes import accuracy, attribute_targets, train_classifier
 
-    attributes = load_attributes(test.root)
     train = dataset_for(cfg, test.root, "train", train=False)
     classifier = train_classifier(
         real_images(train), attribute_targets([attributes[k] for k in train.keys]), seed=seed
@@ -174,9 +187,7 @@ def caption_accuracy(
     real_targets = attribute_targets([attributes[k] for k in test.keys])
     return {
         "caption_accuracy": accuracy(classifier.predict(images), targets),
-        "classifier_accuracy_on_real_test_images": accuracy(
-            classifier.predict(real_images(test)), real_targets
-        ),
+        "classifier_accuracy_on_real_test_images": accuracy(classifier.predict(real_test), real_targets),
     }
 
 
@@ -206,19 +217,17 @@ def attribute_retrieval(
     return rates
 
 
-def damsm_attribute_retrieval(pipe: TextToImage, test: TextImageDataset) -> dict[str, float]:
-    """:func:`attribute_retrieval` of the pipeline's DAMSM encoders on the real test images."""
-    from dmgan.attributes import load_attributes
-
-    attributes = load_attributes(test.root)
+def damsm_attribute_retrieval(pipe: TextToImage, real: torch.Tensor, records: list[dict]) -> dict[str, float]:
+    """:func:`attribute_retrieval` of the pipeline's DAMSM encoders on real images (N x 3 x S x S)
+    with their ``attributes.json`` records."""
 
     def encode(texts: list[str]) -> torch.Tensor:
         captions = pipe.tokenize(texts)
         return pipe.encode(captions.indices, captions.lengths)[1].cpu()
 
     with torch.no_grad():
-        codes = pipe.image_encoder(real_images(test).to(pipe.device))[1].cpu()
-    return attribute_retrieval(codes, [attributes[k] for k in test.keys], encode)
+        codes = pipe.image_encoder(real.to(pipe.device))[1].cpu()
+    return attribute_retrieval(codes, records, encode)
 
 
 def file_sha256(path: str | Path) -> str:
