@@ -96,7 +96,7 @@ def _coco() -> Config:
 
 
 def _shapes() -> Config:
-    # Sized so that `python train.py` (DAMSM, GAN, evaluation) takes about 13 minutes on two CPU
+    # Sized so that `python train.py` (DAMSM, GAN, evaluation) takes about 12 minutes on two CPU
     # cores: 8/16/32 stages, 16 DAMSM epochs, 1500 GAN steps. Calibration runs are in the README.
     return Config(
         name="shapes",
@@ -118,7 +118,7 @@ def _shapes() -> Config:
             snapshot_interval=1,
             encoder_batch_size=48,
             # 4 epochs teach the encoders colour but not shape (shape retrieval on real test
-            # images 40%, chance 25%); 16 epochs reach 97% (measured, README).
+            # images 41%, chance 25%); 16 epochs reach 97% (measured, README).
             encoder_max_epoch=16,
             ema_decay=0.99,  # a short run: 0.999 would still hold a tenth of the initial weights
             # With weight 1 the KL term keeps |mu| ~0.07 against sigma ~1 (measured): the
