@@ -96,25 +96,28 @@ class SpectralNorm(nn.Module):
     def _l2normalize(v: Tensor, eps: float = 1e-12) -> Tensor:
         return v / (v.norm() + eps)
 
-    def _normalized_weight(self) -> Tensor:
+    def normalized_weight(self) -> Tensor:
+        """``weight_bar / σ``, one power iteration on (u, v) per call."""
         u = getattr(self.module, self.name + "_u")
         v = getattr(self.module, self.name + "_v")
         w_bar = getattr(self.module, self.name + "_bar")
-        # σ in fp32 even under autocast: a bf16 σ would scale the whole layer by up to ±0.4%.
+        # σ in fp32 (or wider) even under autocast: a bf16 σ would scale the whole layer by up
+        # to ±0.4%.
+        dtype = torch.promote_types(w_bar.dtype, torch.float32)
         with torch.autocast(w_bar.device.type, enabled=False):
-            w = w_bar.float().view(w_bar.shape[0], -1)
+            w = w_bar.to(dtype).reshape(w_bar.shape[0], -1)
             with torch.no_grad():
                 for _ in range(self.power_iterations):
-                    v.copy_(self._l2normalize(w.t().mv(u)))
-                    u.copy_(self._l2normalize(w.mv(v)))
-            # Clones: the next call updates u and v in place while this graph may still need them.
-            sigma = torch.dot(u.clone(), w.mv(v.clone()))
+                    v.copy_(self._l2normalize(w.t().mv(u.to(dtype))))
+                    u.copy_(self._l2normalize(w.mv(v.to(dtype))))
+            # Copies: the next call updates u and v in place while this graph may still need them.
+            sigma = torch.dot(u.to(dtype, copy=True), w.mv(v.to(dtype, copy=True)))
         return w_bar / sigma.to(w_bar.dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         # The normalised weight is passed to the conv, never stored on the module, so no stale
         # graph-carrying tensor outlives the call (deepcopy and pickling stay safe).
-        return self.module._conv_forward(x, self._normalized_weight(), self.module.bias)
+        return self.module._conv_forward(x, self.normalized_weight(), self.module.bias)
 
 
 def downBlock(in_planes: int, out_planes: int) -> nn.Sequential:  # noqa: N802
