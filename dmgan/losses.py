@@ -29,20 +29,23 @@ def discriminator_loss(netD: nn.Module, real_imgs: Tensor, fake_imgs: Tensor, co
     """
     batch = real_imgs.shape[0]
     # One forward over real and fake: a DistributedDataParallel D allows one forward per backward.
-    real_features, fake_features = netD(torch.cat([real_imgs, fake_imgs.detach().to(real_imgs.dtype)])).split(
-        batch
-    )
+    features = netD(torch.cat([real_imgs, fake_imgs.detach().to(real_imgs.dtype)]))
     netD = getattr(netD, "module", netD)  # the heads are called on the wrapped module
-    cond_real = _bce(netD.COND_DNET(real_features, conditions), 1.0)
-    cond_fake = _bce(netD.COND_DNET(fake_features, conditions), 0.0)
-    if batch > 1:
-        cond_wrong = _bce(netD.COND_DNET(real_features[: batch - 1], conditions[1:batch]), 0.0)
-    else:  # no mismatched pair exists in a batch of one
-        cond_wrong = cond_fake.new_zeros(())
+    # Codes 0..B-1 are the real images, B..2B-1 the fakes; one conditional call scores the
+    # matched real, matched fake and mismatched real pairs.
+    index = torch.arange(batch, device=features.device)
+    image_index = torch.cat([index, index + batch, index[: batch - 1]])
+    sentence_index = torch.cat([index, index, index[1:]])
+    cond_real, cond_fake, cond_wrong = netD.COND_DNET(
+        features, conditions, (image_index, sentence_index)
+    ).split([batch, batch, batch - 1])
+    cond_real, cond_fake = _bce(cond_real, 1.0), _bce(cond_fake, 0.0)
+    # no mismatched pair exists in a batch of one
+    cond_wrong = _bce(cond_wrong, 0.0) if batch > 1 else cond_fake.new_zeros(())
     if netD.UNCOND_DNET is None:
         return cond_real + (cond_fake + cond_wrong) / 2.0
-    real = _bce(netD.UNCOND_DNET(real_features), 1.0)
-    fake = _bce(netD.UNCOND_DNET(fake_features), 0.0)
+    real, fake = netD.UNCOND_DNET(features).split(batch)
+    real, fake = _bce(real, 1.0), _bce(fake, 0.0)
     return (real + cond_real) / 2.0 + (fake + cond_fake + cond_wrong) / 3.0
 
 

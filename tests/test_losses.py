@@ -139,7 +139,12 @@ class FixedD(nn.Module):
 
     def __init__(self, cond_logit, uncond_logit):
         super().__init__()
-        self.COND_DNET = lambda code, s: torch.full((code.shape[0],), cond_logit) + 0 * s.sum()
+
+        def cond(code, s, pairs=None):
+            count = code.shape[0] if pairs is None else len(pairs[0])
+            return torch.full((count,), cond_logit) + 0 * s.sum()
+
+        self.COND_DNET = cond
         self.UNCOND_DNET = lambda code: torch.full((code.shape[0],), uncond_logit)
 
     def forward(self, x):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 
 import pytest
@@ -20,6 +21,7 @@ from dmgan.models import (
     build_image_encoder,
     load_inception_v3,
 )
+from dmgan.models.discriminator import D_GET_LOGITS
 from dmgan.models.text import CNN_ENCODER
 from tests.conftest import random_pad_mask
 
@@ -74,6 +76,38 @@ def test_every_trainable_parameter_gets_a_finite_gradient():
                 assert p.grad.abs().sum() > 0, name
 
 
+@pytest.mark.parametrize("pairs", [None, ([0, 4, 2, 1, 4], [2, 0, 1, 1, 2])])
+def test_conditional_head_equals_the_tiled_joint_conv(pairs):
+    """The split image / sentence terms are the reference's conv over cat(h, c tiled), values
+    and gradients (float64: the two forms differ only in summation order)."""
+    head = D_GET_LOGITS(ndf=4, nef=6, bcondition=True).double()
+    reference = copy.deepcopy(head)  # same u, v: both take the same power-iteration step
+    h = torch.randn(5, 32, 4, 4, dtype=torch.float64, requires_grad=True)
+    c = torch.randn(5 if pairs is None else 3, 6, dtype=torch.float64, requires_grad=True)
+    if pairs is None:
+        got = head(h, c)
+        tiled = torch.cat([h, c.view(-1, 6, 1, 1).expand(-1, -1, 4, 4)], 1)
+    else:
+        pairs = tuple(torch.tensor(p) for p in pairs)
+        got = head(h, c, pairs)
+        tiled = torch.cat([h[pairs[0]], c[pairs[1]].view(-1, 6, 1, 1).expand(-1, -1, 4, 4)], 1)
+    want = reference.outlogits(reference.jointConv(tiled)).view(-1)
+    torch.testing.assert_close(got, want)
+    weights = torch.randn_like(got)
+    grads = torch.autograd.grad((got * weights).sum(), [h, c, head.jointConv[0].module.weight_bar])
+    want_grads = torch.autograd.grad((want * weights).sum(), [h, c, reference.jointConv[0].module.weight_bar])
+    for g, w in zip(grads, want_grads):
+        torch.testing.assert_close(g, w)
+
+
+def test_conditional_head_refuses_unpaired_batches():
+    head = D_GET_LOGITS(ndf=4, nef=6, bcondition=True)
+    with pytest.raises(ValueError, match="5 image codes but 3 sentences"):
+        head(torch.randn(5, 32, 4, 4), torch.randn(3, 6))
+    with pytest.raises(ValueError, match="pairs need the conditional head"):
+        D_GET_LOGITS(ndf=4, nef=6)(torch.randn(2, 32, 4, 4), None, (torch.tensor([0]), torch.tensor([0])))
+
+
 def test_bird_discriminators_forward():
     cfg = get_preset("bird").model
     sent = torch.randn(2, 256)
@@ -87,8 +121,8 @@ def test_spectral_norm_normalises_the_weight_and_keeps_u_v_out_of_training():
     netD = D_NET(64, ndf=8, nef=16)
     sn = netD.img_code_s16[2]
     for _ in range(30):  # power iterations converge to the top singular pair
-        sn._normalized_weight()
-    w = sn._normalized_weight().detach().flatten(1)
+        sn.normalized_weight()
+    w = sn.normalized_weight().detach().flatten(1)
     assert torch.linalg.matrix_norm(w, ord=2) == pytest.approx(1.0, rel=1e-3)
     names = {n for n, _ in netD.named_parameters()}
     assert "img_code_s16.2.module.weight_bar" in names and "img_code_s16.2.module.weight_u" not in names

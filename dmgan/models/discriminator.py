@@ -12,9 +12,12 @@ from __future__ import annotations
 import math
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from dmgan.models.layers import Block3x3_leakRelu, downBlock, encode_image, weights_init
+
+Pairs = tuple[Tensor, Tensor]  # (image index, sentence index), K each
 
 
 class D_GET_LOGITS(nn.Module):  # noqa: N801 (reference name)
@@ -29,11 +32,39 @@ class D_GET_LOGITS(nn.Module):  # noqa: N801 (reference name)
             self.jointConv = Block3x3_leakRelu(ndf * 8 + nef, ndf * 8)
         self.outlogits = nn.Sequential(nn.Conv2d(ndf * 8, 1, kernel_size=4, stride=4))
 
-    def forward(self, h_code: Tensor, c_code: Tensor | None = None) -> Tensor:
+    def forward(self, h_code: Tensor, c_code: Tensor | None = None, pairs: Pairs | None = None) -> Tensor:
+        """Logits for image b with sentence b, or for the given (image index, sentence index)
+        pairs: K logits from Nh image codes and Nc sentences (the D loss scores real, fake and
+        mismatched pairs in one call, each image and sentence encoded once)."""
         if self.bcondition and c_code is not None:
-            c_code = c_code.view(-1, self.ef_dim, 1, 1).expand(-1, -1, 4, 4)
-            h_code = self.jointConv(torch.cat((h_code, c_code.to(h_code.dtype)), 1))
+            h_code = self.joint_code(h_code, c_code.view(-1, self.ef_dim), pairs)
+        elif pairs is not None:
+            raise ValueError("pairs need the conditional head and a sentence code")
         return self.outlogits(h_code).view(-1)
+
+    def joint_code(self, h_code: Tensor, c_code: Tensor, pairs: Pairs | None = None) -> Tensor:
+        """``jointConv(cat(h, c tiled to H x W))``, computed without tiling.
+
+        The conv is linear in its input, so it splits into an image term, conv(h, W_h) per image
+        (Nh x 8ndf x H x W), and a sentence term per sentence. The sentence is the same at every
+        pixel, so its term is the 9 taps W_c[:, :, k] c (Nc x 8ndf x 9), each summed into the
+        pixels whose 3x3 window puts that tap inside the zero-padded map. This costs half the
+        tiled conv, and the D loss reuses each term across the pairs it scores.
+        """
+        conv, activation = self.jointConv
+        weight = conv.normalized_weight()
+        image_width = self.df_dim * 8
+        image_term = F.conv2d(h_code, weight[:, :image_width], conv.module.bias, padding=1)
+        height, width = image_term.shape[2:]
+        taps = torch.einsum("ock,nc->nok", weight[:, image_width:].flatten(2), c_code.to(image_term.dtype))
+        inside = F.unfold(image_term.new_ones(1, 1, height, width), kernel_size=3, padding=1)[0]  # 9 x HW
+        sentence_term = (taps @ inside).view(-1, image_width, height, width)
+        if pairs is None:
+            if h_code.shape[0] != c_code.shape[0]:
+                raise ValueError(f"{h_code.shape[0]} image codes but {c_code.shape[0]} sentences; give pairs")
+            return activation(image_term + sentence_term)
+        image_index, sentence_index = pairs
+        return activation(image_term[image_index] + sentence_term[sentence_index])
 
 
 class D_NET(nn.Module):  # noqa: N801
