@@ -66,9 +66,13 @@ def _class_mask(class_ids: Tensor | None, batch: int, device: torch.device) -> T
     return same & ~torch.eye(batch, dtype=torch.bool, device=device)
 
 
-def _cosine(x1: Tensor, x2: Tensor, dim: int, eps: float = 1e-8) -> Tensor:
-    """x1·x2 / max(|x1| |x2|, eps): the reference's form (torch's clamps each norm instead)."""
-    return (x1 * x2).sum(dim) / (x1.norm(dim=dim) * x2.norm(dim=dim)).clamp(min=eps)
+def _cosine(spec: str, x1: Tensor, x2: Tensor, eps: float = 1e-8) -> Tensor:
+    """Cosines of the vectors along the last dims of x1 and x2, paired as the einsum ``spec``
+    says (its last index is the contracted one): x1·x2 / max(|x1| |x2|, eps), the reference's
+    form (torch's cosine_similarity clamps each norm instead). No broadcast product is built."""
+    dots = torch.einsum(spec, x1, x2)
+    norms = torch.einsum(spec, x1.norm(dim=-1, keepdim=True), x2.norm(dim=-1, keepdim=True))
+    return dots / norms.clamp(min=eps)
 
 
 def _cross_entropy_both_ways(scores: Tensor, labels: Tensor) -> tuple[Tensor, Tensor]:
@@ -107,7 +111,7 @@ def words_loss(
     sim = sim.masked_fill(~valid[:, None, :, None], float("-inf")).softmax(dim=2)
     attn = (gamma1 * sim).softmax(dim=3)
     context = torch.einsum("ijtr,jdr->ijtd", attn, regions)
-    cos = _cosine(context, words.transpose(1, 2)[:, None], dim=3)  # i, j, t
+    cos = _cosine("ijtd,itd->ijt", context, words.transpose(1, 2))
     cos = (gamma2 * cos).masked_fill(~valid[:, None, :], float("-inf"))
     scores = gamma3 * torch.logsumexp(cos, dim=2).t()  # image j x caption i
     mask = _class_mask(class_ids, batch, words.device)
@@ -123,7 +127,7 @@ def sent_loss(
 ) -> tuple[Tensor, Tensor]:
     """DAMSM sentence-level loss: γ3 cos(image code_j, sentence_i) scores, same-class masked, CE both ways."""
     cnn_code, rnn_code = cnn_code.float(), rnn_code.float()
-    scores = gamma3 * _cosine(cnn_code[:, None], rnn_code[None, :], dim=2)  # image x sentence
+    scores = gamma3 * _cosine("id,jd->ij", cnn_code, rnn_code)  # image x sentence
     mask = _class_mask(class_ids, cnn_code.shape[0], cnn_code.device)
     if mask is not None:
         scores = scores.masked_fill(mask, float("-inf"))
