@@ -62,6 +62,20 @@ def unwrap(module: nn.Module) -> nn.Module:
     return module.module if isinstance(module, DistributedDataParallel) else module
 
 
+@contextlib.contextmanager
+def frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
+    """Parameters not requiring grad while a graph is built: its backward then skips their
+    weight gradients (half of each conv's backward) yet still flows through them."""
+    params = [p for m in modules for p in m.parameters() if p.requires_grad]
+    for p in params:
+        p.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for p in params:
+            p.requires_grad_(True)
+
+
 @dataclass
 class GAN:
     """Everything one iteration touches. ``netG`` / ``netsD`` may be DDP-wrapped."""
@@ -148,7 +162,8 @@ class GAN:
             scaler.step(optD)
             scaler.update()
 
-        with autocast():  # the Ds unwrapped: their gradients here are discarded, never all-reduced
+        # The Ds unwrapped and frozen: the G loss needs gradients through them, not for them.
+        with autocast(), frozen([unwrap(d) for d in self.netsD]):
             errG, parts = generator_loss(
                 [unwrap(d) for d in self.netsD], self.image_encoder, fake_imgs, words_emb, sent_emb,
                 batch.cap_lens, batch.class_ids, t.damsm_lambda, (t.gamma1, t.gamma2, t.gamma3),

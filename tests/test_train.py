@@ -5,9 +5,10 @@ from __future__ import annotations
 import dataclasses
 
 import torch
+from torch import nn
 
 from dmgan.config import get_preset, override
-from dmgan.train import GAN, synthetic_batch
+from dmgan.train import GAN, frozen, synthetic_batch
 
 
 def tiny_config():
@@ -32,6 +33,17 @@ def test_one_iteration_updates_every_network_and_the_ema():
     assert all(torch.equal(a, b) for a, b in zip(before_text, gan.text_encoder.parameters()))  # frozen
     for avg, old, new in zip(gan.ema.params, before_g, gan.netG.parameters()):
         torch.testing.assert_close(avg, 0.999 * old + 0.001 * new.detach())
+    assert all(p.requires_grad for d in gan.netsD for p in d.parameters())  # the G step unfroze them
+
+
+def test_frozen_modules_pass_gradients_through_but_get_none():
+    net, x = nn.Linear(3, 3), torch.randn(2, 3, requires_grad=True)
+    with frozen([net]):
+        y = net(x).square().sum()
+    assert all(p.requires_grad for p in net.parameters())  # restored at once
+    y.backward()
+    assert x.grad is not None and x.grad.abs().sum() > 0
+    assert all(p.grad is None for p in net.parameters())
 
 
 def test_config_override_rejects_unknown_fields():
