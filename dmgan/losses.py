@@ -107,11 +107,13 @@ def words_loss(
     valid = (
         torch.arange(num_words, device=words.device)[None, :] < cap_lens.to(words.device)[:, None]
     )  # B x T
-    sim = torch.einsum("idt,jdr->ijtr", words, regions)  # caption i, image j, word t, region r
-    sim = sim.masked_fill(~valid[:, None, :, None], float("-inf")).softmax(dim=2)
+    dots = torch.einsum("idt,jdr->ijtr", words, regions)  # e_t·v_r: caption i, image j, word t, region r
+    sim = dots.masked_fill(~valid[:, None, :, None], float("-inf")).softmax(dim=2)
     attn = (gamma1 * sim).softmax(dim=3)
     context = torch.einsum("ijtr,jdr->ijtd", attn, regions)
-    cos = _cosine("ijtd,itd->ijt", context, words.transpose(1, 2))
+    # c_t·e_t = Σ_r α_tr (e_t·v_r): from the products above, without a second pass over D.
+    norms = context.norm(dim=3) * words.norm(dim=1)[:, None, :]
+    cos = (attn * dots).sum(3) / norms.clamp(min=1e-8)  # i, j, t; the reference's eps
     cos = (gamma2 * cos).masked_fill(~valid[:, None, :], float("-inf"))
     scores = gamma3 * torch.logsumexp(cos, dim=2).t()  # image j x caption i
     mask = _class_mask(class_ids, batch, words.device)
