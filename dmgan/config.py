@@ -96,8 +96,9 @@ def _coco() -> Config:
 
 
 def _shapes() -> Config:
-    # Sized so that `python train.py` (DAMSM, GAN, evaluation) takes about 14 minutes on two CPU
-    # cores: 8/16/32 stages, 16 DAMSM epochs, 2000 GAN steps. Calibration runs are in the README.
+    # Sized for the 15 minutes `python train.py` (DAMSM, GAN, evaluation) may take on two CPU
+    # cores: 8/16/32 stages, 16 DAMSM epochs, 2000 GAN steps; measured 13-16 minutes, as this
+    # VM's speed varies by the hour. Calibration runs are in the README.
     return Config(
         name="shapes",
         model=ModelConfig(

@@ -582,7 +582,7 @@ def _parse_override(text: str) -> tuple[str, Any]:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         description="Train DM-GAN: DAMSM pretraining, then the GAN, then a short evaluation. With no "
-        "arguments: the built-in shapes data end to end (about 12 minutes on two CPU cores).",
+        "arguments: the built-in shapes data end to end (13-16 minutes on two CPU cores).",
         formatter_class=HelpFormatter,
     )
     p.add_argument(
