@@ -163,9 +163,10 @@ class GAN:
             scaler.update()
 
         # The Ds unwrapped and frozen: the G loss needs gradients through them, not for them.
-        with autocast(), frozen([unwrap(d) for d in self.netsD]):
+        discriminators = [unwrap(d) for d in self.netsD]
+        with autocast(), frozen(discriminators):
             errG, parts = generator_loss(
-                [unwrap(d) for d in self.netsD], self.image_encoder, fake_imgs, words_emb, sent_emb,
+                discriminators, self.image_encoder, fake_imgs, words_emb, sent_emb,
                 batch.cap_lens, batch.class_ids, t.damsm_lambda, (t.gamma1, t.gamma2, t.gamma3),
             )  # fmt: skip
             kl = kl_loss(mu, logvar)
