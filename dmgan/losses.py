@@ -66,12 +66,9 @@ def _class_mask(class_ids: Tensor | None, batch: int, device: torch.device) -> T
     return same & ~torch.eye(batch, dtype=torch.bool, device=device)
 
 
-def _cosine(spec: str, x1: Tensor, x2: Tensor, eps: float = 1e-8) -> Tensor:
-    """Cosines of the vectors along the last dims of x1 and x2, paired as the einsum ``spec``
-    says (its last index is the contracted one): x1·x2 / max(|x1| |x2|, eps), the reference's
-    form (torch's cosine_similarity clamps each norm instead). No broadcast product is built."""
-    dots = torch.einsum(spec, x1, x2)
-    norms = torch.einsum(spec, x1.norm(dim=-1, keepdim=True), x2.norm(dim=-1, keepdim=True))
+def _cosine(dots: Tensor, norms: Tensor, eps: float = 1e-8) -> Tensor:
+    """x1·x2 / max(|x1| |x2|, eps) from the dot products and the products of the norms: the
+    reference's form (torch's cosine_similarity clamps each norm instead)."""
     return dots / norms.clamp(min=eps)
 
 
@@ -112,8 +109,7 @@ def words_loss(
     attn = (gamma1 * sim).softmax(dim=3)
     context = torch.einsum("ijtr,jdr->ijtd", attn, regions)
     # c_t·e_t = Σ_r α_tr (e_t·v_r): from the products above, without a second pass over D.
-    norms = context.norm(dim=3) * words.norm(dim=1)[:, None, :]
-    cos = (attn * dots).sum(3) / norms.clamp(min=1e-8)  # i, j, t; the reference's eps
+    cos = _cosine((attn * dots).sum(3), context.norm(dim=3) * words.norm(dim=1)[:, None, :])  # i, j, t
     cos = (gamma2 * cos).masked_fill(~valid[:, None, :], float("-inf"))
     scores = gamma3 * torch.logsumexp(cos, dim=2).t()  # image j x caption i
     mask = _class_mask(class_ids, batch, words.device)
@@ -129,7 +125,8 @@ def sent_loss(
 ) -> tuple[Tensor, Tensor]:
     """DAMSM sentence-level loss: γ3 cos(image code_j, sentence_i) scores, same-class masked, CE both ways."""
     cnn_code, rnn_code = cnn_code.float(), rnn_code.float()
-    scores = gamma3 * _cosine("id,jd->ij", cnn_code, rnn_code)  # image x sentence
+    norms = cnn_code.norm(dim=1)[:, None] * rnn_code.norm(dim=1)[None, :]
+    scores = gamma3 * _cosine(cnn_code @ rnn_code.t(), norms)  # image x sentence
     mask = _class_mask(class_ids, cnn_code.shape[0], cnn_code.device)
     if mask is not None:
         scores = scores.masked_fill(mask, float("-inf"))
