@@ -131,7 +131,11 @@ def trained(tmp_path_factory):
 def test_training_run_ends_with_a_short_evaluation(trained):
     results = json.loads((trained.parent.parent / "metrics.json").read_text())
     assert 0 <= results["r_precision"]["mean"] <= 1
-    assert set(results["caption_accuracy"]) == {"colour", "shape", "size", "position", "background"}
+    attributes = {"colour", "shape", "size", "position", "background"}
+    assert set(results["caption_accuracy"]) == attributes
+    for images in ("real_test", "generated"):
+        rates = results[f"damsm_attribute_retrieval_on_{images}_images"]
+        assert set(rates) == attributes and all(0 <= r <= 1 for r in rates.values())
 
 
 def test_sample_cli_writes_grids_and_attention_maps(trained, tmp_path, capsys):
