@@ -3,6 +3,7 @@ tree, caption sub-sampling and padding, and the bad-input errors."""
 
 from __future__ import annotations
 
+import json
 import pickle
 import random
 from pathlib import Path
@@ -50,8 +51,6 @@ def test_shapes_generator_writes_the_attngan_layout_deterministically(shapes_roo
 
 
 def test_shapes_captions_and_classes_follow_the_drawn_scene(shapes_root):
-    import json
-
     attributes = json.loads((shapes_root / "attributes.json").read_text())
     keys = pickle.load(open(shapes_root / "train" / "filenames.pickle", "rb"))
     classes = pickle.load(open(shapes_root / "train" / "class_info.pickle", "rb"))
@@ -91,6 +90,25 @@ def test_loader_returns_the_pyramid_and_padded_captions(shapes_root):
         ds.set_epoch(epoch)
         crops.add(ds[3][0][-1].sum().item())
     assert len(crops) > 1
+
+
+def test_image_cache_changes_nothing_and_keeps_to_its_budget(shapes_root):
+    one_image = 76 * 76 * 3  # SIZES[-1] = 64 loads at 76 px
+    cached, uncached, small = (
+        TextImageDataset(shapes_root, "train", SIZES, words_num=16, captions_per_image=10, cache_bytes=budget)
+        for budget in (2**20, 0, 2 * one_image)
+    )
+    for epoch in (0, 1):
+        for ds in (cached, uncached, small):
+            ds.set_epoch(epoch)
+        for i in range(5):
+            want = uncached[i]
+            for ds in (cached, small):
+                got = ds[i]
+                assert torch.equal(got[1], want[1])
+                assert all(torch.equal(a, b) for a, b in zip(got[0], want[0]))
+    assert len(cached._cache) == 5 and len(uncached._cache) == 0
+    assert len(small._cache) == 2 and small._cached_bytes == 2 * one_image
 
 
 def test_collate_and_sampler_shard_without_overlap(shapes_root):
