@@ -387,6 +387,10 @@ def pretrain_damsm(args: argparse.Namespace, cfg: Config, root: Path, rt: Runtim
     Adam re-created each epoch at lr · 0.98^epoch, RNN gradients clipped to 0.25)."""
     t = cfg.train
     dataset = dataset_for(cfg, root, "train", train=True, seed=args.seed)
+    if t.encoder_recolour_backgrounds and not (root / "attributes.json").is_file():
+        raise SystemExit(f"train.encoder_recolour_backgrounds applies to the built-in shapes data only; "
+                         f"{root} is not a shapes dataset (no attributes.json)")  # fmt: skip
+    recolour = shapes_data.recolour_unnamed_backgrounds
     loader = make_loader(dataset, t.encoder_batch_size, rt, args.seed, args.workers)
     text_encoder = build_text_encoder(cfg.model, len(dataset.vocab)).to(rt.device)
     image_encoder = build_image_encoder(cfg.model.image_encoder, cfg.model.embedding_dim,
@@ -413,8 +417,11 @@ def pretrain_damsm(args: argparse.Namespace, cfg: Config, root: Path, rt: Runtim
             if stop:
                 break
             batch = batch.to(rt.device)
+            images = batch.images[-1]
+            if t.encoder_recolour_backgrounds:
+                images = recolour(images, batch.captions, dataset.vocab.wordtoix)
             words_emb, sent_emb = text_ddp(batch.captions, batch.cap_lens)
-            w_loss, s_loss = damsm_loss(image_ddp, batch.images[-1], words_emb, sent_emb, batch.cap_lens,
+            w_loss, s_loss = damsm_loss(image_ddp, images, words_emb, sent_emb, batch.cap_lens,
                                         batch.class_ids, gammas)  # fmt: skip
             optimizer.zero_grad(set_to_none=True)
             (w_loss + s_loss).backward()

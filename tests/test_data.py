@@ -111,6 +111,35 @@ def test_image_cache_changes_nothing_and_keeps_to_its_budget(shapes_root):
     assert len(small._cache) == 2 and small._cached_bytes == 2 * one_image
 
 
+def test_recolour_unnamed_backgrounds_changes_only_the_background_of_unnamed_captions(shapes_root):
+    ds = TextImageDataset(shapes_root, "train", SIZES, words_num=16, captions_per_image=10, flip=False,
+                          random_crop=False)  # fmt: skip
+    keys = list(ds.keys)
+    names = {ds.vocab.decode([i]) for i in range(1, len(ds.vocab))} & shapes_data.background_words()
+    assert names >= {"black", "white", "gray", "grey"}
+    items = [ds[i] for i in range(len(keys))]
+    # Each image once with a caption that names a background word and once with one that does not.
+    a, circle, white = (ds.vocab.wordtoix[w] for w in ("a", "circle", "white"))
+    captions = torch.tensor([[a, white, 0], [a, circle, 0]]).repeat(len(items), 1)
+    images = torch.stack([item[0][-1] for item in items for _ in (0, 1)])
+    torch.manual_seed(0)
+    draws = [shapes_data.recolour_unnamed_backgrounds(images, captions, ds.vocab.wordtoix) for _ in range(6)]
+    palette = torch.tensor(list(shapes_data.BACKGROUNDS.values())) / 127.5 - 1
+    attrs = json.loads((shapes_root / "attributes.json").read_text())
+    for out in draws:
+        assert torch.equal(out[0::2], images[0::2])  # caption names the background: untouched
+    for i, key in enumerate(keys):
+        before, afters = images[2 * i], [out[2 * i + 1] for out in draws]
+        own = palette[list(shapes_data.BACKGROUNDS).index(attrs[key]["background"])]
+        background = (before - own[:, None, None]).abs().amax(0) < 0.2
+        assert background[0, 0] and background.float().mean() > 0.3
+        for after in afters:
+            assert torch.equal(after[:, ~background], before[:, ~background])  # the objects stay
+            colours = after[:, background].T.unique(dim=0)
+            assert len(colours) == 1 and (palette - colours).abs().amax(1).min() < 1e-6
+        assert len({tuple(a[:, 0, 0].tolist()) for a in afters}) > 1  # drawn at random
+
+
 def test_collate_and_sampler_shard_without_overlap(shapes_root):
     ds = TextImageDataset(shapes_root, "train", SIZES, words_num=16, captions_per_image=10)
     batch = collate([ds[i] for i in range(4)])

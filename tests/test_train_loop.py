@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -188,8 +189,6 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(data_dir, encoders, tmp_p
 
 
 def test_corrupt_image_is_skipped_and_reported(data_dir, encoders, tmp_path):
-    import shutil
-
     copy = shutil.copytree(data_dir, tmp_path / "data")
     (copy / "images" / "train_00005.png").write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="unreadable image"):
@@ -212,3 +211,7 @@ def test_bad_input_errors(data_dir, encoders, tmp_path):
         main(gan_args(data_dir, tmp_path / "y", ["--text-encoder", str(bad_vocab), *encoders[2:]]))
     with pytest.raises(SystemExit):
         main(["--preset", "bird", "--out", str(tmp_path / "z")])  # the real presets need --data-dir
+    not_shapes = shutil.copytree(data_dir, tmp_path / "not_shapes")
+    (not_shapes / "attributes.json").unlink()  # as CUB / COCO: no shapes attributes
+    with pytest.raises(SystemExit, match="recolour_backgrounds applies to the built-in shapes data only"):
+        main(["--data-dir", str(not_shapes), "--out", str(tmp_path / "w"), "--stage", "damsm", *TINY])

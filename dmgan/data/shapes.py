@@ -31,7 +31,9 @@ import random
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import torch
 from PIL import Image, ImageDraw
+from torch import Tensor
 
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
@@ -222,6 +224,37 @@ def generate(
     tmp.write_text(json.dumps(attributes))
     tmp.replace(done)  # written last: its presence marks a complete dataset
     return root
+
+
+def background_words() -> set[str]:
+    """Every word a caption may use to name a background colour."""
+    return {word for bg in BACKGROUNDS for word in SYNONYMS.get(bg, (bg,))}
+
+
+def recolour_unnamed_backgrounds(
+    images: Tensor, captions: Tensor, wordtoix: dict[str, int], tolerance: float = 0.2
+) -> Tensor:
+    """Give each image whose caption names no background a random background colour (of the three).
+
+    A DAMSM augmentation: such a caption says nothing about the background, so every background
+    is a true match. Without it the encoders learn part of "circle" or "square" from the
+    background colours those classes happen to be drawn on, and the generator then pleases them
+    with a background instead of a shape (README, "why shape stalls").
+
+    images: B x 3 x S x S in [-1, 1]; captions: B x T word indices (0 = padding). An image's
+    background is the palette colour nearest the median of its border pixels, and its background
+    pixels are those within ``tolerance`` of it in every channel (object colours are >= 0.4 away;
+    bilinear edge pixels keep the old tint). Draws from the global torch RNG.
+    """
+    palette = torch.tensor(list(BACKGROUNDS.values()), dtype=images.dtype, device=images.device) / 127.5 - 1
+    named_ids = torch.tensor(sorted(wordtoix[w] for w in background_words() if w in wordtoix),
+                             dtype=captions.dtype, device=captions.device)  # fmt: skip
+    unnamed = ~torch.isin(captions, named_ids).any(1)  # B
+    border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], -1)
+    current = (border.median(-1).values[:, None] - palette[None]).abs().amax(-1).argmin(1)  # B
+    is_background = (images - palette[current][..., None, None]).abs().amax(1, keepdim=True) < tolerance
+    new = palette[torch.randint(len(palette), (len(images),), device=images.device)][..., None, None]
+    return torch.where(is_background & unnamed[:, None, None, None], new, images)
 
 
 def default_root() -> Path:
