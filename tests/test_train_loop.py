@@ -22,6 +22,7 @@ from dmgan.train import main, run
 from tests.tiny import TINY
 
 REPO = Path(__file__).resolve().parents[1]
+RECOLOUR = "train.encoder_recolour_backgrounds"
 
 
 @pytest.fixture(scope="module")
@@ -31,9 +32,11 @@ def data_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def encoders(data_dir, tmp_path_factory) -> list[str]:
-    """A DAMSM stage of one epoch; its encoders are given to the GAN runs below."""
+    """A DAMSM stage of one epoch (with the shapes-only background recolouring); its encoders
+    are given to the GAN runs below."""
     out = tmp_path_factory.mktemp("damsm")
-    main(["--data-dir", str(data_dir), "--out", str(out), "--stage", "damsm", "--damsm-epochs", "1", *TINY])
+    main(["--data-dir", str(data_dir), "--out", str(out), "--stage", "damsm", "--damsm-epochs", "1",
+          "--set", f"{RECOLOUR}=true", *TINY])  # fmt: skip
     return ["--text-encoder", str(out / "damsm" / "text_encoder.pth"),
             "--image-encoder", str(out / "damsm" / "image_encoder.pth")]  # fmt: skip
 
@@ -214,4 +217,5 @@ def test_bad_input_errors(data_dir, encoders, tmp_path):
     not_shapes = shutil.copytree(data_dir, tmp_path / "not_shapes")
     (not_shapes / "attributes.json").unlink()  # as CUB / COCO: no shapes attributes
     with pytest.raises(SystemExit, match="recolour_backgrounds applies to the built-in shapes data only"):
-        main(["--data-dir", str(not_shapes), "--out", str(tmp_path / "w"), "--stage", "damsm", *TINY])
+        main(["--data-dir", str(not_shapes), "--out", str(tmp_path / "w"), "--stage", "damsm",
+              "--set", f"{RECOLOUR}=true", *TINY])  # fmt: skip
