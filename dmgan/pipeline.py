@@ -128,15 +128,21 @@ class TextToImage:
         batch_size: int = 64,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Images of every stage (each N x 3 x S x S in [-1, 1], on the CPU) and, when asked, the
-        key-addressing maps of each refinement stage (N x T x s x s)."""
+        key-addressing maps of each refinement stage (N x T x s x s).
+
+        A function of ``seed``: z comes from a generator seeded with it, and CA-Net's noise (drawn
+        from the global RNG, as the reference draws it) from a forked global RNG seeded with it,
+        so the caller's RNG state is left as it was."""
         generator = torch.Generator().manual_seed(seed)
         stages: list[list[Tensor]] = []
         maps: list[list[Tensor]] = []
-        for start in range(0, len(captions), batch_size):
-            part = captions[start : start + batch_size]
-            words_emb, sent_emb, mask = self.encode(part.indices, part.lengths)
-            z = truncated_noise(len(part), self.cfg.model.z_dim, truncation, generator).to(self.device)
-            imgs, att, _, _ = self.netG(z, sent_emb, words_emb, mask, return_attention=return_attention)
-            stages.append([i.float().cpu() for i in imgs])
-            maps.append([a.float().cpu() for a in att])
+        with torch.random.fork_rng(devices=[self.device] if self.device.type == "cuda" else []):
+            torch.manual_seed(seed)
+            for start in range(0, len(captions), batch_size):
+                part = captions[start : start + batch_size]
+                words_emb, sent_emb, mask = self.encode(part.indices, part.lengths)
+                z = truncated_noise(len(part), self.cfg.model.z_dim, truncation, generator).to(self.device)
+                imgs, att, _, _ = self.netG(z, sent_emb, words_emb, mask, return_attention=return_attention)
+                stages.append([i.float().cpu() for i in imgs])
+                maps.append([a.float().cpu() for a in att])
         return [torch.cat(s) for s in zip(*stages)], [torch.cat(m) for m in zip(*maps)]

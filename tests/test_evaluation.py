@@ -14,6 +14,7 @@ from torch import nn
 from dmgan import metrics
 from dmgan.data import shapes as shapes_data
 from dmgan.evaluate import main as evaluate_main
+from dmgan.pipeline import TextToImage
 from dmgan.sample import main as sample_main
 from dmgan.train import main as train_main
 from tests.tiny import TINY
@@ -136,6 +137,20 @@ def test_training_run_ends_with_a_short_evaluation(trained):
     for images in ("real_test", "generated"):
         rates = results[f"damsm_attribute_retrieval_on_{images}_images"]
         assert set(rates) == attributes and all(0 <= r <= 1 for r in rates.values())
+
+
+def test_generate_is_a_function_of_its_seed_and_leaves_the_global_rng_alone(trained):
+    pipe = TextToImage.load(trained)
+    captions = pipe.tokenize(["a large red circle", "a small blue square on gray", "a cyan cross"])
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    first = pipe.generate(captions, seed=7)[0]
+    assert torch.equal(torch.get_rng_state(), before)
+    torch.rand(5)  # another global RNG state must not matter
+    again = pipe.generate(captions, seed=7)[0]
+    other = pipe.generate(captions, seed=8)[0]
+    assert all(torch.equal(a, b) for a, b in zip(first, again))
+    assert not torch.equal(first[-1], other[-1])
 
 
 def test_sample_cli_writes_grids_and_attention_maps(trained, tmp_path, capsys):
