@@ -38,7 +38,7 @@ def evaluation_split(cfg: Config, root: Path) -> TextImageDataset:
 def real_images(dataset: TextImageDataset, indices: Sequence[int] | None = None) -> torch.Tensor:
     """Last-stage real images (N x 3 x S x S in [-1, 1]) of a split, centre-cropped."""
     indices = range(len(dataset)) if indices is None else indices
-    return torch.stack([dataset.transform(dataset.load_image(dataset.keys[i]), dataset.item_rng(i))[-1]
+    return torch.stack([dataset.crop_and_pyramid(dataset.resized_image(dataset.keys[i]), dataset.item_rng(i))[-1]
                         for i in indices])  # fmt: skip
 
 

@@ -270,12 +270,9 @@ class TextImageDataset(Dataset):
                 self._cached_bytes += size
         return image
 
-    def transform(self, image: Image.Image, rng: random.Random) -> list[Tensor]:
-        """Resize (shorter side to size·76/64) → crop to size → flip → pyramid in [-1, 1]."""
-        return self.crop_and_pyramid(self.resize_for_crop(image), rng)
-
     def crop_and_pyramid(self, image: Image.Image, rng: random.Random) -> list[Tensor]:
-        """Crop a :meth:`resize_for_crop` image to size (random or centre) → flip → pyramid."""
+        """A :meth:`resize_for_crop` image → crop to size (random or centre) → flip → pyramid in
+        [-1, 1]."""
         size = self.image_sizes[-1]
         w, h = image.size
         if self.random_crop:
