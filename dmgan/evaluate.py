@@ -26,7 +26,7 @@ from tqdm import tqdm
 from dmgan import metrics
 from dmgan.config import Config, HelpFormatter
 from dmgan.data import TextImageDataset, dataset_for
-from dmgan.data.shapes import default_root
+from dmgan.data.shapes import default_root, is_shapes_dataset
 from dmgan.pipeline import Captions, TextToImage
 
 
@@ -118,7 +118,7 @@ def evaluate(
     classifier = metrics.load_classifier(is_classifier).to(pipe.device) if is_classifier else None
 
     image_codes, probs, last_images = [], [], []
-    keep_images = (root / "attributes.json").is_file()  # caption accuracy (shapes); 30k x 256² would not fit
+    keep_images = is_shapes_dataset(root)  # caption accuracy (shapes); 30k x 256² would not fit
     for start in tqdm(range(0, num_images, batch_size), desc="generate", disable=not progress):
         stages, _ = pipe.generate(captions[start : start + batch_size], seed=seed * 1_000_003 + start,
                                   batch_size=batch_size)  # fmt: skip

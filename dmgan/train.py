@@ -361,7 +361,7 @@ def prepare_dataset(args: argparse.Namespace, cfg: Config) -> Path:
     if cfg.name != "shapes":
         raise SystemExit(f"--preset {cfg.name} needs --data-dir (the AttnGAN-layout dataset folder)")
     root = shapes_data.default_root() / f"n{args.shapes_train}-{args.shapes_test}-seed{args.shapes_seed}"
-    if not (root / "attributes.json").is_file():
+    if not shapes_data.is_shapes_dataset(root):
         print(f"drawing the built-in shapes dataset into {root} ...", flush=True)
     return shapes_data.generate(root, args.shapes_train, args.shapes_test, args.shapes_seed,
                                 cfg.text.captions_per_image)  # fmt: skip
@@ -393,7 +393,7 @@ def pretrain_damsm(args: argparse.Namespace, cfg: Config, root: Path, rt: Runtim
     Adam re-created each epoch at lr · 0.98^epoch, RNN gradients clipped to 0.25)."""
     t = cfg.train
     dataset = dataset_for(cfg, root, "train", train=True, seed=args.seed)
-    if t.encoder_recolour_backgrounds and not (root / "attributes.json").is_file():
+    if t.encoder_recolour_backgrounds and not shapes_data.is_shapes_dataset(root):
         raise SystemExit(f"train.encoder_recolour_backgrounds applies to the built-in shapes data only; "
                          f"{root} is not a shapes dataset (no attributes.json)")  # fmt: skip
     recolour = shapes_data.recolour_unnamed_backgrounds

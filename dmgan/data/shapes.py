@@ -226,6 +226,11 @@ def generate(
     return root
 
 
+def is_shapes_dataset(root: str | os.PathLike) -> bool:
+    """Whether ``root`` holds built-in shapes data (its ``attributes.json`` is written last)."""
+    return (Path(root) / "attributes.json").is_file()
+
+
 def background_words() -> set[str]:
     """Every word a caption may use to name a background colour."""
     return {word for bg in BACKGROUNDS for word in SYNONYMS.get(bg, (bg,))}
