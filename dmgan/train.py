@@ -509,7 +509,7 @@ def train_gan(args: argparse.Namespace, cfg: Config, root: Path, rt: Runtime, st
                          "image_encoder": gan.image_encoder.state_dict()}, ckpt_path)  # fmt: skip
 
     per_epoch = loader.sampler.batches_per_epoch  # type: ignore[union-attr]
-    total_steps = min(args.max_steps or t.max_epoch * per_epoch, t.max_epoch * per_epoch)
+    total_steps = args.max_steps or t.max_epoch * per_epoch  # may end mid-epoch or run past the epochs
     if args.stage == "eval":
         total_steps = step
     test = dataset_for(cfg, root, "test", train=False, seed=args.seed)
@@ -618,7 +618,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--epochs", type=int, default=None, help="GAN epochs (default: the preset's)")
     p.add_argument("--damsm-epochs", type=int, default=None, help="DAMSM epochs (default: the preset's)")
     p.add_argument("--batch-size", type=int, default=None, help="GAN batch size per process")
-    p.add_argument("--max-steps", type=int, default=None, help="stop the GAN after this many steps")
+    p.add_argument("--max-steps", type=int, default=None,
+                   help="GAN steps to train, in place of the epoch count (default: epochs x batches per epoch)")  # fmt: skip
     p.add_argument(
         "--workers", type=int, default=None, help="data-loading processes (default: 0 on CPU, 4 on GPU)"
     )

@@ -191,6 +191,13 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(data_dir, encoders, tmp_p
     assert state["step"] >= 1 and checkpoint.all_finite(state["gan"])
 
 
+def test_max_steps_is_the_step_count_even_past_the_epochs(data_dir, encoders, tmp_path):
+    """It used to cap silently at the preset's epochs: ``--max-steps 3000`` ran 2000 steps."""
+    run(gan_args(data_dir, tmp_path, encoders, "--epochs", "1", "--max-steps", "11"))  # 8 batches an epoch
+    assert metrics(tmp_path)[-1]["step"] == 11
+    assert checkpoint.load(tmp_path / "checkpoints" / "latest.pt")["step"] == 11
+
+
 def test_corrupt_image_is_skipped_and_reported(data_dir, encoders, tmp_path):
     copy = shutil.copytree(data_dir, tmp_path / "data")
     (copy / "images" / "train_00005.png").write_bytes(b"garbage")
