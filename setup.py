@@ -1,10 +1,15 @@
-"""Build and install dmgan, the Triton ``kernels`` package and the extension ``dmgan._C``.
+"""Build and install dmgan (with the Triton kernels of ``kernels/`` as ``dmgan.kernels``) and the
+extension ``dmgan._C``.
 
 ``dmgan._C`` holds the CPU kernels always and the CUDA kernels when torch is a CUDA build and a
 CUDA toolkit is found (``DMGAN_SKIP_CUDA=1`` / ``DMGAN_FORCE_CUDA=1``, ``TORCH_CUDA_ARCH_LIST``:
 see dmgan/ops/_build.py). Building needs torch at build time, so install torch first and use
 ``pip install --no-build-isolation -e .``; without torch (pip's default isolated build) the
 extension is skipped here and built on first use instead. Tool settings live in pyproject.toml.
+
+``dmgan/kernels`` is a link to the top-level ``kernels/`` folder, so the Triton code is importable
+as ``dmgan.kernels`` from a checkout, an editable install and a wheel alike, and no top-level
+``kernels`` package (a name another project on the package index has) is ever installed.
 """
 
 import importlib.util
@@ -55,7 +60,7 @@ setup(
     version="0.1.0",
     description="DM-GAN text-to-image synthesis with a fused dynamic-memory op",
     python_requires=">=3.10",
-    packages=find_packages(include=["dmgan", "dmgan.*", "kernels", "kernels.*"]),
+    packages=find_packages(include=["dmgan", "dmgan.*"]),
     install_requires=[
         "torch>=2.11",
         "torchvision>=0.26",

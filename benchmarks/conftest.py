@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from tests.parity import ReadShape, WriteShape
+from dmgan.ops.parity import ReadShape, WriteShape
 
 
 def _bird(batch: int, size: int) -> ReadShape:

@@ -29,7 +29,7 @@ import torch
 from dmgan import ops
 from dmgan.config import get_preset, override
 from dmgan.train import GAN, synthetic_batch
-from tests.parity import ReadShape, WriteShape, read_case, write_case
+from dmgan.ops.parity import ReadShape, WriteShape, read_case, write_case
 
 VOCAB = 100
 

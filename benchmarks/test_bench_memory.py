@@ -17,7 +17,7 @@ import torch
 from benchmarks import memory_impls
 from benchmarks.peak_memory import peak_bytes
 from dmgan import ops
-from tests.parity import read_case, write_case
+from dmgan.ops.parity import read_case, write_case
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"

@@ -2,10 +2,12 @@
 //
 // Notation: B batch, N_w word-feature size, N_r image-feature size (C), N_m = 2 N_r, T words,
 // N = H W pixels. The math is the docstring of dmgan/ops/reference.py; every kernel here computes
-// exactly that, with fp32 accumulation (fp64 for double inputs) and deterministic reductions.
+// exactly that, with deterministic reductions: the CPU kernels in the input's op-math type (fp32
+// for 16-bit inputs, fp64 for double), the CUDA kernels in fp32 (float64 is refused there).
 #pragma once
 
 #include <ATen/ATen.h>
+#include <torch/library.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -14,6 +16,24 @@
 #include <vector>
 
 namespace dmgan {
+
+// The four ops' schemas, for TORCH_LIBRARY(dmgan, m) and for the CUDA kernels emulated on the CPU
+// in the tests (their own namespace). Autograd and fake shapes: dmgan/ops/library.py.
+inline void define_memory_ops(torch::Library& m) {
+  m.def(
+      "memory_write(Tensor words, Tensor rbar, Tensor A, Tensor B, Tensor M_w, Tensor M_w_b, Tensor M_r, "
+      "Tensor M_r_b, Tensor key_w, Tensor key_b, Tensor value_w, Tensor value_b) -> (Tensor, Tensor)");
+  m.def(
+      "memory_write_backward(Tensor grad_keys, Tensor grad_values, Tensor words, Tensor rbar, Tensor A, "
+      "Tensor B, Tensor M_w, Tensor M_w_b, Tensor M_r, Tensor M_r_b, Tensor key_w, Tensor key_b, "
+      "Tensor value_w, Tensor value_b) -> Tensor[]");
+  m.def(
+      "memory_read(Tensor img, Tensor keys, Tensor values, Tensor pad_mask, Tensor gate_w, Tensor gate_b, "
+      "bool return_attention, bool legacy_mask) -> (Tensor, Tensor)");
+  m.def(
+      "memory_read_backward(Tensor grad_out, Tensor img, Tensor keys, Tensor values, Tensor pad_mask, "
+      "Tensor gate_w, Tensor gate_b, bool legacy_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
+}
 
 // Every buffer a kernel writes: uninitialised, or NaN-filled when DMGAN_POISON_OUTPUTS=1 (the
 // tests set it, so an element a kernel forgets to write shows up instead of passing by luck).

@@ -556,21 +556,7 @@ std::vector<at::Tensor> memory_write_backward_cpu(const at::Tensor& grad_keys, c
 
 }  // namespace
 
-TORCH_LIBRARY(dmgan, m) {
-  m.def(
-      "memory_write(Tensor words, Tensor rbar, Tensor A, Tensor B, Tensor M_w, Tensor M_w_b, Tensor M_r, "
-      "Tensor M_r_b, Tensor key_w, Tensor key_b, Tensor value_w, Tensor value_b) -> (Tensor, Tensor)");
-  m.def(
-      "memory_write_backward(Tensor grad_keys, Tensor grad_values, Tensor words, Tensor rbar, Tensor A, "
-      "Tensor B, Tensor M_w, Tensor M_w_b, Tensor M_r, Tensor M_r_b, Tensor key_w, Tensor key_b, "
-      "Tensor value_w, Tensor value_b) -> Tensor[]");
-  m.def(
-      "memory_read(Tensor img, Tensor keys, Tensor values, Tensor pad_mask, Tensor gate_w, Tensor gate_b, "
-      "bool return_attention, bool legacy_mask) -> (Tensor, Tensor)");
-  m.def(
-      "memory_read_backward(Tensor grad_out, Tensor img, Tensor keys, Tensor values, Tensor pad_mask, "
-      "Tensor gate_w, Tensor gate_b, bool legacy_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)");
-}
+TORCH_LIBRARY(dmgan, m) { define_memory_ops(m); }
 
 TORCH_LIBRARY_IMPL(dmgan, CPU, m) {
   m.impl("memory_write", &memory_write_cpu);

@@ -3,9 +3,11 @@
 // Reading: one thread per pixel; the sample's keys, values and response-gate weights sit in
 // shared memory as fp32, a pixel's T scores live in registers (T padded to 16, 32 or 64 at
 // compile time), the softmax runs in registers. Backward reductions over pixels (dK, dV, gate)
-// go through fixed-order warp shuffles and per-block partials summed afterwards, and weight
-// gradients of the writing through per-sample partials: no atomics, so gradients are
-// bitwise reproducible. Half and bfloat16 inputs are computed in fp32.
+// go through fixed-order warp shuffles and per-block partials summed afterwards. The writing's
+// backward stores each word's gradients and its weight gradients come from matrix products
+// after the kernel. No atomics, so gradients are bitwise reproducible. Inputs are float32,
+// float16 or bfloat16, computed in fp32; float64 is refused with an error (the CPU kernels
+// compute it in fp64, and dmgan.ops sends it there or to the eager reference).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -22,6 +24,17 @@ constexpr int kWarps = kThreads / 32;
 constexpr int kWriteThreads = 256;
 
 #define DMGAN_CUDA_CHECK() C10_CUDA_KERNEL_LAUNCH_CHECK()
+
+// The dtypes the kernels are built for: no float64 (they compute in fp32).
+#define DMGAN_DISPATCH_KERNEL_TYPES(TYPE, NAME, ...)                  \
+  AT_DISPATCH_SWITCH(TYPE, NAME, AT_DISPATCH_CASE(at::kFloat, __VA_ARGS__) \
+                         AT_DISPATCH_CASE(at::kHalf, __VA_ARGS__) AT_DISPATCH_CASE(at::kBFloat16, __VA_ARGS__))
+
+void check_kernel_dtype(const at::Tensor& t, const char* op) {
+  TORCH_CHECK(t.scalar_type() != at::kDouble, op,
+              " (cuda kernel): float64 is not supported on CUDA (the kernels compute in fp32); use "
+              "backend='eager', or backend='auto', which falls back to it");
+}
 
 __device__ __forceinline__ float sigmoidf_(float x) { return 1.0f / (1.0f + __expf(-x)); }
 
@@ -48,6 +61,7 @@ __device__ float block_sum(float x, float* scratch) {
 
 struct ReadArgs {
   int batch, C, N, T;
+  int tiles;  // blocks of kThreads pixels per sample; a flat grid of batch x tiles blocks
   bool legacy;
 };
 
@@ -111,7 +125,7 @@ __global__ void __launch_bounds__(kThreads) read_forward_kernel(const scalar_t* 
   float* k_s = smem;
   float* v_s = k_s + a.C * a.T;
   float* gw_s = v_s + a.C * a.T;
-  const int b = blockIdx.y, n = blockIdx.x * kThreads + threadIdx.x;
+  const int b = blockIdx.x / a.tiles, n = (blockIdx.x % a.tiles) * kThreads + threadIdx.x;
   load_sample(keys, values, gate_w, b, a, k_s, v_s, gw_s);
   if (n >= a.N) return;
   const scalar_t* r = img + (size_t)b * a.C * a.N + n;
@@ -145,11 +159,11 @@ __global__ void __launch_bounds__(kThreads) read_backward_kernel(const scalar_t*
   float* v_s = k_s + a.C * a.T;
   float* gw_s = v_s + a.C * a.T;
   float* scratch = gw_s + 2 * a.C;  // kWarps x MAX_T
-  const int b = blockIdx.y, n = blockIdx.x * kThreads + threadIdx.x;
+  const int b = blockIdx.x / a.tiles, n = (blockIdx.x % a.tiles) * kThreads + threadIdx.x;
   const bool active = n < a.N;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   load_sample(keys, values, gate_w, b, a, k_s, v_s, gw_s);
-  float* part = partials + ((size_t)b * gridDim.x + blockIdx.x) * (2 * a.C * a.T + 2 * a.C + 1);
+  float* part = partials + (size_t)blockIdx.x * (2 * a.C * a.T + 2 * a.C + 1);  // sample-major
   float* dk_part = part;
   float* dv_part = part + a.C * a.T;
   float* dgate_part = part + 2 * a.C * a.T;
@@ -234,11 +248,30 @@ __global__ void __launch_bounds__(kThreads) read_backward_kernel(const scalar_t*
 
 int word_block(int T) { return T <= 16 ? 16 : T <= 32 ? 32 : 64; }
 
+// Kernels that take more than the default 48 KB of dynamic shared memory must opt in, up to the
+// device's per-block limit (dmgan.ops._cpp sends larger inputs elsewhere; this names the problem
+// when the op is called directly).
 template <typename Kernel>
-void set_shared_memory(Kernel kernel, size_t bytes) {
-  if (bytes > 48 * 1024) {
-    C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
-  }
+void set_shared_memory(Kernel kernel, size_t bytes, const char* op) {
+  if (bytes <= 48 * 1024) return;
+  int device = 0, limit = 0;
+  C10_CUDA_CHECK(cudaGetDevice(&device));
+  C10_CUDA_CHECK(cudaDeviceGetAttribute(&limit, cudaDevAttrMaxSharedMemoryPerBlockOptin, device));
+  TORCH_CHECK(bytes <= (size_t)limit, op, " (cuda kernel): needs ", bytes, " bytes of shared memory a block, the device has ",
+              limit, " (fewer channels or words)");
+  C10_CUDA_CHECK(cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes));
+}
+
+ReadArgs read_args(const at::Tensor& img, const at::Tensor& keys, bool legacy_mask, const char* op) {
+  TORCH_CHECK(img.is_cuda(), op, " (cuda kernel): inputs must be on a CUDA device");
+  check_kernel_dtype(img, op);
+  TORCH_CHECK(keys.size(2) <= 64, op, " (cuda kernel): at most 64 words, got ", keys.size(2));
+  const int64_t pixels = img.size(2) * img.size(3);
+  const int64_t tiles = (pixels + kThreads - 1) / kThreads;
+  TORCH_CHECK(img.numel() < (1LL << 31) && img.size(0) * keys.size(2) * pixels < (1LL << 31) &&
+                  img.size(0) * tiles < (1LL << 31),
+              op, " (cuda kernel): tensors must have fewer than 2^31 elements");
+  return ReadArgs{(int)img.size(0), (int)img.size(1), (int)pixels, (int)keys.size(2), (int)tiles, legacy_mask};
 }
 
 std::tuple<at::Tensor, at::Tensor> memory_read_cuda(const at::Tensor& img, const at::Tensor& keys,
@@ -246,23 +279,18 @@ std::tuple<at::Tensor, at::Tensor> memory_read_cuda(const at::Tensor& img, const
                                                     const at::Tensor& gate_w, const at::Tensor& gate_b,
                                                     bool return_attention, bool legacy_mask) {
   check_read_inputs(img, keys, values, pad_mask, gate_w, gate_b);
-  TORCH_CHECK(img.is_cuda(), "memory_read (cuda kernel): inputs must be on a CUDA device");
-  TORCH_CHECK(keys.size(2) <= 64, "memory_read (cuda kernel): at most 64 words, got ", keys.size(2));
-  TORCH_CHECK(img.numel() < (1LL << 31) && img.size(0) * keys.size(2) * img.size(2) * img.size(3) < (1LL << 31),
-              "memory_read (cuda kernel): tensors must have fewer than 2^31 elements");
+  const ReadArgs a = read_args(img, keys, legacy_mask, "memory_read");
   const c10::cuda::CUDAGuard guard(img.device());
-  const ReadArgs a{(int)img.size(0), (int)img.size(1), (int)(img.size(2) * img.size(3)), (int)keys.size(2),
-                   legacy_mask};
   at::Tensor out = new_output_like(img);
   at::Tensor attention = return_attention ? new_output({a.batch, a.T, img.size(2), img.size(3)}, img.options())
                                           : new_output({0}, img.options());
-  const dim3 grid((a.N + kThreads - 1) / kThreads, a.batch);
+  if (out.numel() == 0) return {out, attention};  // no sample or no pixel: nothing to launch
   const size_t shared = (2 * a.C * a.T + 2 * a.C) * sizeof(float);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, img.scalar_type(), "memory_read_cuda", [&] {
+  DMGAN_DISPATCH_KERNEL_TYPES(img.scalar_type(), "memory_read_cuda", [&] {
     auto launch = [&](auto kernel) {
-      set_shared_memory(kernel, shared);
-      kernel<<<grid, kThreads, shared, stream>>>(
+      set_shared_memory(kernel, shared, "memory_read");
+      kernel<<<a.batch * a.tiles, kThreads, shared, stream>>>(
           img.data_ptr<scalar_t>(), keys.data_ptr<scalar_t>(), values.data_ptr<scalar_t>(), pad_mask.data_ptr<bool>(),
           gate_w.data_ptr<scalar_t>(), gate_b.data_ptr<scalar_t>(), out.data_ptr<scalar_t>(),
           return_attention ? attention.data_ptr<scalar_t>() : nullptr, a);
@@ -281,33 +309,34 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor> memory_re
     const at::Tensor& grad_out, const at::Tensor& img, const at::Tensor& keys, const at::Tensor& values,
     const at::Tensor& pad_mask, const at::Tensor& gate_w, const at::Tensor& gate_b, bool legacy_mask) {
   check_read_inputs(img, keys, values, pad_mask, gate_w, gate_b);
-  TORCH_CHECK(img.is_cuda() && keys.size(2) <= 64, "memory_read_backward (cuda kernel): CUDA inputs, T <= 64");
   check_read_grad(grad_out, img);
+  const ReadArgs a = read_args(img, keys, legacy_mask, "memory_read_backward");
   const c10::cuda::CUDAGuard guard(img.device());
-  const ReadArgs a{(int)img.size(0), (int)img.size(1), (int)(img.size(2) * img.size(3)), (int)keys.size(2),
-                   legacy_mask};
   const int max_t = word_block(a.T);
-  const dim3 grid((a.N + kThreads - 1) / kThreads, a.batch);
   const int64_t slot = 2 * a.C * a.T + 2 * a.C + 1;
-  at::Tensor partials = new_output({a.batch, (int64_t)grid.x, slot}, img.options().dtype(at::kFloat));
+  // No pixel: no block runs and every sum is zero (so the partials start at zero).
+  at::Tensor partials = a.N == 0 ? at::zeros({a.batch, 1, slot}, img.options().dtype(at::kFloat))
+                                 : new_output({a.batch, a.tiles, slot}, img.options().dtype(at::kFloat));
   at::Tensor grad_img = new_output_like(img);
   const size_t shared = (2 * a.C * a.T + 2 * a.C + kWarps * max_t) * sizeof(float);
   auto stream = c10::cuda::getCurrentCUDAStream();
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, img.scalar_type(), "memory_read_backward_cuda", [&] {
-    auto launch = [&](auto kernel) {
-      set_shared_memory(kernel, shared);
-      kernel<<<grid, kThreads, shared, stream>>>(
-          grad_out.data_ptr<scalar_t>(), img.data_ptr<scalar_t>(), keys.data_ptr<scalar_t>(),
-          values.data_ptr<scalar_t>(), pad_mask.data_ptr<bool>(), gate_w.data_ptr<scalar_t>(),
-          gate_b.data_ptr<scalar_t>(), grad_img.data_ptr<scalar_t>(), partials.data_ptr<float>(), a);
-    };
-    switch (max_t) {
-      case 16: launch(read_backward_kernel<scalar_t, 16>); break;
-      case 32: launch(read_backward_kernel<scalar_t, 32>); break;
-      default: launch(read_backward_kernel<scalar_t, 64>); break;
-    }
-  });
-  DMGAN_CUDA_CHECK();
+  if (grad_img.numel() > 0) {
+    DMGAN_DISPATCH_KERNEL_TYPES(img.scalar_type(), "memory_read_backward_cuda", [&] {
+      auto launch = [&](auto kernel) {
+        set_shared_memory(kernel, shared, "memory_read_backward");
+        kernel<<<a.batch * a.tiles, kThreads, shared, stream>>>(
+            grad_out.data_ptr<scalar_t>(), img.data_ptr<scalar_t>(), keys.data_ptr<scalar_t>(),
+            values.data_ptr<scalar_t>(), pad_mask.data_ptr<bool>(), gate_w.data_ptr<scalar_t>(),
+            gate_b.data_ptr<scalar_t>(), grad_img.data_ptr<scalar_t>(), partials.data_ptr<float>(), a);
+      };
+      switch (max_t) {
+        case 16: launch(read_backward_kernel<scalar_t, 16>); break;
+        case 32: launch(read_backward_kernel<scalar_t, 32>); break;
+        default: launch(read_backward_kernel<scalar_t, 64>); break;
+      }
+    });
+    DMGAN_CUDA_CHECK();
+  }
   const int64_t CT = (int64_t)a.C * a.T;
   at::Tensor per_sample = partials.sum(1);  // B x slot, a deterministic reduction
   at::Tensor grad_keys = per_sample.narrow(1, 0, CT).reshape(keys.sizes()).to(keys.scalar_type());
@@ -428,27 +457,30 @@ __global__ void __launch_bounds__(kWriteThreads) write_forward_kernel(const scal
   }
 }
 
-// Partial layout per sample (fp32): A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b.
-struct WriteOffsets {
-  int64_t A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b, total;
+// What the backward stores for the products after it (fp32): per word, the memory M and the
+// gradients of the projections' and the mixing's pre-activations and of the writing gate; per
+// sample, the gradient of f_r's pre-activation and the gate's total. Layouts are B x T x ... so
+// that each weight gradient is one matrix product over the B T words.
+struct WriteGrads {
+  float *memory, *d_key, *d_value, *d_words_pre, *d_gate;  // B x T x {NM, NR, NR, NM, 1}
+  float *d_image_pre, *d_gate_total;                        // B x NM, B
 };
 
 template <typename scalar_t>
 __global__ void __launch_bounds__(kWriteThreads) write_backward_kernel(
     const scalar_t* grad_keys, const scalar_t* grad_values, const scalar_t* words, const scalar_t* rbar,
-    WriteWeights w, scalar_t* grad_words, scalar_t* grad_rbar, float* partials, WriteOffsets off, WriteArgs a) {
+    WriteWeights w, scalar_t* grad_words, scalar_t* grad_rbar, WriteGrads out, WriteArgs a) {
   extern __shared__ float smem[];
   const int NM = 2 * a.NR, b = blockIdx.x;
   const WriteShared sh(smem, a, /*backward=*/true);
   float *rbar_s = sh.rbar, *image_pre = sh.image_pre, *words_s = sh.words, *words_pre = sh.words_pre;
   float *memory = sh.memory, *d_key = sh.d_key, *d_value = sh.d_value, *d_words_pre = sh.d_words_pre;
   float *d_image_acc = sh.d_image, *scratch = sh.scratch;
-  float* part = partials + (size_t)b * off.total;
-  for (int64_t i = threadIdx.x; i < off.total; i += blockDim.x) part[i] = 0.f;
   for (int m = threadIdx.x; m < NM; m += blockDim.x) d_image_acc[m] = 0.f;
   const float gate_r = image_side<scalar_t>(rbar, w, a, b, rbar_s, image_pre, scratch);
   float d_gate_total = 0.f;
   for (int t = 0; t < a.T; ++t) {
+    const size_t word = (size_t)b * a.T + t;
     const float gate = word_side<scalar_t>(words, w, a, b, t, gate_r, image_pre, words_s, words_pre, memory, scratch);
     // Key and value projections Y = ReLU(W M + b).
     for (int r = threadIdx.x; r < a.NR; r += blockDim.x) {
@@ -458,15 +490,10 @@ __global__ void __launch_bounds__(kWriteThreads) write_backward_kernel(
           project<scalar_t>(w.value_w, w.value_b, memory, r, NM) > 0.f ? static_cast<float>(grad_values[io]) : 0.f;
       d_key[r] = dk;
       d_value[r] = dv;
-      part[off.key_b + r] += dk;
-      part[off.value_b + r] += dv;
+      out.d_key[word * a.NR + r] = dk;
+      out.d_value[word * a.NR + r] = dv;
     }
     __syncthreads();
-    for (int i = threadIdx.x; i < a.NR * NM; i += blockDim.x) {
-      const int r = i / NM, m = i % NM;
-      part[off.key_w + i] += d_key[r] * memory[m];
-      part[off.value_w + i] += d_value[r] * memory[m];
-    }
     // Mixing and the gate: this thread's memory rows.
     float d_gate_part = 0.f;
     for (int m = threadIdx.x; m < NM; m += blockDim.x) {
@@ -476,36 +503,43 @@ __global__ void __launch_bounds__(kWriteThreads) write_backward_kernel(
       d_words_pre[m] = words_pre[m] > 0.f ? dm * gate : 0.f;
       d_image_acc[m] += dm * (1.f - gate);
       d_gate_part += dm * (fmaxf(words_pre[m], 0.f) - fmaxf(image_pre[m], 0.f));
-      part[off.M_w_b + m] += d_words_pre[m];
+      out.memory[word * NM + m] = memory[m];
+      out.d_words_pre[word * NM + m] = d_words_pre[m];
     }
     const float d_gate = block_sum(d_gate_part, scratch) * gate * (1.f - gate);  // also syncs d_words_pre
     d_gate_total += d_gate;
-    for (int i = threadIdx.x; i < NM * a.NW; i += blockDim.x) part[off.M_w + i] += d_words_pre[i / a.NW] * words_s[i % a.NW];
+    if (threadIdx.x == 0) out.d_gate[word] = d_gate;
     for (int k = threadIdx.x; k < a.NW; k += blockDim.x) {
       float d = ld<scalar_t>(w.A, k) * d_gate;
       for (int m = 0; m < NM; ++m) d += ld<scalar_t>(w.M_w, (size_t)m * a.NW + k) * d_words_pre[m];
       grad_words[((size_t)b * a.NW + k) * a.T + t] = static_cast<scalar_t>(d);
-      part[off.A + k] += words_s[k] * d_gate;
     }
     __syncthreads();
   }
   for (int m = threadIdx.x; m < NM; m += blockDim.x) {
     d_image_acc[m] = image_pre[m] > 0.f ? d_image_acc[m] : 0.f;
-    part[off.M_r_b + m] = d_image_acc[m];
+    out.d_image_pre[(size_t)b * NM + m] = d_image_acc[m];
   }
+  if (threadIdx.x == 0) out.d_gate_total[b] = d_gate_total;
   __syncthreads();
-  for (int i = threadIdx.x; i < NM * a.NR; i += blockDim.x) part[off.M_r + i] = d_image_acc[i / a.NR] * rbar_s[i % a.NR];
   for (int r = threadIdx.x; r < a.NR; r += blockDim.x) {
     float d = d_gate_total * ld<scalar_t>(w.B, r);
     for (int m = 0; m < NM; ++m) d += ld<scalar_t>(w.M_r, (size_t)m * a.NR + r) * d_image_acc[m];
     grad_rbar[(size_t)b * a.NR + r] = static_cast<scalar_t>(d);
-    part[off.B + r] = d_gate_total * rbar_s[r];
   }
 }
 
 WriteWeights weight_pointers(at::TensorList ws) {
   return {ws[0].data_ptr(), ws[1].data_ptr(), ws[2].data_ptr(), ws[3].data_ptr(), ws[4].data_ptr(),
           ws[5].data_ptr(), ws[6].data_ptr(), ws[7].data_ptr(), ws[8].data_ptr(), ws[9].data_ptr()};
+}
+
+WriteArgs write_args(const at::Tensor& words, const at::Tensor& rbar, const char* op) {
+  TORCH_CHECK(words.is_cuda(), op, " (cuda kernel): inputs must be on a CUDA device");
+  check_kernel_dtype(words, op);
+  TORCH_CHECK(words.numel() < (1LL << 31) && words.size(0) * words.size(2) * 2 * rbar.size(1) < (1LL << 31),
+              op, " (cuda kernel): tensors must have fewer than 2^31 elements");
+  return WriteArgs{(int)words.size(1), (int)rbar.size(1), (int)words.size(2)};
 }
 
 std::tuple<at::Tensor, at::Tensor> memory_write_cuda(const at::Tensor& words, const at::Tensor& rbar,
@@ -516,13 +550,13 @@ std::tuple<at::Tensor, at::Tensor> memory_write_cuda(const at::Tensor& words, co
                                                      const at::Tensor& value_b) {
   const std::vector<at::Tensor> weights = {A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b};
   check_write_inputs(words, rbar, weights);
-  TORCH_CHECK(words.is_cuda(), "memory_write (cuda kernel): inputs must be on a CUDA device");
+  const WriteArgs a = write_args(words, rbar, "memory_write");
   const c10::cuda::CUDAGuard guard(words.device());
-  const WriteArgs a{(int)words.size(1), (int)rbar.size(1), (int)words.size(2)};
   at::Tensor keys = new_output({words.size(0), a.NR, a.T}, words.options()), values = new_output_like(keys);
+  if (keys.numel() == 0) return {keys, values};  // no sample: nothing to launch
   const size_t shared = WriteShared::floats(a, /*backward=*/false) * sizeof(float);
-  TORCH_CHECK(shared <= 48 * 1024, "memory_write (cuda kernel): N_w and N_r too large for shared memory");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, words.scalar_type(), "memory_write_cuda", [&] {
+  DMGAN_DISPATCH_KERNEL_TYPES(words.scalar_type(), "memory_write_cuda", [&] {
+    set_shared_memory(write_forward_kernel<scalar_t>, shared, "memory_write");
     write_forward_kernel<scalar_t><<<words.size(0), kWriteThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(
         words.data_ptr<scalar_t>(), rbar.data_ptr<scalar_t>(), weight_pointers(weights), keys.data_ptr<scalar_t>(),
         values.data_ptr<scalar_t>(), a);
@@ -539,33 +573,50 @@ std::vector<at::Tensor> memory_write_backward_cuda(const at::Tensor& grad_keys, 
                                                    const at::Tensor& value_w, const at::Tensor& value_b) {
   const std::vector<at::Tensor> weights = {A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b};
   check_write_inputs(words, rbar, weights);
-  TORCH_CHECK(words.is_cuda(), "memory_write_backward (cuda kernel): inputs must be on a CUDA device");
   check_write_grads(grad_keys, grad_values, words, rbar);
+  const WriteArgs a = write_args(words, rbar, "memory_write_backward");
   const c10::cuda::CUDAGuard guard(words.device());
-  const WriteArgs a{(int)words.size(1), (int)rbar.size(1), (int)words.size(2)};
-  WriteOffsets off{};
-  int64_t* fields[] = {&off.A, &off.B, &off.M_w, &off.M_w_b, &off.M_r, &off.M_r_b, &off.key_w, &off.key_b, &off.value_w, &off.value_b};
-  int64_t total = 0;
-  for (size_t i = 0; i < weights.size(); ++i) {
-    *fields[i] = total;
-    total += weights[i].numel();
-  }
-  off.total = total;
-  at::Tensor partials = new_output({words.size(0), total}, words.options().dtype(at::kFloat));
+  const int64_t batch = words.size(0), NM = 2 * a.NR;
+  const auto f32 = words.options().dtype(at::kFloat);
+  at::Tensor memory = new_output({batch, a.T, NM}, f32), d_key = new_output({batch, a.T, a.NR}, f32);
+  at::Tensor d_value = new_output_like(d_key), d_words_pre = new_output_like(memory);
+  at::Tensor d_gate = new_output({batch, a.T}, f32), d_image_pre = new_output({batch, NM}, f32);
+  at::Tensor d_gate_total = new_output({batch}, f32);
   at::Tensor grad_words = new_output_like(words), grad_rbar = new_output_like(rbar);
-  const size_t shared = WriteShared::floats(a, /*backward=*/true) * sizeof(float);
-  TORCH_CHECK(shared <= 48 * 1024, "memory_write_backward (cuda kernel): N_w and N_r too large for shared memory");
-  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, words.scalar_type(), "memory_write_backward_cuda", [&] {
-    write_backward_kernel<scalar_t><<<words.size(0), kWriteThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(
-        grad_keys.data_ptr<scalar_t>(), grad_values.data_ptr<scalar_t>(), words.data_ptr<scalar_t>(),
-        rbar.data_ptr<scalar_t>(), weight_pointers(weights), grad_words.data_ptr<scalar_t>(),
-        grad_rbar.data_ptr<scalar_t>(), partials.data_ptr<float>(), off, a);
-  });
-  DMGAN_CUDA_CHECK();
-  at::Tensor summed = partials.sum(0);  // deterministic reduction over samples
+  if (batch > 0) {
+    const size_t shared = WriteShared::floats(a, /*backward=*/true) * sizeof(float);
+    const WriteGrads out{memory.data_ptr<float>(),      d_key.data_ptr<float>(),       d_value.data_ptr<float>(),
+                         d_words_pre.data_ptr<float>(), d_gate.data_ptr<float>(),      d_image_pre.data_ptr<float>(),
+                         d_gate_total.data_ptr<float>()};
+    DMGAN_DISPATCH_KERNEL_TYPES(words.scalar_type(), "memory_write_backward_cuda", [&] {
+      set_shared_memory(write_backward_kernel<scalar_t>, shared, "memory_write_backward");
+      write_backward_kernel<scalar_t><<<batch, kWriteThreads, shared, c10::cuda::getCurrentCUDAStream()>>>(
+          grad_keys.data_ptr<scalar_t>(), grad_values.data_ptr<scalar_t>(), words.data_ptr<scalar_t>(),
+          rbar.data_ptr<scalar_t>(), weight_pointers(weights), grad_words.data_ptr<scalar_t>(),
+          grad_rbar.data_ptr<scalar_t>(), out, a);
+    });
+    DMGAN_CUDA_CHECK();
+  }
+  // Each weight gradient is one product over the B T words (or the B samples): deterministic.
+  const int64_t words_total = batch * a.T;
+  auto per_word = [&](const at::Tensor& t) { return t.reshape({words_total, t.size(-1)}); };
+  const at::Tensor words_bt = words.to(at::kFloat).transpose(1, 2).reshape({words_total, a.NW});  // BT x NW
+  const at::Tensor rbar_f = rbar.to(at::kFloat);
+  const std::vector<at::Tensor> summed = {
+      d_gate.reshape({1, words_total}).mm(words_bt),                   // A        1 x NW
+      d_gate_total.reshape({1, batch}).mm(rbar_f),                     // B        1 x NR
+      per_word(d_words_pre).t().mm(words_bt),                          // M_w      NM x NW
+      per_word(d_words_pre).sum(0),                                    // M_w_b    NM
+      d_image_pre.t().mm(rbar_f),                                      // M_r      NM x NR
+      d_image_pre.sum(0),                                              // M_r_b    NM
+      per_word(d_key).t().mm(per_word(memory)),                        // key_w    NR x NM
+      per_word(d_key).sum(0),                                          // key_b    NR
+      per_word(d_value).t().mm(per_word(memory)),                      // value_w  NR x NM
+      per_word(d_value).sum(0),                                        // value_b  NR
+  };
   std::vector<at::Tensor> grads = {grad_words, grad_rbar};
   for (size_t i = 0; i < weights.size(); ++i) {
-    grads.push_back(summed.narrow(0, *fields[i], weights[i].numel()).reshape(weights[i].sizes()).to(weights[i].scalar_type()).contiguous());
+    grads.push_back(summed[i].reshape(weights[i].sizes()).to(weights[i].scalar_type()).contiguous());
   }
   return grads;
 }

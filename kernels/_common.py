@@ -1,13 +1,16 @@
-"""Shared launch helpers for the Triton kernels."""
+"""What the Triton ops share: launches on the inputs' device, output buffers, dot products."""
 
 from __future__ import annotations
 
+import contextlib
+from dataclasses import dataclass, field
+
 import torch
 import triton
+import triton.language as tl
 from triton import knobs
 
-MAX_WORDS = 64  # T above this is not supported by the fused kernels
-SUPPORTED_CHANNELS = (32, 64, 128)  # N_r; N_m = 2 N_r
+SUPPORTED_CHANNELS = (32, 64, 128)  # N_r (tl.arange needs powers of two); N_m = 2 N_r
 
 # Tests set this to fill every buffer a launcher allocates with NaN before the kernels run, so an
 # element a kernel forgets to write shows up as NaN instead of as stale memory that happens to pass.
@@ -31,6 +34,47 @@ def word_block(num_words: int) -> int:
 
 
 def dot_in_fp32(dtype: torch.dtype) -> bool:
-    """Dots on fp32 operands (IEEE, not TF32) for fp32 inputs, and always under the interpreter,
-    which computes bf16 dots wrongly; 16-bit inputs otherwise use tensor cores, fp32 accumulate."""
+    """Dots on fp32 operands for fp32 inputs, and always under the interpreter, which computes
+    bf16 dots wrongly; 16-bit inputs otherwise use tensor cores, fp32 accumulate."""
     return dtype == torch.float32 or interpreting()
+
+
+@dataclass
+class Launch:
+    """One kernel launch, planned: the kernel, its grid, its arguments and its launch options
+    (constexprs, ``num_warps``, ``num_stages``). The ops run it; ``dmgan.kernels.compile_gate``
+    compiles the same plan ahead of time, so what is gated is what is launched."""
+
+    kernel: triton.JITFunction
+    grid: tuple[int, ...]
+    args: tuple
+    options: dict[str, object] = field(default_factory=dict)
+
+    def __call__(self) -> None:
+        if 0 in self.grid:  # an empty batch or image: nothing to compute
+            return
+        device = self.args[0].device
+        # Triton launches on the current CUDA device and its current stream: make those the inputs'.
+        guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
+        with guard:
+            self.kernel[self.grid](*self.args, **self.options)
+
+
+@triton.jit
+def dot(a, b, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):
+    """a @ b with fp32 accumulation: on fp32 operands in IEEE fp32 (FMAs; 3xTF32 on tensor cores
+    needs about twice the registers and spills in the backward kernels at the presets' sizes, which
+    ``python -m dmgan.kernels.compile_gate`` does not let through), else on DTYPE (bf16 / fp16)
+    operands, on tensor cores."""
+    if DOT_FP32:
+        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="ieee")
+    else:
+        return tl.dot(a.to(DTYPE), b.to(DTYPE))
+
+
+@triton.jit
+def load_tile(ptr, offs_c, offs_x, size_x, x_ok):
+    """C x X tile of a row-major C x size_x matrix, as fp32 (0 outside)."""
+    return tl.load(ptr + offs_c[:, None] * size_x + offs_x[None, :], mask=x_ok[None, :], other=0.0).to(
+        tl.float32
+    )

@@ -1,7 +1,7 @@
 """Fused memory reading: key addressing, masked softmax over words, value reading, response gate.
 
-Per program: one sample b and a tile of BLOCK_N pixels; the sample's keys, values and padding
-mask (C x T each, tiny) stay in registers. With r the C x BLOCK_N pixel tile::
+With r the C x BLOCK_N tile of a sample's pixels and its keys K, values V (C x T, kept in
+registers with the padding mask)::
 
     s = rᵀ K                  BLOCK_N x T   (unscaled; padded words -> -inf)
     α = softmax_T(s)          BLOCK_N x T   (0 where every word is masked)
@@ -9,65 +9,77 @@ mask (C x T each, tiny) stay in registers. With r the C x BLOCK_N pixel tile::
     g = σ(w_rᵀ r + w_oᵀ o + b)     BLOCK_N
     r' = r + (o - r) g        C x BLOCK_N   (= r (1 - g) + o g)
 
-The backward recomputes α instead of storing it; dK, dV and the gate gradients leave each program
-as fp32 partials that are summed afterwards, so gradients are deterministic. Registered as
-``torch.ops.dmgan_triton.memory_read`` (+ ``memory_read_backward``) with fake and autograd
-implementations, so torch.compile traces it without graph breaks.
+The forward runs one program per tile. The backward recomputes α instead of storing it and runs a
+few persistent programs per sample, each looping over a fixed set of its tiles with dK, dV and the
+gate gradients accumulated in registers; each program stores its sums once (C x T, not the padded
+width) and a fixed-order sum over a sample's programs finishes them: deterministic, no atomics.
+Registered as ``torch.ops.dmgan_triton.memory_read`` (+ ``memory_read_backward``); fake shapes and
+autograd come from :mod:`dmgan.ops.library`.
 """
 
 from __future__ import annotations
+
+import functools
 
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._common import alloc, dot_in_fp32, word_block
+from dmgan.kernels._common import Launch, alloc, dot, dot_in_fp32, load_tile, word_block
+from dmgan.ops import library
 
 
-def launch_config(channels: int, t_pad: int, backward: bool, fp32: bool) -> tuple[int, int]:
-    """(pixels per program, warps). The C x T key / value tiles and the C x BLOCK_N pixel tiles
-    share the registers; the backward holds about twice as many tiles, and fp32 operands (3xTF32
-    dots) take more registers still. Chosen from the register / spill reports of
-    ``python -m kernels.compile_gate`` (no spills for N_r <= 64, T <= 32 in every dtype, and for
-    every supported size in 16-bit)."""
+def launch_config(channels: int, t_pad: int, backward: bool, fp32: bool) -> dict[str, int]:
+    """Pixels per tile and warps. The C x T key / value tiles and the C x BLOCK_N pixel tiles
+    share the registers; the backward holds about twice as many tiles plus its dK / dV sums, and
+    fp32 operands (3xTF32 dots) take more registers still. From the register / spill reports of
+    ``python -m dmgan.kernels.compile_gate``. No loop is pipelined: one stage."""
     size = channels * max(t_pad, 32)
     if fp32:
         if backward:
-            return 16, 8
-        return (64, 4) if size <= 1024 else (32, 8) if size <= 2048 else (16, 8)
-    if backward:
-        return (32, 4) if size <= 1024 else (32, 8) if size <= 2048 else (16, 8)
-    return (64, 4) if size <= 2048 else (32, 8) if size <= 4096 else (16, 8)
-
-
-@triton.jit
-def _dot(a, b, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):
-    """a @ b with fp32 accumulation: on fp32 operands as 3xTF32 (fp32 accuracy on tensor cores;
-    exact under the interpreter), else on DTYPE (bf16 / fp16) operands."""
-    if DOT_FP32:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), input_precision="tf32x3")
+            block_n, num_warps = 16, 8
+        else:
+            block_n, num_warps = (64, 4) if size <= 1024 else (32, 8) if size <= 2048 else (16, 8)
+    elif backward:
+        block_n, num_warps = (32, 4) if size <= 1024 else (16, 8)
     else:
-        return tl.dot(a.to(DTYPE), b.to(DTYPE))
+        block_n, num_warps = (
+            (32, 4) if size <= 1024 else (64, 4) if size <= 2048 else (32, 8) if size <= 4096 else (16, 8)
+        )
+    config = dict(BLOCK_N=block_n, num_warps=num_warps, num_stages=1)
+    if backward:  # fp32 keys and values are fetched again per tile: their registers are short there
+        config["RESIDENT_KV"] = not fp32
+    return config
 
 
-@triton.jit
-def _load_tile(ptr, offs_c, offs_x, size_x, x_ok):
-    """C x X tile of a row-major C x size_x matrix, as fp32 (0 outside)."""
-    return tl.load(ptr + offs_c[:, None] * size_x + offs_x[None, :], mask=x_ok[None, :], other=0.0).to(
-        tl.float32
-    )
+@functools.cache
+def _multiprocessors(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # under the interpreter: a few programs per sample, several tiles each, in the tests
+    return torch.cuda.get_device_properties(device).multi_processor_count
+
+
+def backward_programs(batch: int, channels: int, num_pixels: int, num_words: int, dtype: torch.dtype,
+                      multiprocessors: int) -> int:  # fmt: skip
+    """Persistent backward programs per sample: about one per multiprocessor in all, at most one
+    per tile. Each program holds about 40 to 60 thousand registers, so a multiprocessor runs one
+    at a time anyway, and fewer programs mean fewer partial sums to store and add."""
+    block_n = launch_config(channels, word_block(num_words), backward=True, fp32=dot_in_fp32(dtype))[
+        "BLOCK_N"
+    ]
+    return max(1, min(triton.cdiv(num_pixels, block_n), triton.cdiv(multiprocessors, max(batch, 1))))
 
 
 @triton.jit
 def _key_addressing(r, keys, mask_ptr, b, offs_n, n_ok, offs_t, N, T, B,
                     DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, LEGACY_MASK: tl.constexpr):  # fmt: skip
     """α = masked softmax over words of rᵀ K: BLOCK_N x T_PAD, rows of all-masked pixels are 0."""
-    scores = _dot(tl.trans(r), keys, DTYPE, DOT_FP32)  # BLOCK_N x T_PAD
+    scores = dot(tl.trans(r), keys, DTYPE, DOT_FP32)  # BLOCK_N x T_PAD
     t_ok = offs_t < T
     if LEGACY_MASK:
         # the reference's mask.repeat(queryL, 1): batch-major row b*N + q takes mask[row % B]
-        rows = (b * N + offs_n) % B
+        rows = (((b * N) % B).to(tl.int32) + offs_n) % B  # 32-bit per pixel: fewer registers
         padded = tl.load(
             mask_ptr + rows[:, None] * T + offs_t[None, :], mask=n_ok[:, None] & t_ok[None, :], other=1
         )
@@ -77,20 +89,27 @@ def _key_addressing(r, keys, mask_ptr, b, offs_n, n_ok, offs_t, N, T, B,
     scores = tl.where(masked, float("-inf"), scores)
     row_max = tl.max(scores, axis=1)
     row_max = tl.where(row_max == float("-inf"), 0.0, row_max)
-    p = tl.where(masked, 0.0, tl.exp(scores - row_max[:, None]))
+    p = tl.exp(scores - row_max[:, None])  # exp(-inf) = 0 for the masked words
     total = tl.sum(p, axis=1)
     return p / tl.where(total == 0.0, 1.0, total)[:, None]
 
 
 @triton.jit
+def _response_gate(r, o, w_r, w_o, bias):
+    """g = σ(w_rᵀ r + w_oᵀ o + b), one per pixel of the tile."""
+    return tl.sigmoid(tl.sum(w_r[:, None] * r, axis=0) + tl.sum(w_o[:, None] * o, axis=0) + bias)
+
+
+@triton.jit
 def memory_read_forward_kernel(
     img_ptr, keys_ptr, values_ptr, mask_ptr, gate_w_ptr, gate_b_ptr, out_ptr, attn_ptr,
-    N, T, B,
+    N, T, B, num_tiles,
     C: tl.constexpr, T_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
     LEGACY_MASK: tl.constexpr, WRITE_ATTENTION: tl.constexpr, DOT_FP32: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
+    # One flat grid axis (the second and third hold at most 65,535 programs): sample-major tiles.
+    b = (tl.program_id(0) // num_tiles).to(tl.int64)
+    tile = tl.program_id(0) % num_tiles
     DTYPE: tl.constexpr = img_ptr.dtype.element_ty
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, C)
@@ -98,16 +117,15 @@ def memory_read_forward_kernel(
     n_ok = offs_n < N
     t_ok = offs_t < T
 
-    r = _load_tile(img_ptr + b * C * N, offs_c, offs_n, N, n_ok)  # C x BLOCK_N
-    keys = _load_tile(keys_ptr + b * C * T, offs_c, offs_t, T, t_ok)  # C x T_PAD
-    values = _load_tile(values_ptr + b * C * T, offs_c, offs_t, T, t_ok)
+    r = load_tile(img_ptr + b * C * N, offs_c, offs_n, N, n_ok)  # C x BLOCK_N
+    keys = load_tile(keys_ptr + b * C * T, offs_c, offs_t, T, t_ok)  # C x T_PAD
+    values = load_tile(values_ptr + b * C * T, offs_c, offs_t, T, t_ok)
     alpha = _key_addressing(r, keys, mask_ptr, b, offs_n, n_ok, offs_t, N, T, B, DTYPE, DOT_FP32, LEGACY_MASK)
-    o = _dot(values, tl.trans(alpha), DTYPE, DOT_FP32)  # C x BLOCK_N
+    o = dot(values, tl.trans(alpha), DTYPE, DOT_FP32)  # C x BLOCK_N
 
     w_r = tl.load(gate_w_ptr + offs_c).to(tl.float32)
     w_o = tl.load(gate_w_ptr + C + offs_c).to(tl.float32)
-    bias = tl.load(gate_b_ptr).to(tl.float32)
-    gate = tl.sigmoid(tl.sum(w_r[:, None] * r, axis=0) + tl.sum(w_o[:, None] * o, axis=0) + bias)
+    gate = _response_gate(r, o, w_r, w_o, tl.load(gate_b_ptr).to(tl.float32))
     out = r + (o - r) * gate[None, :]
     out_offs = offs_c[:, None] * N + offs_n[None, :]
     tl.store(out_ptr + b * C * N + out_offs, out.to(DTYPE), mask=n_ok[None, :])
@@ -120,62 +138,115 @@ def memory_read_forward_kernel(
 def memory_read_backward_kernel(
     img_ptr, keys_ptr, values_ptr, mask_ptr, gate_w_ptr, gate_b_ptr, grad_out_ptr,
     grad_img_ptr, grad_keys_part_ptr, grad_values_part_ptr, grad_gate_part_ptr,
-    N, T, B,
+    N, T, B, num_tiles, programs,
     C: tl.constexpr, T_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    LEGACY_MASK: tl.constexpr, DOT_FP32: tl.constexpr,
+    LEGACY_MASK: tl.constexpr, DOT_FP32: tl.constexpr, RESIDENT_KV: tl.constexpr,
 ):  # fmt: skip
-    tile = tl.program_id(0)
-    b = tl.program_id(1).to(tl.int64)
-    num_tiles = tl.num_programs(0)
+    # Program p of sample b takes tiles p, p + programs, ... in that order.
+    part = tl.program_id(0).to(tl.int64)  # = b * programs + p: this program's slot in the partial sums
+    b = (part // programs).to(tl.int64)
     DTYPE: tl.constexpr = img_ptr.dtype.element_ty
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, C)
     offs_t = tl.arange(0, T_PAD)
-    n_ok = offs_n < N
     t_ok = offs_t < T
-
-    # Recompute the forward for this tile.
-    r = _load_tile(img_ptr + b * C * N, offs_c, offs_n, N, n_ok)
-    keys = _load_tile(keys_ptr + b * C * T, offs_c, offs_t, T, t_ok)
-    values = _load_tile(values_ptr + b * C * T, offs_c, offs_t, T, t_ok)
-    alpha = _key_addressing(r, keys, mask_ptr, b, offs_n, n_ok, offs_t, N, T, B, DTYPE, DOT_FP32, LEGACY_MASK)
-    o = _dot(values, tl.trans(alpha), DTYPE, DOT_FP32)
+    keys = load_tile(keys_ptr + b * C * T, offs_c, offs_t, T, t_ok)
+    values = load_tile(values_ptr + b * C * T, offs_c, offs_t, T, t_ok)
     w_r = tl.load(gate_w_ptr + offs_c).to(tl.float32)
     w_o = tl.load(gate_w_ptr + C + offs_c).to(tl.float32)
     bias = tl.load(gate_b_ptr).to(tl.float32)
-    gate = tl.sigmoid(tl.sum(w_r[:, None] * r, axis=0) + tl.sum(w_o[:, None] * o, axis=0) + bias)
+    d_keys = tl.zeros((C, T_PAD), tl.float32)
+    d_values = tl.zeros((C, T_PAD), tl.float32)
+    d_w_r = tl.zeros((C,), tl.float32)
+    d_w_o = tl.zeros((C,), tl.float32)
+    d_bias = tl.zeros((BLOCK_N,), tl.float32)
 
-    # Response gate: r' = r + (o - r) g. Pixels past N have dy = 0, so they add nothing below.
-    dy = _load_tile(grad_out_ptr + b * C * N, offs_c, offs_n, N, n_ok)
-    d_pre_gate = tl.sum(dy * (o - r), axis=0) * gate * (1.0 - gate)  # BLOCK_N
-    dr = dy * (1.0 - gate)[None, :] + w_r[:, None] * d_pre_gate[None, :]
-    do = dy * gate[None, :] + w_o[:, None] * d_pre_gate[None, :]
-    # Value reading o = V αᵀ and the softmax.
-    d_values = _dot(do, alpha, DTYPE, DOT_FP32)  # C x T_PAD
-    d_alpha = _dot(tl.trans(do), values, DTYPE, DOT_FP32)  # BLOCK_N x T_PAD
-    d_scores = alpha * (d_alpha - tl.sum(alpha * d_alpha, axis=1)[:, None])
-    # Key addressing s = rᵀ K.
-    dr += _dot(keys, tl.trans(d_scores), DTYPE, DOT_FP32)  # C x BLOCK_N
-    d_keys = _dot(r, d_scores, DTYPE, DOT_FP32)  # C x T_PAD
+    for tile in range(part % programs, num_tiles, programs):
+        if not RESIDENT_KV:  # fetched again for each tile (from cache) to free their registers
+            keys = load_tile(keys_ptr + b * C * T, offs_c, offs_t, T, t_ok)
+            values = load_tile(values_ptr + b * C * T, offs_c, offs_t, T, t_ok)
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        # Recompute the forward for this tile.
+        r = load_tile(img_ptr + b * C * N, offs_c, offs_n, N, n_ok)
+        alpha = _key_addressing(
+            r, keys, mask_ptr, b, offs_n, n_ok, offs_t, N, T, B, DTYPE, DOT_FP32, LEGACY_MASK
+        )
+        o = dot(values, tl.trans(alpha), DTYPE, DOT_FP32)
+        gate = _response_gate(r, o, w_r, w_o, bias)
+        # Response gate: r' = r + (o - r) g. Pixels past N have dy = 0, so they add nothing below.
+        dy = load_tile(grad_out_ptr + b * C * N, offs_c, offs_n, N, n_ok)
+        d_pre_gate = tl.sum(dy * (o - r), axis=0) * gate * (1.0 - gate)  # BLOCK_N
+        dr = dy * (1.0 - gate)[None, :] + w_r[:, None] * d_pre_gate[None, :]
+        do = dy * gate[None, :] + w_o[:, None] * d_pre_gate[None, :]
+        # Value reading o = V αᵀ and the softmax.
+        d_values += dot(do, alpha, DTYPE, DOT_FP32)  # C x T_PAD
+        d_alpha = dot(tl.trans(do), values, DTYPE, DOT_FP32)  # BLOCK_N x T_PAD
+        d_scores = alpha * (d_alpha - tl.sum(alpha * d_alpha, axis=1)[:, None])
+        # Key addressing s = rᵀ K.
+        dr += dot(keys, tl.trans(d_scores), DTYPE, DOT_FP32)  # C x BLOCK_N
+        d_keys += dot(r, d_scores, DTYPE, DOT_FP32)  # C x T_PAD
+        tl.store(grad_img_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :], dr.to(DTYPE),
+                 mask=n_ok[None, :])  # fmt: skip
+        d_w_r += tl.sum(r * d_pre_gate[None, :], axis=1)
+        d_w_o += tl.sum(o * d_pre_gate[None, :], axis=1)
+        d_bias += d_pre_gate
 
-    out_offs = offs_c[:, None] * N + offs_n[None, :]
-    tl.store(grad_img_ptr + b * C * N + out_offs, dr.to(DTYPE), mask=n_ok[None, :])
-    part = (b * num_tiles + tile) * C * T_PAD + offs_c[:, None] * T_PAD + offs_t[None, :]
-    tl.store(grad_keys_part_ptr + part, d_keys)
-    tl.store(grad_values_part_ptr + part, d_values)
-    gate_part = grad_gate_part_ptr + (b * num_tiles + tile) * (2 * C + 1)
-    tl.store(gate_part + offs_c, tl.sum(r * d_pre_gate[None, :], axis=1))
-    tl.store(gate_part + C + offs_c, tl.sum(o * d_pre_gate[None, :], axis=1))
-    tl.store(gate_part + 2 * C, tl.sum(d_pre_gate, axis=0))
+    part_offs = part * C * T + offs_c[:, None] * T + offs_t[None, :]
+    tl.store(grad_keys_part_ptr + part_offs, d_keys, mask=t_ok[None, :])
+    tl.store(grad_values_part_ptr + part_offs, d_values, mask=t_ok[None, :])
+    gate_part = grad_gate_part_ptr + part * (2 * C + 1)
+    tl.store(gate_part + offs_c, d_w_r)
+    tl.store(gate_part + C + offs_c, d_w_o)
+    tl.store(gate_part + 2 * C, tl.sum(d_bias, axis=0))
 
 
 def _prepare(img: Tensor, keys: Tensor, values: Tensor, pad_mask: Tensor, gate_w: Tensor, gate_b: Tensor):
-    batch, channels, height, width = img.shape
-    return (
-        img.contiguous(), keys.contiguous(), values.contiguous(), pad_mask.to(torch.uint8).contiguous(),
-        gate_w.reshape(-1).contiguous(), gate_b.reshape(-1).contiguous(),
-        (batch, channels, height * width, keys.shape[2]),
-    )  # fmt: skip
+    mask = pad_mask.to(torch.uint8).contiguous()
+    gate_w, gate_b = gate_w.reshape(-1).contiguous(), gate_b.reshape(-1).contiguous()
+    return img.contiguous(), keys.contiguous(), values.contiguous(), mask, gate_w, gate_b
+
+
+def _tiling(img: Tensor, num_words: int, backward: bool) -> tuple[dict[str, object], int]:
+    """A launch's options (the kernel's sizes, ``launch_config``) and its tiles per sample."""
+    channels, height, width = img.shape[1:]
+    fp32, t_pad = dot_in_fp32(img.dtype), word_block(num_words)
+    options = dict(C=channels, T_PAD=t_pad, DOT_FP32=fp32, **launch_config(channels, t_pad, backward, fp32))
+    return options, triton.cdiv(height * width, options["BLOCK_N"])
+
+
+def plan_forward(img, keys, values, pad_mask, gate_w, gate_b, out, attention, legacy_mask) -> Launch:
+    batch, _, height, width = img.shape
+    num_words = keys.shape[2]
+    options, num_tiles = _tiling(img, num_words, backward=False)
+    options.update(LEGACY_MASK=legacy_mask, WRITE_ATTENTION=attention.numel() > 0)
+    inputs = _prepare(img, keys, values, pad_mask, gate_w, gate_b)
+    sizes = (height * width, num_words, batch, num_tiles)
+    return Launch(
+        memory_read_forward_kernel, (num_tiles * batch,), (*inputs, out, attention, *sizes), options
+    )
+
+
+def backward_buffers(img: Tensor, num_words: int, programs: int) -> dict[str, Tensor]:
+    """grad_img and the fp32 partial sums of the backward (one slot per persistent program)."""
+    batch, channels = img.shape[:2]
+    return dict(
+        grad_img=alloc(img.shape, img.dtype, img.device),
+        keys=alloc((batch, programs, channels, num_words), torch.float32, img.device),
+        values=alloc((batch, programs, channels, num_words), torch.float32, img.device),
+        gate=alloc((batch * programs, 2 * channels + 1), torch.float32, img.device),
+    )
+
+
+def plan_backward(grad_out, img, keys, values, pad_mask, gate_w, gate_b, buffers, legacy_mask) -> Launch:
+    batch, _, height, width = img.shape
+    num_words, programs = keys.shape[2], buffers["keys"].shape[1]
+    options, num_tiles = _tiling(img, num_words, backward=True)
+    options.update(LEGACY_MASK=legacy_mask)
+    inputs = _prepare(img, keys, values, pad_mask, gate_w, gate_b)
+    outputs = (buffers["grad_img"], buffers["keys"], buffers["values"], buffers["gate"])
+    sizes = (height * width, num_words, batch, num_tiles, programs)
+    args = (*inputs, grad_out.contiguous(), *outputs, *sizes)
+    return Launch(memory_read_backward_kernel, (batch * programs,), args, options)
 
 
 @torch.library.custom_op("dmgan_triton::memory_read", mutates_args=())
@@ -190,27 +261,12 @@ def memory_read(
     legacy_mask: bool,
 ) -> tuple[Tensor, Tensor]:
     """(r' B x C x H x W, α B x T x H x W or an empty tensor). All float inputs share one dtype."""
-    img_c, keys_c, values_c, mask_c, gate_w_c, gate_b_c, (batch, channels, num_pixels, num_words) = _prepare(
-        img, keys, values, pad_mask, gate_w, gate_b
-    )
-    out = alloc(img.shape, img.dtype, img.device)
-    attention = alloc((batch, num_words, *img.shape[2:]) if return_attention else (0,), img.dtype, img.device)
-    t_pad = word_block(num_words)
-    block_n, num_warps = launch_config(channels, t_pad, backward=False, fp32=dot_in_fp32(img.dtype))
-    memory_read_forward_kernel[(triton.cdiv(num_pixels, block_n), batch)](
-        img_c, keys_c, values_c, mask_c, gate_w_c, gate_b_c, out, attention,
-        num_pixels, num_words, batch,
-        C=channels, T_PAD=t_pad, BLOCK_N=block_n, LEGACY_MASK=legacy_mask,
-        WRITE_ATTENTION=return_attention, DOT_FP32=dot_in_fp32(img.dtype), num_warps=num_warps,
-    )  # fmt: skip
-    return out, attention
-
-
-@memory_read.register_fake
-def _(img, keys, values, pad_mask, gate_w, gate_b, return_attention, legacy_mask):
     batch, _, height, width = img.shape
+    out = alloc(img.shape, img.dtype, img.device)
     attention_shape = (batch, keys.shape[2], height, width) if return_attention else (0,)
-    return img.new_empty(img.shape), img.new_empty(attention_shape)
+    attention = alloc(attention_shape, img.dtype, img.device)
+    plan_forward(img, keys, values, pad_mask, gate_w, gate_b, out, attention, legacy_mask)()
+    return out, attention
 
 
 @torch.library.custom_op("dmgan_triton::memory_read_backward", mutates_args=())
@@ -225,51 +281,43 @@ def memory_read_backward(
     legacy_mask: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for (img, keys, values, gate_w, gate_b), each in its input's dtype and shape."""
-    img_c, keys_c, values_c, mask_c, gate_w_c, gate_b_c, (batch, channels, num_pixels, num_words) = _prepare(
-        img, keys, values, pad_mask, gate_w, gate_b
+    batch, channels, height, width = img.shape
+    num_words = keys.shape[2]
+    programs = backward_programs(
+        batch, channels, height * width, num_words, img.dtype, _multiprocessors(img.device)
     )
-    t_pad = word_block(num_words)
-    block_n, num_warps = launch_config(channels, t_pad, backward=True, fp32=dot_in_fp32(img.dtype))
-    num_tiles = triton.cdiv(num_pixels, block_n)
-    grad_img = alloc(img.shape, img.dtype, img.device)
-    grad_keys_part = alloc((batch, num_tiles, channels, t_pad), torch.float32, img.device)
-    grad_values_part = alloc((batch, num_tiles, channels, t_pad), torch.float32, img.device)
-    grad_gate_part = alloc((batch * num_tiles, 2 * channels + 1), torch.float32, img.device)
-    memory_read_backward_kernel[(num_tiles, batch)](
-        img_c, keys_c, values_c, mask_c, gate_w_c, gate_b_c, grad_out.contiguous(),
-        grad_img, grad_keys_part, grad_values_part, grad_gate_part,
-        num_pixels, num_words, batch,
-        C=channels, T_PAD=t_pad, BLOCK_N=block_n, LEGACY_MASK=legacy_mask,
-        DOT_FP32=dot_in_fp32(img.dtype), num_warps=num_warps,
-    )  # fmt: skip
+    # With no pixel (H W = 0) each program still runs once and stores zero sums.
+    buffers = backward_buffers(img, num_words, programs)
+    plan_backward(grad_out, img, keys, values, pad_mask, gate_w, gate_b, buffers, legacy_mask)()
+    gate = buffers["gate"]
     return (
-        grad_img,
-        grad_keys_part[..., :num_words].sum(1).to(keys.dtype),
-        grad_values_part[..., :num_words].sum(1).to(values.dtype),
-        grad_gate_part[:, : 2 * channels].sum(0).view(gate_w.shape).to(gate_w.dtype),
-        grad_gate_part[:, 2 * channels :].sum(0).view(gate_b.shape).to(gate_b.dtype),
+        buffers["grad_img"],
+        buffers["keys"].sum(1).to(keys.dtype),
+        buffers["values"].sum(1).to(values.dtype),
+        gate[:, : 2 * channels].sum(0).view(gate_w.shape).to(gate_w.dtype),
+        gate[:, 2 * channels :].sum(0).view(gate_b.shape).to(gate_b.dtype),
     )
 
 
-@memory_read_backward.register_fake
-def _(grad_out, img, keys, values, pad_mask, gate_w, gate_b, legacy_mask):
-    return tuple(t.new_empty(t.shape) for t in (img, keys, values, gate_w, gate_b))
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    img, keys, values, pad_mask, gate_w, gate_b, _, legacy_mask = inputs
-    ctx.save_for_backward(img, keys, values, pad_mask, gate_w, gate_b)
-    ctx.legacy_mask = legacy_mask
-    ctx.mark_non_differentiable(output[1])  # the attention map is for looking at, not training
-
-
-def _backward(ctx, grad_out: Tensor, _grad_attention: Tensor):
-    img, keys, values, pad_mask, gate_w, gate_b = ctx.saved_tensors
-    grads = memory_read_backward(
-        grad_out.contiguous(), img, keys, values, pad_mask, gate_w, gate_b, ctx.legacy_mask
+def backward_bytes(batch: int, channels: int, num_pixels: int, num_words: int, dtype: torch.dtype,
+                   multiprocessors: int) -> dict[str, int]:  # fmt: skip
+    """Bytes the backward moves to and from memory, each tensor counted once per load, against
+    the op's essential traffic (read r and dr', write dr; keys, values and the gate once)."""
+    size = torch.empty((), dtype=dtype).element_size()
+    programs = backward_programs(batch, channels, num_pixels, num_words, dtype, multiprocessors)
+    images = 3 * batch * channels * num_pixels * size  # r, dr' in; dr out
+    per_sample = (2 * channels * num_words + 2 * channels + 1) * size + num_words  # K, V, gate, mask
+    partial_floats = batch * programs * (2 * channels * num_words + 2 * channels + 1)
+    return dict(
+        essential=images + batch * per_sample + batch * 2 * channels * num_words * size,
+        moved=(
+            images
+            + batch * programs * per_sample  # every program loads its sample's K, V, gate and mask
+            + 2 * 4 * partial_floats  # the partial sums, stored and read back once
+            + batch * 2 * channels * num_words * size  # dK, dV out
+        ),
+        programs_per_sample=programs,
     )
-    grad_img, grad_keys, grad_values, grad_gate_w, grad_gate_b = grads
-    return grad_img, grad_keys, grad_values, None, grad_gate_w, grad_gate_b, None, None
 
 
-memory_read.register_autograd(_backward, setup_context=_setup_context)
+library.register_memory_read("dmgan_triton")

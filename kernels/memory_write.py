@@ -11,7 +11,8 @@ so the gain is one launch instead of about a dozen. With words W (N_w x T) and r
 
 The backward recomputes the forward per program; weight gradients leave each program as fp32
 partials summed afterwards, so they are deterministic. Registered as
-``torch.ops.dmgan_triton.memory_write`` (+ ``memory_write_backward``).
+``torch.ops.dmgan_triton.memory_write`` (+ ``memory_write_backward``); fake shapes and autograd
+come from :mod:`dmgan.ops.library`.
 """
 
 from __future__ import annotations
@@ -21,19 +22,22 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from kernels._common import alloc, dot_in_fp32
-from kernels.memory_read import _dot
+from dmgan.kernels._common import Launch, alloc, dot, dot_in_fp32
+from dmgan.ops import library
 
 BLOCK_T = 16  # words per program (tl.dot needs >= 16); BLOCK_K chunks N_w, BLOCK_R the N_r rows
 
 
 def launch_config(channels: int, backward: bool, fp32: bool) -> dict[str, int]:
-    """Chunk sizes and warps: N_m x BLOCK_T tiles (memory, its gradient, ...) stay in registers,
-    so wider memories, the backward and fp32 operands get smaller chunks and more warps (from the
-    reports of ``python -m kernels.compile_gate``)."""
+    """Chunk sizes, warps and pipeline stages: N_m x BLOCK_T tiles (memory, its gradient, ...)
+    stay in registers, so wider memories, the backward and fp32 operands get smaller chunks and
+    more warps (from the reports of ``python -m dmgan.kernels.compile_gate``). The loops over N_w
+    chunks are not pipelined (one stage): at N_r = 128 in fp32, Triton's default of three stages
+    needs more shared memory than sm_86 / sm_89 / sm_120 give a block, and the op is too small
+    for the prefetch to pay."""
     units = channels * (2 if fp32 else 1) * (2 if backward else 1)
-    block = 32 if units <= 64 else 16
-    return dict(BLOCK_K=block, BLOCK_R=min(block, channels), num_warps=4 if units <= 64 else 8)
+    block = 32 if units < 64 else 16
+    return dict(BLOCK_K=block, BLOCK_R=min(block, channels), num_warps=4 if units < 64 else 8, num_stages=1)
 
 
 @triton.jit
@@ -59,7 +63,7 @@ def _write_forward(words_ptr, rbar_ptr, A_ptr, B_ptr, M_w_ptr, M_w_b_ptr, M_r_pt
         w = tl.load(words_ptr + b * NW * T + offs_k[:, None] * T + offs_t[None, :],
                     mask=k_ok[:, None] & t_ok[None, :], other=0.0)  # fmt: skip
         M_w = tl.load(M_w_ptr + offs_m[:, None] * NW + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-        words_pre += _dot(M_w, w, DTYPE, DOT_FP32)
+        words_pre += dot(M_w, w, DTYPE, DOT_FP32)
         A = tl.load(A_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
         gate_pre += tl.sum(A[:, None] * w.to(tl.float32), axis=0)
     words_pre += tl.load(M_w_b_ptr + offs_m).to(tl.float32)[:, None]
@@ -91,11 +95,11 @@ def memory_write_forward_kernel(
         w_offs = offs_r[:, None] * NM + offs_m[None, :]
         out_offs = b * NR * T + offs_r[:, None] * T + offs_t[None, :]
         keys = (
-            _dot(tl.load(key_w_ptr + w_offs), memory, DTYPE, DOT_FP32) + tl.load(key_b_ptr + offs_r)[:, None]
+            dot(tl.load(key_w_ptr + w_offs), memory, DTYPE, DOT_FP32) + tl.load(key_b_ptr + offs_r)[:, None]
         )
         tl.store(keys_ptr + out_offs, tl.maximum(keys, 0.0).to(DTYPE), mask=t_ok)
         values = (
-            _dot(tl.load(value_w_ptr + w_offs), memory, DTYPE, DOT_FP32)
+            dot(tl.load(value_w_ptr + w_offs), memory, DTYPE, DOT_FP32)
             + tl.load(value_b_ptr + offs_r)[:, None]
         )
         tl.store(values_ptr + out_offs, tl.maximum(values, 0.0).to(DTYPE), mask=t_ok)
@@ -112,15 +116,15 @@ def _project_backward(w_ptr, b_ptr, grad_out_ptr, grad_w_part, grad_b_part, memo
     for r0 in range(0, NR, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
         weight = tl.load(w_ptr + offs_r[:, None] * NM + offs_m[None, :])
-        pre = _dot(weight, memory, DTYPE, DOT_FP32) + tl.load(b_ptr + offs_r).to(tl.float32)[:, None]
+        pre = dot(weight, memory, DTYPE, DOT_FP32) + tl.load(b_ptr + offs_r).to(tl.float32)[:, None]
         grad = tl.load(
             grad_out_ptr + b * NR * T + offs_r[:, None] * T + offs_t[None, :], mask=t_ok, other=0.0
         )
         grad = tl.where(pre > 0.0, grad.to(tl.float32), 0.0)  # padded words: 0
         tl.store(grad_w_part + part * NR * NM + offs_r[:, None] * NM + offs_m[None, :],
-                 _dot(grad, tl.trans(memory), DTYPE, DOT_FP32))  # fmt: skip
+                 dot(grad, tl.trans(memory), DTYPE, DOT_FP32))  # fmt: skip
         tl.store(grad_b_part + part * NR + offs_r, tl.sum(grad, axis=1))
-        d_memory += _dot(tl.trans(weight), grad, DTYPE, DOT_FP32)
+        d_memory += dot(tl.trans(weight), grad, DTYPE, DOT_FP32)
     return d_memory
 
 
@@ -181,7 +185,7 @@ def memory_write_backward_kernel(
         words = tl.load(words_ptr + words_offs, mask=k_ok[:, None] & t_ok[None, :], other=0.0)
         M_w = tl.load(M_w_ptr + offs_m[:, None] * NW + offs_k[None, :], mask=k_ok[None, :], other=0.0)
         A = tl.load(A_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
-        grad_M_w = _dot(d_words_pre, tl.trans(words), DTYPE, DOT_FP32)  # NM x BLOCK_K
+        grad_M_w = dot(d_words_pre, tl.trans(words), DTYPE, DOT_FP32)  # NM x BLOCK_K
         tl.store(
             grad_M_w_part + part * NM * NW + offs_m[:, None] * NW + offs_k[None, :],
             grad_M_w,
@@ -192,20 +196,50 @@ def memory_write_backward_kernel(
             tl.sum(words.to(tl.float32) * d_gate_pre[None, :], axis=1),
             mask=k_ok,
         )
-        d_words = _dot(tl.trans(M_w), d_words_pre, DTYPE, DOT_FP32) + A[:, None] * d_gate_pre[None, :]
+        d_words = dot(tl.trans(M_w), d_words_pre, DTYPE, DOT_FP32) + A[:, None] * d_gate_pre[None, :]
         tl.store(grad_words_ptr + words_offs, d_words.to(DTYPE), mask=k_ok[:, None] & t_ok[None, :])
 
 
-_WEIGHTS = ("A", "B", "M_w", "M_w_b", "M_r", "M_r_b", "key_w", "key_b", "value_w", "value_b")
-
-
-def _launch_args(
-    words: Tensor, rbar: Tensor, weights: tuple[Tensor, ...], backward: bool
-) -> tuple[list[Tensor], dict]:
+def _options(words: Tensor, rbar: Tensor, backward: bool) -> dict[str, object]:
     nr, fp32 = rbar.shape[1], dot_in_fp32(words.dtype)
-    tensors = [words.contiguous(), rbar.contiguous(), *(w.contiguous() for w in weights)]
-    meta = dict(NR=nr, BLOCK_T=BLOCK_T, DOT_FP32=fp32, **launch_config(nr, backward, fp32))
-    return tensors, meta
+    return dict(NR=nr, BLOCK_T=BLOCK_T, DOT_FP32=fp32, **launch_config(nr, backward, fp32))
+
+
+def _grid(words: Tensor) -> tuple[int, int]:
+    return (words.shape[0], triton.cdiv(words.shape[2], BLOCK_T))  # samples x word blocks
+
+
+def plan_forward(
+    words: Tensor, rbar: Tensor, weights: tuple[Tensor, ...], keys: Tensor, values: Tensor
+) -> Launch:
+    tensors = (words.contiguous(), rbar.contiguous(), *(w.contiguous() for w in weights))
+    return Launch(
+        memory_write_forward_kernel,
+        _grid(words),
+        (*tensors, keys, values, words.shape[2], words.shape[1]),
+        _options(words, rbar, backward=False),
+    )
+
+
+def backward_buffers(words: Tensor, rbar: Tensor, weights: tuple[Tensor, ...]) -> dict[str, object]:
+    """grad_words and the per-program fp32 partial sums of every other gradient."""
+    programs = _grid(words)[0] * _grid(words)[1]
+    return dict(
+        grad_words=alloc(words.shape, words.dtype, words.device),
+        rbar=alloc((words.shape[0], _grid(words)[1], rbar.shape[1]), torch.float32, words.device),
+        weights=[alloc((programs, *w.shape), torch.float32, words.device) for w in weights],
+    )
+
+
+def plan_backward(grad_keys, grad_values, words, rbar, weights, buffers) -> Launch:
+    tensors = (words.contiguous(), rbar.contiguous(), *(w.contiguous() for w in weights))
+    return Launch(
+        memory_write_backward_kernel,
+        _grid(words),
+        (*tensors, grad_keys.contiguous(), grad_values.contiguous(), buffers["grad_words"], buffers["rbar"],
+         *buffers["weights"], words.shape[2], words.shape[1]),
+        _options(words, rbar, backward=True),
+    )  # fmt: skip
 
 
 @torch.library.custom_op("dmgan_triton::memory_write", mutates_args=())
@@ -225,19 +259,10 @@ def memory_write(
 ) -> tuple[Tensor, Tensor]:
     """(keys, values), each B x N_r x T. All float inputs share one dtype."""
     weights = (A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)
-    tensors, meta = _launch_args(words, rbar, weights, backward=False)
-    batch, nw, num_words = words.shape
-    keys = alloc((batch, rbar.shape[1], num_words), words.dtype, words.device)
-    values = alloc((batch, rbar.shape[1], num_words), words.dtype, words.device)
-    grid = (batch, triton.cdiv(num_words, BLOCK_T))
-    memory_write_forward_kernel[grid](*tensors, keys, values, num_words, nw, **meta)
-    return keys, values
-
-
-@memory_write.register_fake
-def _(words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b):
     shape = (words.shape[0], rbar.shape[1], words.shape[2])
-    return words.new_empty(shape), words.new_empty(shape)
+    keys, values = alloc(shape, words.dtype, words.device), alloc(shape, words.dtype, words.device)
+    plan_forward(words, rbar, weights, keys, values)()
+    return keys, values
 
 
 @torch.library.custom_op("dmgan_triton::memory_write_backward", mutates_args=())
@@ -259,37 +284,12 @@ def memory_write_backward(
 ) -> list[Tensor]:
     """Gradients for (words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)."""
     weights = (A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)
-    tensors, meta = _launch_args(words, rbar, weights, backward=True)
-    batch, nw, num_words = words.shape
-    grid = (batch, triton.cdiv(num_words, BLOCK_T))
-    grad_words = alloc(words.shape, words.dtype, words.device)
-    # Per-program fp32 partials, summed below in a fixed order: deterministic gradients.
-    grad_rbar_part = alloc((batch, grid[1], rbar.shape[1]), torch.float32, words.device)
-    partials = [alloc((batch * grid[1], *w.shape), torch.float32, words.device) for w in weights]
-    memory_write_backward_kernel[grid](
-        *tensors, grad_keys.contiguous(), grad_values.contiguous(), grad_words, grad_rbar_part, *partials,
-        num_words, nw, **meta,
-    )  # fmt: skip
-    grad_rbar = grad_rbar_part.sum(1).to(rbar.dtype)
-    return [grad_words, grad_rbar, *(p.sum(0).to(w.dtype) for p, w in zip(partials, weights))]
+    buffers = backward_buffers(words, rbar, weights)
+    plan_backward(grad_keys, grad_values, words, rbar, weights, buffers)()
+    # The per-program partials summed in a fixed order: deterministic gradients.
+    grad_rbar = buffers["rbar"].sum(1).to(rbar.dtype)
+    weight_grads = (p.sum(0).to(w.dtype) for p, w in zip(buffers["weights"], weights))
+    return [buffers["grad_words"], grad_rbar, *weight_grads]
 
 
-@memory_write_backward.register_fake
-def _(grad_keys, grad_values, words, rbar, *weights):
-    return [t.new_empty(t.shape) for t in (words, rbar, *weights)]
-
-
-def _setup_context(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _backward(ctx, grad_keys: Tensor | None, grad_values: Tensor | None):
-    inputs = ctx.saved_tensors
-    words, rbar = inputs[0], inputs[1]
-    shape = (words.shape[0], rbar.shape[1], words.shape[2])
-    grad_keys = words.new_zeros(shape) if grad_keys is None else grad_keys.contiguous()
-    grad_values = words.new_zeros(shape) if grad_values is None else grad_values.contiguous()
-    return tuple(memory_write_backward(grad_keys, grad_values, *inputs))
-
-
-memory_write.register_autograd(_backward, setup_context=_setup_context)
+library.register_memory_write("dmgan_triton")

@@ -13,7 +13,7 @@ import torch
 
 from dmgan import ops
 from dmgan.ops import _build
-from tests.parity import ReadShape, WriteShape, read_case, write_case
+from dmgan.ops.parity import ReadShape, WriteShape, read_case, write_case
 
 _cpp = pytest.importorskip("dmgan.ops._cpp", reason="the C++ extension did not load", exc_type=ImportError)
 

@@ -1,9 +1,10 @@
-"""Every fused backend of the dynamic-memory ops against the eager reference (tests/parity.py).
+"""Every fused backend of the dynamic-memory ops against the eager reference (dmgan/ops/parity.py).
 
 On a machine without a GPU the Triton kernels run under TRITON_INTERPRET=1 (set in conftest):
 small shapes, fp32 and fp16 (the interpreter computes bf16 dots wrongly, so bf16 runs on a GPU
 only); the C++ extension runs its CPU kernels in fp32 and bf16. Every backend's output buffers
-are poisoned with NaN, so an unwritten element fails the comparison.
+are poisoned with NaN, so an unwritten element fails the comparison. The CUDA kernels run on the
+CPU in tests/test_ops_cuda_on_cpu.py, through the same cases.
 """
 
 from __future__ import annotations
@@ -13,7 +14,18 @@ import torch
 
 from dmgan import ops
 from dmgan.models import NEXT_STAGE_G
-from tests.parity import ReadShape, WriteShape, assert_matches, read_case, reference_for, run, write_case
+from dmgan.ops.library import OpInput
+from dmgan.ops.parity import (
+    READ_SHAPES,
+    WRITE_SHAPES,
+    ReadShape,
+    WriteShape,
+    check_memory_read,
+    check_memory_write,
+    read_case,
+    run,
+    write_case,
+)
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -26,49 +38,18 @@ FUSED = [b for b in BACKENDS if b in ops.available_backends(DEVICE)]
 CASES = [(b, d) for b in FUSED for d in BACKENDS[b]]
 ids = [f"{b}-{str(d).removeprefix('torch.')}" for b, d in CASES]
 
-READ_SHAPES = [
-    ReadShape(2, 32, 5, 7, (6, 3)),  # odd H x W, mixed caption lengths
-    ReadShape(1, 32, 4, 4, (1,)),  # B = 1, T = 1
-    ReadShape(3, 32, 9, 7, (21, 3, 0)),  # two word blocks, a fully padded caption, several pixel tiles
-    ReadShape(2, 64, 3, 11, (5, 5)),
-    ReadShape(2, 128, 2, 3, (64, 17)),  # the widest supported: N_r 128, T 64
-    ReadShape(1, 32, 11, 9, (7,)),  # several forward tiles, a partial last one
-]
-WRITE_SHAPES = [
-    WriteShape(2, 40, 32, 6),  # N_w not a multiple of the chunk
-    WriteShape(1, 32, 32, 1),
-    WriteShape(3, 48, 64, 21),
-    WriteShape(2, 24, 128, 64),
-]
-
-
-@pytest.fixture(autouse=True)
-def _poison_outputs(monkeypatch):
-    monkeypatch.setenv("DMGAN_POISON_OUTPUTS", "1")  # read by the C++ / CUDA kernels' allocations
-    if "triton" in FUSED:
-        import kernels._common
-
-        monkeypatch.setattr(kernels._common, "POISON_OUTPUTS", True)
-
 
 @pytest.mark.parametrize(("backend", "dtype"), CASES, ids=ids)
 @pytest.mark.parametrize("shape", READ_SHAPES, ids=str)
 @pytest.mark.parametrize("legacy_mask", [False, True], ids=["mask", "legacy"])
 def test_memory_read_matches_reference(backend, dtype, shape, legacy_mask):
-    case = read_case(shape, dtype, DEVICE)
-    options = dict(return_attention=True, legacy_mask=legacy_mask)
-    got = run("memory_read", case, backend, **options)
-    assert got["out0"].dtype == got["out1"].dtype == dtype
-    assert_matches(got, reference_for("memory_read", case, dtype, **options), dtype)
+    check_memory_read(backend, dtype, shape, legacy_mask, DEVICE)
 
 
 @pytest.mark.parametrize(("backend", "dtype"), CASES, ids=ids)
 @pytest.mark.parametrize("shape", WRITE_SHAPES, ids=str)
 def test_memory_write_matches_reference(backend, dtype, shape):
-    case = write_case(shape, dtype, DEVICE)
-    got = run("memory_write", case, backend)
-    assert got["out0"].dtype == dtype
-    assert_matches(got, reference_for("memory_write", case, dtype), dtype)
+    check_memory_write(backend, dtype, shape, DEVICE)
 
 
 @pytest.mark.parametrize("backend", FUSED)
@@ -89,18 +70,46 @@ def test_attention_is_not_written_unless_asked(backend):
     torch.testing.assert_close(r_new, ops.memory_read(**case, backend=backend, return_attention=True)[0])
 
 
+@pytest.mark.parametrize("image_dtype", [torch.float32, "autocast"], ids=["fp32-image", "16-bit-image"])
 @pytest.mark.parametrize("backend", FUSED)
-def test_autocast_runs_in_16_bit_with_fp32_parameter_gradients(backend):
+def test_autocast_gives_the_dtypes_of_eager_and_fp32_parameter_gradients(backend, image_dtype):
+    """Under autocast the kernels run in 16 bits, and every output has the dtype that the eager
+    reference gives it: r' keeps an fp32 image's precision, the attention follows autocast's
+    softmax (fp32 on CUDA), keys and values are 16-bit."""
     dtype = torch.bfloat16 if ON_GPU else torch.float16
     case = read_case(ReadShape(2, 32, 5, 7, (6, 3)), torch.float32, DEVICE)
+    if image_dtype == "autocast":
+        case["img"] = case["img"].to(dtype)
     case = {k: (v.requires_grad_() if v.is_floating_point() else v) for k, v in case.items()}
+    write = write_case(WriteShape(2, 24, 32, 5), torch.float32, DEVICE)
     with torch.autocast(DEVICE, dtype=dtype):
-        r_new, _ = ops.memory_read(**case, backend=backend)
-    assert r_new.dtype == dtype
+        r_new, attention = ops.memory_read(**case, backend=backend, return_attention=True)
+        want, want_attention = ops.memory_read(**case, backend="eager", return_attention=True)
+        keys, _ = ops.memory_write(**write, backend=backend)
+        want_keys, _ = ops.memory_write(**write, backend="eager")
+    assert (r_new.dtype, attention.dtype, keys.dtype) == (want.dtype, want_attention.dtype, want_keys.dtype)
+    assert keys.dtype == dtype
+    torch.testing.assert_close(r_new.float(), want.float(), rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(attention.float(), want_attention.float(), rtol=2e-2, atol=2e-2)
     r_new.float().sum().backward()
     assert case["gate_w"].grad.dtype == torch.float32 and torch.isfinite(case["gate_w"].grad).all()
-    want, _ = ops.memory_read(**{k: v.detach() for k, v in case.items()}, backend="eager")
-    torch.testing.assert_close(r_new.float(), want, rtol=2e-2, atol=2e-2)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_float64_runs_where_the_backend_computes_it_and_falls_back_where_not(backend):
+    """fp64 (what gradcheck uses): the CPU kernels compute it in fp64; the GPU kernels refuse it,
+    and backend="auto" falls back to one that takes it."""
+    case = read_case(ReadShape(2, 32, 3, 5, (4, 2)), torch.float64, DEVICE)
+    computes_fp64 = backend == "cpp" and DEVICE == "cpu"
+    if computes_fp64:
+        got, _ = ops.memory_read(**case, backend=backend)
+        torch.testing.assert_close(got, ops.memory_read(**case, backend="eager")[0], rtol=1e-12, atol=1e-12)
+    else:
+        with pytest.raises(ValueError, match=r"does not support this input: dtype torch.float64"):
+            ops.memory_read(**case, backend=backend)
+    auto, _ = ops.memory_read(**case)
+    assert auto.dtype == torch.float64
+    torch.testing.assert_close(auto, ops.memory_read(**case, backend="eager")[0], rtol=1e-12, atol=1e-12)
 
 
 def test_unsupported_inputs_raise_for_triton_and_fall_back_under_auto(monkeypatch):
@@ -115,6 +124,107 @@ def test_unsupported_inputs_raise_for_triton_and_fall_back_under_auto(monkeypatc
     monkeypatch.setitem(ops.AUTO_ORDER, DEVICE, ("triton", "eager"))
     for c in (case, long_case):
         torch.testing.assert_close(ops.memory_read(**c)[0], ops.memory_read(**c, backend="eager")[0])
+
+
+def _cuda_call(op: str = "memory_read", **fields) -> OpInput:
+    """A call on a CUDA device, described without one (the device need not exist to be named)."""
+    base = dict(device=torch.device("cuda", 0), dtype=torch.float32, batch=2, channels=64, num_words=18)
+    return OpInput(op, **{**base, "num_pixels": 64 * 64, **fields})
+
+
+def test_float64_on_cuda_falls_back_to_eager_under_auto(monkeypatch):
+    """Neither GPU backend computes fp64 (the Triton dot has no fp64 form; the CUDA kernels work
+    in fp32): auto must not send it to them."""
+    if "cpp" in FUSED:  # a CUDA device as the CUDA kernels would see it, none needed here
+        monkeypatch.setattr("dmgan.ops._cpp._HAS_CUDA_KERNELS", True)
+        monkeypatch.setattr("dmgan.ops._cpp._shared_memory_per_block", lambda device: 101_376)
+    for backend in FUSED:
+        module = ops._load(backend)
+        assert "dtype torch.float64" in module.unsupported_reason(_cuda_call(dtype=torch.float64))
+        assert module.unsupported_reason(_cuda_call()) is None
+    assert ops._resolve("auto", _cuda_call(dtype=torch.float64)) is ops.reference
+
+
+@pytest.mark.skipif("cpp" not in FUSED, reason="the C++ extension did not load")
+def test_cuda_kernels_that_need_more_shared_memory_than_the_device_has_fall_back(monkeypatch):
+    """The CUDA read kernels keep a sample's keys and values in shared memory (C x T each): N_r 128
+    with 64 words needs about 66 KB, which sm_86 (99 KB) has and a 48 KB device has not."""
+    from dmgan.ops import _cpp
+
+    monkeypatch.setattr(_cpp, "_HAS_CUDA_KERNELS", True)
+    monkeypatch.setitem(ops.AUTO_ORDER, "cuda", ("cpp", "eager"))
+    wide = _cuda_call(channels=128, num_words=64)
+    assert 48 * 1024 < _cpp.cuda_shared_bytes(wide) <= 101_376
+    monkeypatch.setattr(_cpp, "_shared_memory_per_block", lambda device: 101_376)
+    assert _cpp.unsupported_reason(wide) is None and ops._resolve("auto", wide) is _cpp
+    monkeypatch.setattr(_cpp, "_shared_memory_per_block", lambda device: 48 * 1024)
+    assert "shared memory" in _cpp.unsupported_reason(wide)
+    assert ops._resolve("auto", wide) is ops.reference
+
+
+@pytest.mark.skipif("triton" not in FUSED, reason="triton backend unavailable")
+def test_triton_launches_on_the_inputs_device(monkeypatch):
+    """Triton launches on the current CUDA device and its current stream: a launch must make the
+    inputs' device current for the call (inputs on cuda:1 with device 0 current would otherwise be
+    read by a kernel on device 0). The GPU tests run this for real on a second device."""
+    from dmgan.kernels._common import Launch
+
+    entered = []
+
+    class RecordingDevice:
+        def __init__(self, device):
+            self.device = device
+
+        def __enter__(self):
+            entered.append(self.device)
+
+        def __exit__(self, *exc):
+            entered.append("exit")
+
+    class FakeKernel:
+        def __getitem__(self, grid):
+            return lambda *args, **options: entered.append(("launch", grid))
+
+    class OnSecondGpu:
+        device = torch.device("cuda", 1)
+
+    monkeypatch.setattr(torch.cuda, "device", RecordingDevice)
+    Launch(FakeKernel(), (3,), (OnSecondGpu(),))()
+    assert entered == [torch.device("cuda", 1), ("launch", (3,)), "exit"]
+    entered.clear()
+    Launch(FakeKernel(), (0,), (OnSecondGpu(),))()  # an empty grid launches nothing
+    assert entered == []
+
+
+@pytest.mark.skipif("triton" not in FUSED, reason="triton backend unavailable")
+def test_triton_grids_are_flat_so_batches_beyond_65535_fit():
+    """Only a grid's first axis takes more than 65,535 programs: the reading kernels put
+    samples x tiles on it (the writing kernel has samples there already)."""
+    from dmgan.kernels import memory_read, memory_write
+
+    batch = 70_000
+    read = read_case(ReadShape(batch, 32, 2, 2, (2,) * batch), torch.float32)
+    out, empty = torch.empty_like(read["img"]), torch.empty(0)
+    forward = memory_read.plan_forward(*read.values(), out, empty, False)
+    buffers = memory_read.backward_buffers(read["img"], 2, 1)
+    backward = memory_read.plan_backward(read["img"], *read.values(), buffers, False)
+    write = write_case(WriteShape(batch, 8, 32, 2), torch.float32)
+    weights = tuple(write.values())[2:]
+    keys = torch.empty(batch, 32, 2)
+    write_forward = memory_write.plan_forward(write["words"], write["rbar"], weights, keys, keys)
+    assert forward.grid == (batch,) and backward.grid == (batch,) and write_forward.grid == (batch, 1)
+
+
+@pytest.mark.skipif("triton" not in FUSED, reason="triton backend unavailable")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32], ids=["bf16", "fp32"])
+@pytest.mark.parametrize("size", [64, 128])
+def test_triton_read_backward_moves_little_beyond_the_essential_traffic(size, dtype):
+    """At the bird preset's stages on an H200 (132 multiprocessors), the persistent backward's
+    partial sums and per-program loads add at most 30% to reading r and dr' and writing dr."""
+    from dmgan.kernels.memory_read import backward_bytes
+
+    traffic = backward_bytes(10, 64, size * size, 18, dtype, multiprocessors=132)
+    assert traffic["essential"] < traffic["moved"] <= 1.3 * traffic["essential"]
 
 
 def test_auto_picks_triton_only_for_cuda_tensors():

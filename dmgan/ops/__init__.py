@@ -3,10 +3,10 @@
 Every backend computes what :mod:`dmgan.ops.reference` defines (its docstring has the math):
 
 - ``"eager"``: the reference, everywhere;
-- ``"triton"``: fused Triton kernels (:mod:`kernels`), CUDA tensors (CPU tensors under
-  ``TRITON_INTERPRET=1``, for testing), N_r in {32, 64, 128}, T <= 64;
-- ``"cpp"``: the C++ / CUDA extension (csrc/, :mod:`dmgan.ops._cpp`), CPU tensors, and CUDA
-  tensors where it was built with CUDA (T <= 64 there).
+- ``"triton"``: fused Triton kernels (:mod:`dmgan.kernels`), CUDA tensors (CPU tensors under
+  ``TRITON_INTERPRET=1``, for testing), N_r in {32, 64, 128}, T <= 64, fp32 / fp16 / bf16;
+- ``"cpp"``: the C++ / CUDA extension (csrc/, :mod:`dmgan.ops._cpp`), CPU tensors of any float
+  dtype, and CUDA tensors where it was built with CUDA (T <= 64, fp32 / fp16 / bf16 there).
 
 ``backend="auto"`` takes the first backend of :data:`AUTO_ORDER` for the inputs' device that loads
 and supports the input, and falls back to eager; naming a backend asks for it and fails with the
@@ -24,13 +24,14 @@ from torch import Tensor
 
 from dmgan.checks import ShapeChecker
 from dmgan.ops import reference
+from dmgan.ops.library import OpInput
 
 # Backend name -> module with memory_write / memory_read (the reference's signatures, positional
 # arguments; attention may come back as an empty tensor when not asked for), and optionally
-# supports(device) -> bool and unsupported_reason(channels, num_words, device) -> str | None.
+# supports(device) -> bool and unsupported_reason(library.OpInput) -> str | None.
 BACKEND_MODULES: dict[str, str] = {
     "eager": "dmgan.ops.reference",
-    "triton": "kernels.backend",
+    "triton": "dmgan.kernels.backend",
     "cpp": "dmgan.ops._cpp",
 }
 # What backend="auto" tries, per device type, fastest first.
@@ -63,9 +64,9 @@ def _runs_on(module: ModuleType, device: torch.device) -> bool:
     return supports is None or supports(device)
 
 
-def _why_not(module: ModuleType, channels: int, num_words: int, device: torch.device) -> str | None:
+def _why_not(module: ModuleType, call: OpInput) -> str | None:
     reason = getattr(module, "unsupported_reason", None)
-    return None if reason is None else reason(channels, num_words, device)
+    return None if reason is None else reason(call)
 
 
 def available_backends(device: torch.device | str = "cpu") -> list[str]:
@@ -74,12 +75,11 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [name for name in BACKEND_MODULES if (m := _load(name)) is not None and _runs_on(m, device)]
 
 
-def _resolve(backend: str, device: torch.device, channels: int, num_words: int) -> ModuleType:
+def _resolve(backend: str, call: OpInput) -> ModuleType:
     if backend == "auto":
-        for name in AUTO_ORDER.get(device.type, ("eager",)):
+        for name in AUTO_ORDER.get(call.device.type, ("eager",)):
             module = _load(name, warn=True)
-            usable = module is not None and _runs_on(module, device)
-            if usable and _why_not(module, channels, num_words, device) is None:
+            if module is not None and _runs_on(module, call.device) and _why_not(module, call) is None:
                 return module
         return reference
     if backend not in BACKEND_MODULES:
@@ -87,28 +87,40 @@ def _resolve(backend: str, device: torch.device, channels: int, num_words: int) 
     module = _load(backend)
     if module is None:
         raise RuntimeError(f"backend {backend!r} is unavailable: {_load_errors[backend]}")
-    if not _runs_on(module, device):
-        raise RuntimeError(f"backend {backend!r} does not run on {device}")
-    reason = _why_not(module, channels, num_words, device)
+    if not _runs_on(module, call.device):
+        raise RuntimeError(f"backend {backend!r} does not run on {call.device}")
+    reason = _why_not(module, call)
     if reason is not None:
         raise ValueError(f"backend {backend!r} does not support this input: {reason}")
     return module
 
 
-def _fused_inputs(
-    impl: ModuleType, reference_tensor: Tensor, tensors: tuple[Tensor, ...]
-) -> tuple[Tensor, ...]:
-    """Fused kernels take one contiguous dtype: the autocast dtype under autocast (they accumulate
-    in fp32 regardless), else the first input's. The eager reference takes the inputs as they are,
-    so autocast handles it op by op."""
+def _kernel_dtype(tensor: Tensor) -> torch.dtype:
+    """The dtype fused kernels compute from: the autocast dtype for the tensors autocast would cast
+    (floating, not float64), else the tensor's own. They accumulate in fp32 regardless."""
+    device_type = tensor.device.type
+    if torch.is_autocast_enabled(device_type) and tensor.dtype != torch.float64:
+        return torch.get_autocast_dtype(device_type)
+    return tensor.dtype
+
+
+def _fused_inputs(impl: ModuleType, dtype: torch.dtype, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
+    """Fused kernels take contiguous tensors of one dtype. The eager reference takes the inputs as
+    they are, so autocast handles it op by op."""
     if impl is reference:
         return tensors
-    device_type = reference_tensor.device.type
-    if torch.is_autocast_enabled(device_type):
-        dtype = torch.get_autocast_dtype(device_type)
-    else:
-        dtype = reference_tensor.dtype
     return tuple(t.to(dtype).contiguous() for t in tensors)
+
+
+def _eager_read_dtypes(img: Tensor, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
+    """The dtypes of (r', attention) that the eager reference returns for kernels run in ``dtype``,
+    so that no backend changes them. Under autocast r' = r (1 - g) + o g promotes the image's own
+    dtype with the autocast one, and the attention is a softmax, which CUDA autocast runs in fp32
+    (CPU autocast in its own dtype)."""
+    if not torch.is_autocast_enabled(img.device.type) or img.dtype == torch.float64:
+        return dtype, dtype
+    attention = torch.float32 if img.device.type == "cuda" else dtype
+    return torch.promote_types(img.dtype, dtype), attention
 
 
 def memory_write(
@@ -147,9 +159,12 @@ def memory_write(
     check("value_b", value_b, ("N_r",))
     if words.shape[2] == 0:
         raise ValueError("memory_write: words has no word (T = 0)")
-    impl = _resolve(backend, words.device, rbar.shape[1], words.shape[2])
+    dtype = _kernel_dtype(words)
+    batch, word_dim, num_words = words.shape
+    call = OpInput("memory_write", words.device, dtype, batch, rbar.shape[1], num_words, word_dim=word_dim)
+    impl = _resolve(backend, call)
     tensors = (words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)
-    return impl.memory_write(*_fused_inputs(impl, words, tensors))
+    return impl.memory_write(*_fused_inputs(impl, dtype, tensors))
 
 
 def memory_read(
@@ -182,11 +197,20 @@ def memory_read(
     check("gate_b", gate_b, (1,))
     if keys.shape[2] == 0:
         raise ValueError("memory_read: keys has no word (T = 0)")
-    impl = _resolve(backend, img.device, img.shape[1], keys.shape[2])
-    img, keys, values, gate_w, gate_b = _fused_inputs(impl, img, (img, keys, values, gate_w, gate_b))
-    r_new, attention = impl.memory_read(
-        img, keys, values, pad_mask.contiguous(), gate_w, gate_b, return_attention, legacy_mask
+    dtype = _kernel_dtype(img)
+    batch, channels, height, width = img.shape
+    call = OpInput(
+        "memory_read", img.device, dtype, batch, channels, keys.shape[2], num_pixels=height * width
     )
+    impl = _resolve(backend, call)
+    tensors = _fused_inputs(impl, dtype, (img, keys, values, gate_w, gate_b))
+    r_new, attention = impl.memory_read(
+        *tensors[:3], pad_mask.contiguous(), *tensors[3:], return_attention, legacy_mask
+    )
+    if impl is not reference:
+        out_dtype, attention_dtype = _eager_read_dtypes(img, dtype)
+        r_new = r_new.to(out_dtype)
+        attention = attention.to(attention_dtype)
     return r_new, attention if return_attention else None
 
 

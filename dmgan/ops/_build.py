@@ -4,7 +4,7 @@ Shared by setup.py (ahead of time) and dmgan.ops._cpp (on first use). Environmen
 the CUDA kernels are added when torch is a CUDA build and a CUDA toolkit is found (no GPU needed);
 ``DMGAN_SKIP_CUDA=1`` builds the CPU kernels only, ``DMGAN_FORCE_CUDA=1`` makes a missing toolkit
 an error instead of a CPU-only build, and ``TORCH_CUDA_ARCH_LIST`` picks the architectures
-(default: 8.6 8.9 9.0 12.0+PTX).
+(default: 8.0 8.6 8.9 9.0 12.0+PTX).
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from pathlib import Path
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
 CPU_SOURCES = ("memory_cpu.cpp",)
 CUDA_SOURCES = ("memory_cuda.cu",)
-DEFAULT_ARCHS = "8.6 8.9 9.0 12.0+PTX"  # RTX 30xx, RTX 40xx, H100, RTX 50xx (+PTX: newer GPUs)
+DEFAULT_ARCHS = (
+    "8.0 8.6 8.9 9.0 12.0+PTX"  # A100, RTX 30xx, RTX 40xx, H100 / H200, RTX 50xx (+PTX: newer GPUs)
+)
 CXX_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 

@@ -5,19 +5,19 @@ Loads ``dmgan._C`` when setup.py built it; otherwise builds csrc/ on first use w
 If neither works, importing this module raises ImportError with the reason, which ``dmgan.ops``
 reports (``backend="cpp"``) or warns about once and falls back to eager (``backend="auto"``).
 
-The C++ side defines the schemas and the CPU / CUDA kernels; here they get their fake (shape)
-implementations and autograd (the backwards are ops of their own), so ``torch.compile`` and
-``torch.library.opcheck`` work, and the reference's signatures for ``dmgan.ops``.
+The C++ side defines the schemas and the CPU / CUDA kernels; :mod:`dmgan.ops.library` gives them
+their fake (shape) implementations and autograd, so ``torch.compile`` and
+``torch.library.opcheck`` work. This module adds what the CUDA kernels cannot take.
 """
 
 from __future__ import annotations
 
+import functools
 import os
 
 import torch
-from torch import Tensor
 
-from dmgan.ops import _build
+from dmgan.ops import _build, library
 
 
 def _load_extension() -> str:
@@ -53,75 +53,47 @@ def _load_extension() -> str:
 
 
 HOW_LOADED = _load_extension()
+library.register_memory_ops("dmgan")
 _ops = torch.ops.dmgan
-
-
-@torch.library.register_fake("dmgan::memory_write")
-def _(words, rbar, *weights):
-    shape = (words.shape[0], rbar.shape[1], words.shape[2])
-    return words.new_empty(shape), words.new_empty(shape)
-
-
-@torch.library.register_fake("dmgan::memory_write_backward")
-def _(grad_keys, grad_values, words, rbar, *weights):
-    return [t.new_empty(t.shape) for t in (words, rbar, *weights)]
-
-
-@torch.library.register_fake("dmgan::memory_read")
-def _(img, keys, values, pad_mask, gate_w, gate_b, return_attention, legacy_mask):
-    batch, _, height, width = img.shape
-    return img.new_empty(img.shape), img.new_empty(
-        (batch, keys.shape[2], height, width) if return_attention else (0,)
-    )
-
-
-@torch.library.register_fake("dmgan::memory_read_backward")
-def _(grad_out, img, keys, values, pad_mask, gate_w, gate_b, legacy_mask):
-    return tuple(t.new_empty(t.shape) for t in (img, keys, values, gate_w, gate_b))
-
-
-def _write_setup(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
-
-
-def _write_backward(ctx, grad_keys: Tensor | None, grad_values: Tensor | None):
-    inputs = ctx.saved_tensors
-    shape = (inputs[0].shape[0], inputs[1].shape[1], inputs[0].shape[2])
-    grads = [inputs[0].new_zeros(shape) if g is None else g.contiguous() for g in (grad_keys, grad_values)]
-    return tuple(_ops.memory_write_backward(*grads, *inputs))
-
-
-def _read_setup(ctx, inputs, output) -> None:
-    img, keys, values, pad_mask, gate_w, gate_b, _, legacy_mask = inputs
-    ctx.save_for_backward(img, keys, values, pad_mask, gate_w, gate_b)
-    ctx.legacy_mask = legacy_mask
-    ctx.mark_non_differentiable(output[1])  # the attention map is for looking at, not training
-
-
-def _read_backward(ctx, grad_out: Tensor, _grad_attention: Tensor):
-    img, keys, values, pad_mask, gate_w, gate_b = ctx.saved_tensors
-    grads = _ops.memory_read_backward(
-        grad_out.contiguous(), img, keys, values, pad_mask, gate_w, gate_b, ctx.legacy_mask
-    )
-    grad_img, grad_keys, grad_values, grad_gate_w, grad_gate_b = grads
-    return grad_img, grad_keys, grad_values, None, grad_gate_w, grad_gate_b, None, None
-
-
-torch.library.register_autograd("dmgan::memory_write", _write_backward, setup_context=_write_setup)
-torch.library.register_autograd("dmgan::memory_read", _read_backward, setup_context=_read_setup)
-
 _HAS_CUDA_KERNELS = torch._C._dispatch_has_kernel_for_dispatch_key("dmgan::memory_read", "CUDA")
-MAX_CUDA_WORDS = 64
 
 
 def supports(device: torch.device) -> bool:
     return device.type == "cpu" or (device.type == "cuda" and _HAS_CUDA_KERNELS)
 
 
-def unsupported_reason(channels: int, num_words: int, device: torch.device) -> str | None:
-    if device.type == "cuda" and num_words > MAX_CUDA_WORDS:
-        return f"T = {num_words} words (the CUDA kernels take at most {MAX_CUDA_WORDS})"
+def unsupported_reason(call: library.OpInput) -> str | None:
+    """The CPU kernels take every input; the CUDA kernels have the GPU limits and shared memory."""
+    if call.device.type != "cuda":
+        return None
+    reason = call.common_gpu_limits()
+    if reason is not None:
+        return reason
+    needed, limit = cuda_shared_bytes(call), _shared_memory_per_block(call.device)
+    if needed > limit:
+        return f"{call.op} needs {needed} bytes of shared memory a block, {call.device} has {limit}"
     return None
+
+
+def cuda_shared_bytes(call: library.OpInput) -> int:
+    """Shared memory a block of the CUDA kernels takes (the larger of forward and backward), as
+    csrc/memory_cuda.cu sizes it: the reading keeps the sample's keys, values and gate weights
+    (plus a word-block per warp in the backward), the writing a few vectors of N_w / N_m floats."""
+    if call.op == "memory_read":
+        word_block = max(16, 1 << (call.num_words - 1).bit_length())
+        floats = 2 * call.channels * call.num_words + 2 * call.channels + _READ_WARPS * word_block
+    else:
+        nm = 2 * call.channels
+        floats = 3 * call.channels + 5 * nm + call.word_dim + 32
+    return 4 * floats
+
+
+_READ_WARPS = 4  # kWarps in csrc/memory_cuda.cu
+
+
+@functools.cache
+def _shared_memory_per_block(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
 # The registered ops take the reference's arguments; dmgan.ops hands them contiguous tensors of one

@@ -88,9 +88,10 @@ def memory_read(
     scores = scores.masked_fill(masked & ~reads_nothing, float("-inf"))
     attention = torch.softmax(scores, dim=2).masked_fill(reads_nothing, 0.0)
     memory_out = torch.bmm(values, attention.transpose(1, 2))  # B x N_r x N
-    gate = torch.sigmoid(
-        F.conv1d(torch.cat((pixels, memory_out), dim=1), gate_w.flatten(1)[:, :, None], gate_b)
-    )  # B x 1 x N
+    # The response gate, a 1x1 convolution of [r; o] to one channel, as a linear layer per pixel
+    # (the same under autocast, and an image without pixels, N = 0, goes through too).
+    gate_in = torch.cat((pixels, memory_out), dim=1).transpose(1, 2)  # B x N x 2N_r
+    gate = torch.sigmoid(F.linear(gate_in, gate_w.reshape(1, -1), gate_b)).transpose(1, 2)  # B x 1 x N
     r_new = pixels * (1 - gate) + memory_out * gate
     r_new = r_new.view(batch, channels, height, width)
     if not return_attention:

@@ -1,15 +1,22 @@
-"""One parity harness for every dynamic-memory backend: case builders and comparisons.
+"""One parity harness for every dynamic-memory backend: case builders, the cases, comparisons.
 
 A case is a dict of the op's keyword arguments on fresh random inputs; ``run`` evaluates an op on
 it through a backend and returns its outputs and the gradients of every float input for a fixed
 random output gradient. Fused backends are compared against the eager reference evaluated in
-float64 (fp32 backends) or in float32 from the same 16-bit inputs (16-bit backends). Benchmarks
-import the same builders, so what is timed is what is tested.
+float64 (fp32 backends) or in float32 from the same 16-bit inputs (16-bit backends), with every
+buffer the kernels allocate poisoned with NaN (:func:`poisoned_outputs`), so an element a kernel
+forgets to write fails the comparison. The tests of every backend (``tests/test_ops_*.py``) run
+:data:`READ_SHAPES` and :data:`WRITE_SHAPES` through :func:`check_memory_read` and
+:func:`check_memory_write`; the benchmarks build their inputs with the same builders, so what is
+timed is what is tested.
 """
 
 from __future__ import annotations
 
+import contextlib
+import os
 import zlib
+from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
@@ -30,11 +37,15 @@ class ReadShape:
     height: int
     width: int
     lengths: tuple[int, ...]  # one per sample; 0 = fully padded caption
+    num_words: int | None = None  # T; by default the longest caption (at least 1)
+
+    @property
+    def words(self) -> int:
+        return self.num_words or max((*self.lengths, 1))
 
     def __str__(self) -> str:
-        return (
-            f"B{self.batch}-C{self.channels}-{self.height}x{self.width}-T{'/'.join(map(str, self.lengths))}"
-        )
+        lengths = "/".join(map(str, self.lengths)) if self.lengths else f"{self.words}-empty"
+        return f"B{self.batch}-C{self.channels}-{self.height}x{self.width}-T{lengths}"
 
 
 @dataclass(frozen=True)
@@ -49,7 +60,7 @@ class WriteShape:
 
 
 def read_case(shape: ReadShape, dtype: torch.dtype = torch.float32, device: str = "cpu") -> dict:
-    c, t = shape.channels, max(max(shape.lengths), 1)
+    c, t = shape.channels, shape.words
     g = torch.Generator().manual_seed(zlib.crc32(str(shape).encode()))
 
     def rand(*size: int, scale: float = 1.0, positive: bool = False) -> Tensor:
@@ -61,7 +72,9 @@ def read_case(shape: ReadShape, dtype: torch.dtype = torch.float32, device: str 
         img=rand(shape.batch, c, shape.height, shape.width),
         keys=rand(shape.batch, c, t, scale=2.0 / c**0.5, positive=True),
         values=rand(shape.batch, c, t, positive=True),
-        pad_mask=(torch.arange(t)[None, :] >= torch.tensor(shape.lengths)[:, None]).to(device),
+        pad_mask=(torch.arange(t)[None, :] >= torch.tensor(shape.lengths, dtype=torch.long)[:, None]).to(
+            device
+        ),
         gate_w=rand(1, 2 * c, 1, 1, scale=0.2),
         gate_b=rand(1, scale=0.5),
     )
@@ -115,8 +128,78 @@ def assert_matches(actual: dict[str, Tensor], expected: dict[str, Tensor], dtype
         assert got.shape == want.shape, f"{name}: shape {tuple(got.shape)} != {tuple(want.shape)}"
         assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten elements?)"
         got, want = got.double().cpu(), want.double().cpu()
+        if want.numel() == 0:
+            continue
         bound = tol * (want.abs() + want.abs().max() + 1e-3)
         excess = ((got - want).abs() - bound).max()
         assert excess <= 0, (
             f"{name}: max error {(got - want).abs().max():.3g} exceeds tolerance {tol} (normwise)"
         )
+
+
+# The cases every backend runs: every word block (T 1..64 pads to 16, 32, 64), a fully padded
+# caption, several pixel blocks with a partial last one (the CUDA kernels take 128 pixels a block,
+# the Triton ones 16 to 64), each supported width, and empty batches and images.
+READ_SHAPES = [
+    ReadShape(2, 32, 5, 7, (6, 3)),  # odd H x W, mixed caption lengths
+    ReadShape(1, 32, 4, 4, (1,)),  # B = 1, T = 1
+    ReadShape(3, 32, 9, 7, (21, 3, 0)),  # two word blocks, a fully padded caption, several pixel tiles
+    ReadShape(2, 64, 3, 11, (5, 5)),
+    ReadShape(2, 128, 2, 3, (64, 17)),  # the widest supported: N_r 128, T 64
+    ReadShape(1, 32, 11, 9, (7,)),  # several forward tiles, a partial last one
+    ReadShape(2, 32, 17, 17, (9, 30)),  # 289 pixels: three CUDA blocks, the last one partial
+    ReadShape(0, 32, 3, 3, (), num_words=4),  # no sample
+    ReadShape(2, 32, 0, 3, (4, 2)),  # no pixel
+]
+WRITE_SHAPES = [
+    WriteShape(2, 40, 32, 6),  # N_w not a multiple of the chunk
+    WriteShape(1, 32, 32, 1),
+    WriteShape(3, 48, 64, 21),
+    WriteShape(2, 24, 128, 64),
+    WriteShape(0, 24, 32, 5),  # no sample
+]
+
+
+@contextlib.contextmanager
+def poisoned_outputs() -> Iterator[None]:
+    """Every buffer the C++ / CUDA kernels (``DMGAN_POISON_OUTPUTS``) and the Triton launchers
+    allocate starts as NaN while this is active."""
+    try:
+        from dmgan.kernels import _common as triton_common
+    except ImportError:  # no triton here
+        triton_common = None
+    previous_env = os.environ.get("DMGAN_POISON_OUTPUTS")
+    previous_flag = triton_common.POISON_OUTPUTS if triton_common else False
+    os.environ["DMGAN_POISON_OUTPUTS"] = "1"
+    if triton_common:
+        triton_common.POISON_OUTPUTS = True
+    try:
+        yield
+    finally:
+        if triton_common:
+            triton_common.POISON_OUTPUTS = previous_flag
+        if previous_env is None:
+            del os.environ["DMGAN_POISON_OUTPUTS"]
+        else:
+            os.environ["DMGAN_POISON_OUTPUTS"] = previous_env
+
+
+def check_memory_read(
+    backend: str, dtype: torch.dtype, shape: ReadShape, legacy_mask: bool, device: str = "cpu"
+) -> None:
+    """``backend``'s memory_read (outputs, attention, every input gradient) matches the reference."""
+    case = read_case(shape, dtype, device)
+    options = dict(return_attention=True, legacy_mask=legacy_mask)
+    with poisoned_outputs():
+        got = run("memory_read", case, backend, **options)
+    assert got["out0"].dtype == got["out1"].dtype == dtype
+    assert_matches(got, reference_for("memory_read", case, dtype, **options), dtype)
+
+
+def check_memory_write(backend: str, dtype: torch.dtype, shape: WriteShape, device: str = "cpu") -> None:
+    """``backend``'s memory_write (keys, values, every input gradient) matches the reference."""
+    case = write_case(shape, dtype, device)
+    with poisoned_outputs():
+        got = run("memory_write", case, backend)
+    assert got["out0"].dtype == dtype
+    assert_matches(got, reference_for("memory_write", case, dtype), dtype)

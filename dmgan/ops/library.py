@@ -1,0 +1,125 @@
+"""What every fused backend of the memory ops shares: the op's facts, its fake shapes, its autograd.
+
+A fused backend is a namespace of four ops with the reference's arguments (positional, as in the
+C++ schemas of ``csrc/memory_cpu.cpp``)::
+
+    memory_write(words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)
+        -> (keys, values)                                   B x N_r x T each
+    memory_write_backward(grad_keys, grad_values, words, rbar, *weights) -> gradients of the 12 inputs
+    memory_read(img, keys, values, pad_mask, gate_w, gate_b, return_attention, legacy_mask)
+        -> (r' B x N_r x H x W, attention B x T x H x W or an empty tensor)
+    memory_read_backward(grad_out, img, keys, values, pad_mask, gate_w, gate_b, legacy_mask)
+        -> gradients of (img, keys, values, gate_w, gate_b)
+
+The Triton ops (``dmgan.kernels``), the C++ / CUDA ops (``dmgan._C``) and the CUDA kernels
+emulated on the CPU in the tests register their fake shapes and autograd here, once for their
+namespace (:func:`register_memory_ops`, or one op at a time), so ``torch.compile`` traces them
+and autograd differentiates them the same way.
+:class:`OpInput` describes a call for the backends' ``unsupported_reason``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+MAX_WORDS = 64  # words per caption the GPU kernels take (their word blocks are 16, 32 or 64 wide)
+KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the GPU kernels compute from
+
+
+@dataclass(frozen=True)
+class OpInput:
+    """One call of a memory op as the kernels will see it (after autocast)."""
+
+    op: str  # "memory_write" or "memory_read"
+    device: torch.device
+    dtype: torch.dtype
+    batch: int  # B
+    channels: int  # N_r
+    num_words: int  # T
+    num_pixels: int = 0  # H W (memory_read)
+    word_dim: int = 0  # N_w (memory_write)
+
+    def common_gpu_limits(self) -> str | None:
+        """Why the GPU kernels of any backend cannot take this input, or None."""
+        if self.dtype not in KERNEL_DTYPES:
+            return f"dtype {self.dtype} (the GPU kernels take float32, float16 and bfloat16)"
+        if self.num_words > MAX_WORDS:
+            return f"T = {self.num_words} words (at most {MAX_WORDS})"
+        return None
+
+
+def _write_fake(words, rbar, *weights):
+    shape = (words.shape[0], rbar.shape[1], words.shape[2])
+    return words.new_empty(shape), words.new_empty(shape)
+
+
+def _write_backward_fake(grad_keys, grad_values, words, rbar, *weights):
+    return [t.new_empty(t.shape) for t in (words, rbar, *weights)]
+
+
+def _read_fake(img, keys, values, pad_mask, gate_w, gate_b, return_attention, legacy_mask):
+    batch, _, height, width = img.shape
+    attention_shape = (batch, keys.shape[2], height, width) if return_attention else (0,)
+    return img.new_empty(img.shape), img.new_empty(attention_shape)
+
+
+def _read_backward_fake(grad_out, img, keys, values, pad_mask, gate_w, gate_b, legacy_mask):
+    return tuple(t.new_empty(t.shape) for t in (img, keys, values, gate_w, gate_b))
+
+
+def _save_write_inputs(ctx, inputs, output) -> None:
+    ctx.save_for_backward(*inputs)
+
+
+def _save_read_inputs(ctx, inputs, output) -> None:
+    img, keys, values, pad_mask, gate_w, gate_b, _, legacy_mask = inputs
+    ctx.save_for_backward(img, keys, values, pad_mask, gate_w, gate_b)
+    ctx.legacy_mask = legacy_mask
+    ctx.mark_non_differentiable(output[1])  # the attention map is for looking at, not training
+
+
+def register_memory_write(namespace: str) -> None:
+    """Fake shapes and autograd for ``<namespace>::memory_write`` (+ ``memory_write_backward``).
+
+    The backward is an op of its own, so a compiled graph holds it as one node. Output gradients
+    reach it contiguous; a missing one (an output that was not used) as zeros.
+    """
+    ops = getattr(torch.ops, namespace)
+
+    def backward(ctx, grad_keys: Tensor | None, grad_values: Tensor | None):
+        inputs = ctx.saved_tensors
+        shape = (inputs[0].shape[0], inputs[1].shape[1], inputs[0].shape[2])
+        grads = [
+            inputs[0].new_zeros(shape) if g is None else g.contiguous() for g in (grad_keys, grad_values)
+        ]
+        return tuple(ops.memory_write_backward(*grads, *inputs))
+
+    torch.library.register_fake(f"{namespace}::memory_write")(_write_fake)
+    torch.library.register_fake(f"{namespace}::memory_write_backward")(_write_backward_fake)
+    torch.library.register_autograd(f"{namespace}::memory_write", backward, setup_context=_save_write_inputs)
+
+
+def register_memory_read(namespace: str) -> None:
+    """Fake shapes and autograd for ``<namespace>::memory_read`` (+ ``memory_read_backward``)."""
+    ops = getattr(torch.ops, namespace)
+
+    def backward(ctx, grad_out: Tensor, _grad_attention: Tensor):
+        img, keys, values, pad_mask, gate_w, gate_b = ctx.saved_tensors
+        grads = ops.memory_read_backward(
+            grad_out.contiguous(), img, keys, values, pad_mask, gate_w, gate_b, ctx.legacy_mask
+        )
+        grad_img, grad_keys, grad_values, grad_gate_w, grad_gate_b = grads
+        return grad_img, grad_keys, grad_values, None, grad_gate_w, grad_gate_b, None, None
+
+    torch.library.register_fake(f"{namespace}::memory_read")(_read_fake)
+    torch.library.register_fake(f"{namespace}::memory_read_backward")(_read_backward_fake)
+    torch.library.register_autograd(f"{namespace}::memory_read", backward, setup_context=_save_read_inputs)
+
+
+def register_memory_ops(namespace: str) -> None:
+    """Both ops of a namespace that defines all four (the C++ schemas)."""
+    register_memory_write(namespace)
+    register_memory_read(namespace)
