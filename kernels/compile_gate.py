@@ -1,16 +1,17 @@
-"""Ahead-of-time compile gate: build every kernel for NVIDIA GPUs without a GPU.
+"""Ahead-of-time compile gate: build every Triton kernel for NVIDIA GPUs, without a GPU.
 
-    python -m kernels.compile_gate [--arch 86 89 90 120] [--json report.json]
+    python -m dmgan.kernels.compile_gate [--arch 80 86 89 90 120] [--dtype bfloat16 float32]
+                                         [--channels 32 64 128] [--words 16 18 25 64] [--json report.json]
 
-Compiles each kernel, at the launch configuration its launcher uses, for each target architecture,
-I/O dtype and channel count, with ``triton.compile`` and a ``GPUTarget``; reads registers, spill
-stores and stack frame from ``ptxas -v`` (the ptxas that ships in the triton package). Exits non-zero on a compile error or a spill (``--allow-spills``: errors
-only). Must run with TRITON_INTERPRET unset.
-
-What it found (2026-11-24, triton 3.8): 16-bit I/O compiles without spills on every target at
-every supported size (N_r <= 128, T <= 64). fp32 I/O (3xTF32 dots, about three times the operand
-registers) is spill-free on sm_90 up to N_r = 64, T <= 32, and spills up to a few hundred bytes on
-sm_86 / sm_89 / sm_120 and at N_r = 128: correct, and the slower path.
+For each architecture, dtype, channel count and caption length it plans the four ops' launches
+exactly as their launchers do (:class:`dmgan.kernels._common.Launch`: the same grid, block sizes,
+``num_warps``, ``num_stages`` and arguments) for a batch of 10 images of 64 x 64, binds the
+arguments the way Triton's JIT does (so pointers and sizes get the same alignment and value
+specialisation as at run time) and compiles with ``triton.compile`` for a ``GPUTarget``. From each
+kernel it reads the registers, spill stores and stack frame (``ptxas -v``, with the ptxas that ships
+in the triton package) and the shared memory, and compares that with the architecture's per-block
+limit. Exits non-zero on a compile error, a spill (``--allow-spills``: report them) or shared memory
+above the limit. Must run with TRITON_INTERPRET unset; uses Triton's JIT internals (triton 3.x).
 """
 
 from __future__ import annotations
@@ -18,17 +19,23 @@ from __future__ import annotations
 import argparse
 import itertools
 import json
+import multiprocessing
 import os
 import re
 import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
-ARCHS = (86, 89, 90, 120)  # RTX 30xx, RTX 40xx, H100, RTX 50xx
-IO_TYPES = {"float32": "fp32", "bfloat16": "bf16", "float16": "fp16"}
+ARCHS = (80, 86, 89, 90, 120)  # A100, RTX 30xx, RTX 40xx, H100 / H200, RTX 50xx
+# Dynamic shared memory a block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), by architecture.
+SHARED_MEMORY_PER_BLOCK = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 120: 101_376}
+DTYPES = ("float32", "bfloat16", "float16")
+BATCH, HEIGHT, WIDTH, WORD_DIM = 10, 64, 64, 256  # the bird preset's second stage
+H200_MULTIPROCESSORS = 132  # sets the read backward's program count (a runtime size, so no recompile)
 
 
 @dataclass
@@ -36,35 +43,75 @@ class Result:
     kernel: str
     arch: int
     dtype: str
+    channels: int
+    words: int
     config: str
     registers: int = -1
     spill_bytes: int = -1
     stack_bytes: int = -1
+    shared_bytes: int = -1
+    shared_limit: int = -1
     seconds: float = 0.0
     error: str = ""
 
+    @property
+    def problem(self) -> str:
+        """What fails the gate for this kernel ("" when nothing does, spills aside)."""
+        if self.error:
+            return self.error
+        if self.shared_bytes > self.shared_limit:
+            return f"shared memory {self.shared_bytes} B above the sm_{self.arch} limit {self.shared_limit} B"
+        return ""
 
-def _signature(kernel, io_type: str, constexprs: dict[str, object]) -> dict[str, str]:
-    """Argument types from the naming convention: *_part* buffers are fp32 partials, mask_ptr is
-    uint8, other *_ptr arguments carry the I/O dtype, the rest are int32 sizes."""
-    signature = {}
-    for name in kernel.arg_names:
-        if name in constexprs:
-            signature[name] = "constexpr"
-        elif "_part" in name:
-            signature[name] = "*fp32"
-        elif name == "mask_ptr":
-            signature[name] = "*u8"
-        elif name.endswith("_ptr"):
-            signature[name] = f"*{io_type}"
-        else:
-            signature[name] = "i32"
-    return signature
+
+def plans(dtype_name: str, channels: int, words: int, num_stages: int | None = None) -> list:
+    """The launches of the four ops (read forward in its training and its legacy-mask + attention
+    variants, the read backward in both masks, the write forward and backward) as planned for
+    CPU stand-ins of the real tensors."""
+    import torch
+
+    from dmgan.kernels import memory_read, memory_write
+    from dmgan.ops.parity import ReadShape, WriteShape, read_case, write_case
+
+    dtype = getattr(torch, dtype_name)
+    read = read_case(ReadShape(BATCH, channels, HEIGHT, WIDTH, (words,) * BATCH), dtype)
+    write = write_case(WriteShape(BATCH, WORD_DIM, channels, words), dtype)
+    weights = tuple(write[k] for k in list(write)[2:])
+    out, attention, empty = (
+        torch.empty_like(read["img"]),
+        torch.empty(BATCH, words, HEIGHT, WIDTH),
+        torch.empty(0),
+    )
+    launches = []
+    for legacy, attn in ((False, empty), (True, attention.to(dtype))):
+        launches.append(memory_read.plan_forward(*read.values(), out, attn, legacy))
+        programs = memory_read.backward_programs(
+            BATCH, channels, HEIGHT * WIDTH, words, dtype, H200_MULTIPROCESSORS
+        )
+        buffers = memory_read.backward_buffers(read["img"], words, programs)
+        launches.append(memory_read.plan_backward(read["img"], *read.values(), buffers, legacy))
+    keys = torch.empty(BATCH, channels, words, dtype=dtype)
+    launches.append(memory_write.plan_forward(write["words"], write["rbar"], weights, keys, keys.clone()))
+    buffers = memory_write.backward_buffers(write["words"], write["rbar"], weights)
+    launches.append(memory_write.plan_backward(keys, keys, write["words"], write["rbar"], weights, buffers))
+    if num_stages is not None:  # to see what another choice would need
+        for launch in launches:
+            launch.options["num_stages"] = num_stages
+    return launches
+
+
+def _bind(launch, backend):
+    """Signature, constexprs, attributes and options as ``JITFunction.run`` derives them."""
+    from triton.runtime.jit import create_function_from_signature
+
+    kernel = launch.kernel
+    binder = create_function_from_signature(kernel.signature, kernel.params, backend)
+    bound, specialization, _ = binder(*launch.args, **launch.options)
+    return kernel._pack_args(backend, dict(launch.options), bound, specialization, None)
 
 
 def _resource_usage(ptx: str, arch: int) -> tuple[int, int, int]:
-    """(registers, spill-store bytes, stack-frame bytes) from ``ptxas -v`` on the kernel's PTX,
-    with the ptxas that ships in the triton package."""
+    """(registers, spill-store bytes, stack-frame bytes) from ``ptxas -v`` on the kernel's PTX."""
     import triton
 
     bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
@@ -75,10 +122,15 @@ def _resource_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     with tempfile.TemporaryDirectory() as tmp:
         source = Path(tmp) / "kernel.ptx"
         source.write_text(ptx)
-        text = subprocess.run(
-            [str(ptxas), "-v", f"--gpu-name={target}", str(source), "-o", str(Path(tmp) / "kernel.cubin")],
-            capture_output=True, text=True, check=True,
-        ).stderr  # fmt: skip
+        command = [
+            str(ptxas),
+            "-v",
+            f"--gpu-name={target}",
+            str(source),
+            "-o",
+            str(Path(tmp) / "kernel.cubin"),
+        ]
+        text = subprocess.run(command, capture_output=True, text=True, check=True).stderr
 
     def field(pattern: str) -> int:
         match = re.search(pattern, text)
@@ -91,21 +143,27 @@ def _resource_usage(ptx: str, arch: int) -> tuple[int, int, int]:
     )
 
 
-def compile_one(kernel, constexprs: dict[str, object], num_warps: int, arch: int, dtype: str) -> Result:
+def compile_one(
+    arch: int, dtype: str, channels: int, words: int, index: int, num_stages: int | None
+) -> Result:
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
-    config = ",".join(f"{k}={v}" for k, v in constexprs.items()) + f",warps={num_warps}"
-    result = Result(kernel.__name__, arch, dtype, config)
+    launch = plans(dtype, channels, words, num_stages)[index]
+    constexprs = {k: v for k, v in launch.options.items() if not k.startswith("num_")}
+    config = ",".join(f"{k}={v}" for k, v in constexprs.items())
+    config += f",warps={launch.options['num_warps']},stages={launch.options['num_stages']}"
+    result = Result(launch.kernel.__name__, arch, dtype, channels, words, config)
+    result.shared_limit = SHARED_MEMORY_PER_BLOCK[arch]
     start = time.perf_counter()
     try:
         target = GPUTarget("cuda", arch, 32)
-        source = ASTSource(
-            fn=kernel, signature=_signature(kernel, IO_TYPES[dtype], constexprs), constexprs=constexprs
-        )
-        options = make_backend(target).parse_options({"num_warps": num_warps, "num_stages": 1})
+        backend = make_backend(target)
+        options, signature, constants, attrs = _bind(launch, backend)
+        source = ASTSource(launch.kernel, signature, constants, attrs)
         compiled = triton.compile(source, target=target, options=options.__dict__)
+        result.shared_bytes = compiled.metadata.shared
         result.registers, result.spill_bytes, result.stack_bytes = _resource_usage(compiled.asm["ptx"], arch)
     except Exception as e:  # report every failure, keep compiling the rest
         result.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
@@ -113,67 +171,55 @@ def compile_one(kernel, constexprs: dict[str, object], num_warps: int, arch: int
     return result
 
 
-def kernel_specs(channels: int, t_pad: int, fp32: bool):
-    """(kernel, constexprs, num_warps) for every kernel as its launcher configures it."""
-    from kernels import memory_read, memory_write
-
-    specs = []
-    for legacy, attention in ((False, False), (True, True)):
-        block_n, num_warps = memory_read.launch_config(channels, t_pad, backward=False, fp32=fp32)
-        specs.append((
-            memory_read.memory_read_forward_kernel,
-            dict(C=channels, T_PAD=t_pad, BLOCK_N=block_n, LEGACY_MASK=legacy, WRITE_ATTENTION=attention,
-                 DOT_FP32=fp32),
-            num_warps,
-        ))  # fmt: skip
-        block_n, num_warps = memory_read.launch_config(channels, t_pad, backward=True, fp32=fp32)
-        specs.append((
-            memory_read.memory_read_backward_kernel,
-            dict(C=channels, T_PAD=t_pad, BLOCK_N=block_n, LEGACY_MASK=legacy, DOT_FP32=fp32),
-            num_warps,
-        ))  # fmt: skip
-    for kernel, backward in ((memory_write.memory_write_forward_kernel, False),
-                             (memory_write.memory_write_backward_kernel, True)):  # fmt: skip
-        config = memory_write.launch_config(channels, backward, fp32)
-        num_warps = config.pop("num_warps")
-        specs.append(
-            (kernel, dict(NR=channels, BLOCK_T=memory_write.BLOCK_T, DOT_FP32=fp32, **config), num_warps)
-        )
-    return specs
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--arch", type=int, nargs="+", default=list(ARCHS))
-    parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=sorted(IO_TYPES))
+    parser.add_argument(
+        "--arch", type=int, nargs="+", default=list(ARCHS), choices=sorted(SHARED_MEMORY_PER_BLOCK)
+    )
+    parser.add_argument("--dtype", nargs="+", default=["bfloat16", "float32"], choices=DTYPES)
     parser.add_argument("--channels", type=int, nargs="+", default=[32, 64, 128])
-    parser.add_argument("--t-pad", type=int, nargs="+", default=[64], help="padded word counts (16, 32, 64)")
+    parser.add_argument("--words", type=int, nargs="+", default=[18, 64], help="caption lengths T")
+    parser.add_argument("--kernel", nargs="+", help="only these kernels (by name)")
+    parser.add_argument("--num-stages", type=int, help="override the launchers' pipeline stages")
+    parser.add_argument("--jobs", type=int, default=os.cpu_count() or 1, help="compiler processes")
     parser.add_argument("--json", type=Path, help="write the full report here")
     parser.add_argument("--allow-spills", action="store_true", help="report spills but fail only on errors")
     args = parser.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
         parser.error("unset TRITON_INTERPRET: the gate compiles real GPU code")
 
-    results, seen = [], set()
-    for arch, dtype, channels, t_pad in itertools.product(args.arch, args.dtype, args.channels, args.t_pad):
-        for kernel, constexprs, num_warps in kernel_specs(channels, t_pad, fp32=dtype == "float32"):
-            key = (arch, dtype, kernel.__name__, tuple(constexprs.items()), num_warps)
-            if key in seen:  # the write kernels do not depend on T
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import make_backend
+
+    # One compile per distinct specialisation: caption lengths that bind alike compile alike.
+    jobs, seen = [], set()
+    for arch, dtype, channels, words in itertools.product(args.arch, args.dtype, args.channels, args.words):
+        backend = make_backend(GPUTarget("cuda", arch, 32))
+        for index, launch in enumerate(plans(dtype, channels, words, args.num_stages)):
+            if args.kernel and launch.kernel.__name__ not in args.kernel:
                 continue
-            seen.add(key)
-            result = compile_one(kernel, constexprs, num_warps, arch, dtype)
-            results.append(result)
-            status = (
-                result.error
-                or f"regs {result.registers:3d} spill {result.spill_bytes} B stack {result.stack_bytes} B"
-            )
-            print(f"sm_{arch} {dtype:8s} {result.kernel:30s} {result.config:60s} {status}", flush=True)
+            options, signature, constants, attrs = _bind(launch, backend)
+            key = (arch, launch.kernel.__name__, repr(signature), repr(constants), repr(attrs), repr(options))
+            if key not in seen:
+                seen.add(key)
+                jobs.append((arch, dtype, channels, words, index, args.num_stages))
+    # Fresh interpreters: forking a process that torch has started threads in can deadlock.
+    with ProcessPoolExecutor(max_workers=args.jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        results = list(pool.map(compile_one, *zip(*jobs)))
+    for r in results:
+        status = r.problem or (
+            f"regs {r.registers:3d} spill {r.spill_bytes:4d} B stack {r.stack_bytes:4d} B "
+            f"smem {r.shared_bytes:6d} / {r.shared_limit} B"
+        )
+        print(
+            f"sm_{r.arch:<3d} {r.dtype:8s} C{r.channels:<3d} T{r.words:<2d} {r.kernel:28s} {r.config:75s} {status}"
+        )
     if args.json:
-        args.json.write_text(json.dumps([asdict(r) for r in results], indent=1))
-    errors = sum(bool(r.error) for r in results)
+        args.json.write_text(json.dumps([asdict(r) | {"problem": r.problem} for r in results], indent=1))
+    failed = sum(bool(r.problem) for r in results)
     spilled = sum(not r.error and r.spill_bytes != 0 for r in results)
-    print(f"{len(results)} kernels: {errors} failed to compile, {spilled} spilled")
-    return 1 if errors or (spilled and not args.allow_spills) else 0
+    print(f"{len(results)} kernels: {failed} failed (compile error or shared memory), {spilled} spilled")
+    return 1 if failed or (spilled and not args.allow_spills) else 0
 
 
 if __name__ == "__main__":

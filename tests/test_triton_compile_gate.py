@@ -1,7 +1,7 @@
-"""GPU compile gate without a GPU: every Triton kernel, at its launch configuration, compiles for
-sm_86, sm_89, sm_90 and sm_120 (python -m kernels.compile_gate; its docstring has the findings).
-
-16-bit I/O, the training path, must also be free of register spills; fp32 I/O must compile."""
+"""The GPU compile gate without a GPU (python -m dmgan.kernels.compile_gate): every Triton kernel,
+planned exactly as its launcher launches it, compiles for sm_80, 86, 89, 90 and 120 without
+register spills and within each architecture's shared memory, at the presets' sizes (N_r 32 / 64,
+captions of 16 to 25 words) in bf16 and fp32 (fp16 on sm_86 too)."""
 
 from __future__ import annotations
 
@@ -14,40 +14,63 @@ from pathlib import Path
 import pytest
 
 triton = pytest.importorskip("triton")
-PTXAS = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
-ALL_ARCHS = ("86", "89", "90", "120")
-SHIPPED = ["--channels", "32", "64", "--t-pad", "16", "32"]  # the presets: N_r 32 / 64, T <= 32
-
-GATES = {
-    "bf16-every-arch": (["--arch", *ALL_ARCHS, "--dtype", "bfloat16", *SHIPPED], False),
-    "fp16-sm86": (["--arch", "86", "--dtype", "float16", *SHIPPED], False),
-    "fp32-every-arch": (
-        ["--arch", *ALL_ARCHS, "--dtype", "float32", "--channels", "64", "--t-pad", "32"],
-        True,
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(
+        not (Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas").exists(),
+        reason="this triton build ships no NVIDIA backend",
     ),
-}
+]
+ALL_ARCHS = ("80", "86", "89", "90", "120")
+SHIPPED = ["--channels", "32", "64", "--words", "16", "18", "25"]
+KERNELS = {"memory_read_forward_kernel", "memory_read_backward_kernel",
+           "memory_write_forward_kernel", "memory_write_backward_kernel"}  # fmt: skip
+# Known spills at the shipped sizes, each with its bound: the fp32 backward with the reference's
+# (legacy) padding mask on sm_80 holds a per-pixel mask tile beside its fp32 FMA dots (no setting
+# of pixels per program or warps removes it there; sm_86 / 89 / 90 / 120 have none).
+KNOWN_SPILLS = {("memory_read_backward_kernel", 80, "float32", 64, True): 256}
 
 
-@pytest.mark.skipif(not PTXAS.exists(), reason="this triton build ships no NVIDIA backend")
-@pytest.mark.parametrize("gate", GATES)
-def test_kernels_compile(gate, tmp_path):
-    arguments, allow_spills = GATES[gate]
+def _known_spill_bound(r: dict) -> int:
+    legacy = "LEGACY_MASK=True" in r["config"]
+    return KNOWN_SPILLS.get((r["kernel"], r["arch"], r["dtype"], r["channels"], legacy), 0)
+
+
+def _gate(arguments: list[str], tmp_path: Path) -> tuple[subprocess.CompletedProcess, list[dict]]:
     report = tmp_path / "gate.json"
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["TRITON_CACHE_DIR"] = str(tmp_path / "triton-cache")  # compile for real, not from a cache
-    command = [sys.executable, "-m", "kernels.compile_gate", *arguments, "--json", str(report)]
-    if allow_spills:
-        command.append("--allow-spills")
+    command = [sys.executable, "-m", "dmgan.kernels.compile_gate", *arguments, "--json", str(report)]
     result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=1200)
-    print(result.stdout)
-    results = json.loads(report.read_text())
-    assert not [r for r in results if r["error"]], result.stdout[-3000:]
-    if not allow_spills:
-        assert not [r for r in results if r["spill_bytes"]], result.stdout[-3000:]
-    assert result.returncode == 0, result.stderr[-3000:]
-    assert {r["kernel"] for r in results} == {
-        "memory_read_forward_kernel", "memory_read_backward_kernel",
-        "memory_write_forward_kernel", "memory_write_backward_kernel",
-    }  # fmt: skip
-    assert {str(r["arch"]) for r in results} == set(arguments[1 : arguments.index("--dtype")])
-    assert all(0 < r["registers"] <= 255 for r in results)
+    print(result.stdout[-6000:])
+    return result, (json.loads(report.read_text()) if report.exists() else [])
+
+
+@pytest.mark.parametrize(
+    "dtypes", [["bfloat16", "float32"], ["float16"]], ids=["bf16-fp32-every-arch", "fp16-sm86"]
+)
+def test_shipped_kernels_compile_without_spills_within_shared_memory(dtypes, tmp_path):
+    archs = ALL_ARCHS if "bfloat16" in dtypes else ("86",)
+    result, results = _gate(["--arch", *archs, "--dtype", *dtypes, *SHIPPED, "--allow-spills"], tmp_path)
+    assert result.returncode == 0, result.stdout[-3000:] + result.stderr[-3000:]
+    assert not [r for r in results if r["problem"]]
+    spills = [r for r in results if r["spill_bytes"] > _known_spill_bound(r)]
+    assert not spills, [(r["kernel"], r["arch"], r["dtype"], r["config"], r["spill_bytes"]) for r in spills]
+    assert {r["kernel"] for r in results} == KERNELS
+    assert {str(r["arch"]) for r in results} == set(archs)
+    assert {r["dtype"] for r in results} == set(dtypes)
+    assert all(0 < r["registers"] <= 255 and 0 < r["shared_bytes"] <= r["shared_limit"] for r in results)
+
+
+def test_the_gate_refuses_shared_memory_above_the_architecture_limit(tmp_path):
+    """Pipelining the fp32 write forward's loop over N_w chunks at N_r = 128 buffers its weight
+    chunks in shared memory: four stages need more than the 99 KB a block may use on sm_86, and
+    the gate must say so (the launcher uses one stage; Triton's default of three, with the 3xTF32
+    dots of earlier versions, needed 114,688 B)."""
+    common = ["--arch", "86", "--dtype", "float32", "--channels", "128", "--words", "18",
+              "--kernel", "memory_write_forward_kernel", "--allow-spills"]  # fmt: skip
+    result, (pipelined,) = _gate([*common, "--num-stages", "4"], tmp_path)
+    assert result.returncode == 1
+    assert pipelined["shared_bytes"] > 101_376 and "above the sm_86 limit" in pipelined["problem"]
+    result, (launched,) = _gate(common, tmp_path)
+    assert result.returncode == 0 and launched["shared_bytes"] <= 101_376 and not launched["problem"]
