@@ -87,6 +87,7 @@ setup(
             "pytest-benchmark==5.3.1",
             "nvidia-ml-py==13.615.71",
             "ruff==0.17.6",
+            "tbb-devel==2023.2.0",  # TBB for HIP-CPU, which runs the CUDA kernels on the CPU in the tests
         ],
     },
     entry_points={
