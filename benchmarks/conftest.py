@@ -1,9 +1,16 @@
-"""Benchmark shapes: the bird preset's memory stages when timing, tiny ones for the smoke run
-(``--benchmark-disable``, how the test suite runs these files so they never rot)."""
+"""Benchmark sizes: the bird preset's memory stages and training step when timing, tiny ones for
+the smoke run (``--benchmark-disable``, how the test suite runs these files so they never rot).
+``--bench-size smoke|full`` chooses either way regardless (the device script's dry run times the
+tiny ones)."""
 
 from __future__ import annotations
 
+from benchmarks.sizes import smoke_size
 from dmgan.ops.parity import ReadShape, WriteShape
+
+
+def pytest_addoption(parser):
+    parser.addoption("--bench-size", choices=["smoke", "full"], help="tiny or real benchmark sizes")
 
 
 def _bird(batch: int, size: int) -> ReadShape:
@@ -13,8 +20,7 @@ def _bird(batch: int, size: int) -> ReadShape:
 
 
 def pytest_generate_tests(metafunc):
-    config = metafunc.config
-    smoke = config.getoption("benchmark_disable") and not config.getoption("benchmark_enable")
+    smoke = smoke_size(metafunc.config)
     if "read_shape" in metafunc.fixturenames:
         if smoke:
             shapes = [ReadShape(2, 32, 4, 5, (6, 3))]

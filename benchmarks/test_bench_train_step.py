@@ -11,6 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from benchmarks.sizes import smoke_size
 from dmgan import ops
 from dmgan.config import get_preset, override
 from dmgan.train import GAN, synthetic_batch
@@ -35,9 +36,7 @@ def _config(smoke: bool):
 def test_train_step(benchmark, memory_backend, amp, request):
     if memory_backend not in ops.available_backends(DEVICE) or (memory_backend == "triton" and not ON_GPU):
         pytest.skip(f"{memory_backend} does not run on {DEVICE} here")
-    config = request.config
-    smoke = config.getoption("benchmark_disable") and not config.getoption("benchmark_enable")
-    cfg = override(_config(smoke), **{"model.memory_backend": memory_backend})
+    cfg = override(_config(smoke_size(request.config)), **{"model.memory_backend": memory_backend})
     torch.manual_seed(0)
     gan = GAN.build(cfg, VOCAB, DEVICE, amp=amp)
     batch = synthetic_batch(cfg, VOCAB, cfg.train.batch_size, DEVICE)
