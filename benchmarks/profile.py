@@ -28,8 +28,8 @@ import torch
 
 from dmgan import ops
 from dmgan.config import get_preset, override
-from dmgan.train import GAN, synthetic_batch
 from dmgan.ops.parity import ReadShape, WriteShape, read_case, write_case
+from dmgan.trainer import GAN, synthetic_batch
 
 VOCAB = 100
 

@@ -14,7 +14,7 @@ import torch
 from benchmarks.sizes import smoke_size
 from dmgan import ops
 from dmgan.config import get_preset, override
-from dmgan.train import GAN, synthetic_batch
+from dmgan.trainer import GAN, synthetic_batch
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"

@@ -5,7 +5,8 @@ import sys
 
 import torch
 
-from dmgan.train import run, unwrap
+from dmgan.train import run
+from dmgan.trainer import unwrap
 
 if __name__ == "__main__":
     dump = sys.argv[1]

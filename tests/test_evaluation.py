@@ -125,7 +125,19 @@ def test_r_precision_on_constructed_embeddings():
 def trained(tmp_path_factory):
     data = shapes_data.generate(tmp_path_factory.mktemp("shapes"), num_train=32, num_test=12, seed=2)
     out = tmp_path_factory.mktemp("run")
-    train_main(["--data-dir", str(data), "--out", str(out), "--damsm-epochs", "1", "--max-steps", "2", *TINY])
+    train_main(
+        [
+            "--data-dir",
+            str(data),
+            "--out",
+            str(out),
+            "--set",
+            "train.encoder_max_epoch=1",
+            "--max-steps",
+            "2",
+            *TINY,
+        ]
+    )
     return out / "checkpoints" / "latest.pt"
 
 

@@ -8,7 +8,7 @@ import torch
 from torch import nn
 
 from dmgan.config import get_preset, override
-from dmgan.train import GAN, frozen, synthetic_batch
+from dmgan.trainer import GAN, frozen, synthetic_batch
 
 
 def tiny_config():

@@ -21,6 +21,7 @@ from dmgan.data import shapes as shapes_data
 from dmgan.train import main, run
 from tests.tiny import TINY
 
+pytestmark = pytest.mark.slow  # training runs
 REPO = Path(__file__).resolve().parents[1]
 RECOLOUR = "train.encoder_recolour_backgrounds"
 
@@ -35,7 +36,7 @@ def encoders(data_dir, tmp_path_factory) -> list[str]:
     """A DAMSM stage of one epoch (with the shapes-only background recolouring); its encoders
     are given to the GAN runs below."""
     out = tmp_path_factory.mktemp("damsm")
-    main(["--data-dir", str(data_dir), "--out", str(out), "--stage", "damsm", "--damsm-epochs", "1",
+    main(["--data-dir", str(data_dir), "--out", str(out), "--stage", "damsm", "--set", "train.encoder_max_epoch=1",
           "--set", f"{RECOLOUR}=true", *TINY])  # fmt: skip
     return ["--text-encoder", str(out / "damsm" / "text_encoder.pth"),
             "--image-encoder", str(out / "damsm" / "image_encoder.pth")]  # fmt: skip
@@ -120,7 +121,7 @@ def test_two_gloo_processes_keep_identical_generators(data_dir, encoders, tmp_pa
 
 
 def test_nonfinite_steps_are_skipped_then_training_stops(data_dir, encoders, tmp_path, monkeypatch):
-    import dmgan.train as train_module
+    import dmgan.trainer as train_module
 
     real_loss = train_module.generator_loss
     calls = {"n": 0}
@@ -193,7 +194,9 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(data_dir, encoders, tmp_p
 
 def test_max_steps_is_the_step_count_even_past_the_epochs(data_dir, encoders, tmp_path):
     """It used to cap silently at the preset's epochs: ``--max-steps 3000`` ran 2000 steps."""
-    run(gan_args(data_dir, tmp_path, encoders, "--epochs", "1", "--max-steps", "11"))  # 8 batches an epoch
+    run(
+        gan_args(data_dir, tmp_path, encoders, "--set", "train.max_epoch=1", "--max-steps", "11")
+    )  # 8 batches an epoch
     assert metrics(tmp_path)[-1]["step"] == 11
     assert checkpoint.load(tmp_path / "checkpoints" / "latest.pt")["step"] == 11
 
@@ -226,3 +229,48 @@ def test_bad_input_errors(data_dir, encoders, tmp_path):
     with pytest.raises(SystemExit, match="recolour_backgrounds applies to the built-in shapes data only"):
         main(["--data-dir", str(not_shapes), "--out", str(tmp_path / "w"), "--stage", "damsm",
               "--set", f"{RECOLOUR}=true", *TINY])  # fmt: skip
+
+
+def test_stages_run_from_python_with_run_options(tmp_path):
+    """No command line: a RunOptions object, the run opened from it, each stage called in turn."""
+    from dmgan.run import RunOptions, open_run
+    from dmgan.trainer import pretrain_damsm, short_evaluation, train_gan
+
+    tiny = {"model.gf_dim": 8, "model.df_dim": 4, "model.embedding_dim": 16, "model.word_dim": 8,
+            "model.z_dim": 8, "model.condition_dim": 8, "train.encoder_batch_size": 8, "train.batch_size": 4,
+            "train.encoder_max_epoch": 1}  # fmt: skip
+    data = shapes_data.generate(
+        tmp_path / "data", num_train=32, num_test=10, seed=2
+    )  # 10: R-precision's folds
+    options = RunOptions(data_dir=str(data), out=str(tmp_path), overrides=tiny, max_steps=2, threads=1)
+    with open_run(options) as run:
+        assert run.options.amp == "off" and run.options.workers == 0 and run.config.train.batch_size == 4
+        pretrain_damsm(run, data)
+        gan = train_gan(run, data)
+        results = short_evaluation(run, data, gan)
+    assert (tmp_path / "damsm" / "text_encoder.pth").is_file() and 0 <= results["r_precision"]["mean"] <= 1
+    assert checkpoint.load(tmp_path / "checkpoints" / "latest.pt")["step"] == 2
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert saved["options"]["max_steps"] == 2 and saved["options"]["amp"] == "off"
+    assert saved["config"]["train"]["batch_size"] == 4 and saved["config"]["name"] == "shapes"
+
+
+def test_print_config_prints_the_resolved_run_and_exits(tmp_path, capsys):
+    with pytest.raises(SystemExit) as stopped:
+        main(["--out", str(tmp_path), "--set", "model.r_num=3", "--max-steps", "7", "--print-config"])
+    assert stopped.value.code == 0
+    printed = json.loads(capsys.readouterr().out)
+    assert printed["config"]["model"]["r_num"] == 3 and printed["options"]["max_steps"] == 7
+    assert printed["options"]["out"] == str(tmp_path) and printed["options"]["amp"] in ("off", "bf16")
+    assert not (tmp_path / "config.json").exists()  # nothing ran
+
+
+def test_each_setting_has_one_way_to_be_set(capsys):
+    """Config fields are set with --set only (no --epochs beside --set train.max_epoch), and an
+    unknown field is refused before anything starts."""
+    for removed in ("--epochs", "--damsm-epochs", "--batch-size"):
+        with pytest.raises(SystemExit):
+            main([removed, "2", "--print-config"])
+        assert "unrecognized arguments" in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="train has no field .nope."):
+        main(["--set", "train.nope=1", "--print-config"])

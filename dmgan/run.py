@@ -1,0 +1,270 @@
+"""A training run's plumbing: what it is asked to do, where it runs, signals, logs, RNG state.
+
+:class:`RunOptions` is everything a run is asked beyond the model and training settings (which are
+the preset's, changed by ``overrides``); ``python train.py`` builds one from its command line, one
+flag per field, and Python code builds one directly::
+
+    from dmgan.run import RunOptions
+    from dmgan.trainer import train
+
+    results, gan = train(RunOptions(out="runs/try", max_steps=100, overrides={"train.batch_size": 8}))
+
+:func:`open_run` starts a run from its options: threads, the ``torchrun`` process group, the
+metrics log, and ``config.json`` (the resolved options and configuration) in the output folder.
+The trainer's stages take the :class:`Run` it yields.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from dmgan.config import PRESETS, Config, get_preset, override
+
+AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+AMP_MODES = tuple(AMP_DTYPES)
+STAGES = ("all", "damsm", "gan", "eval")
+
+
+def _option(default: Any, help: str, **cli: Any) -> Any:
+    """A field of :class:`RunOptions` with its command-line help (and choices, metavar, ...)."""
+    return field(default=default, metadata={"help": help, **cli})
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    """What a training run is asked to do. ``None`` means "the default for this machine" and is
+    filled in by :meth:`resolved`."""
+
+    preset: str = _option("shapes", "model and training configuration", choices=sorted(PRESETS))
+    overrides: dict[str, Any] = _option(
+        None,
+        "config fields, e.g. model.r_num=3 or train.batch_size=8",
+        flag="--set",
+        metavar="GROUP.FIELD=VALUE",
+    )
+    data_dir: str | None = _option(None, "AttnGAN-layout dataset folder (default: the built-in shapes data)")
+    out: str | None = _option(None, "output folder (default: runs/<preset>)")
+    stage: str = _option("all", "stages to run", choices=STAGES)
+    text_encoder: str | None = _option(None, "released DAMSM text encoder (skips pretraining)")
+    image_encoder: str | None = _option(None, "released DAMSM image encoder (skips pretraining)")
+    inception_weights: str | None = _option(None, "torchvision Inception-v3 weights file")
+    resume: bool = _option(False, "continue from the checkpoints in the output folder")
+    amp: str | None = _option(
+        None, "mixed precision (default: bf16 on GPUs that support it, else off)", choices=AMP_MODES
+    )
+    device: str | None = _option(None, "cpu or cuda (default: cuda when available)")
+    seed: int = _option(0, "random seed")
+    max_steps: int | None = _option(
+        None, "GAN steps to train, in place of the epoch count (default: epochs x batches per epoch)"
+    )
+    workers: int | None = _option(None, "data-loading processes (default: 0 on a CPU, 4 on a GPU)")
+    sync_bn: bool = _option(False, "synchronised batch norm in G across processes")
+    log_every: int = _option(25, "steps between metrics-log lines")
+    checkpoint_every: int = _option(500, "steps between checkpoints")
+    sample_every: int = _option(500, "steps between sample grids")
+    num_samples: int = _option(8, "captions in each sample grid")
+    max_nonfinite: int = _option(5, "stop after this many NaN/Inf steps in a row")
+    threads: int | None = _option(None, "CPU threads for torch")
+    shapes_train: int = _option(4000, "built-in shapes: training images")
+    shapes_test: int = _option(500, "built-in shapes: test images")
+    shapes_seed: int = _option(0, "built-in shapes: drawing seed")
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "overrides", dict(self.overrides or {}))
+        for name, allowed in (("preset", PRESETS), ("stage", STAGES), ("amp", (None, *AMP_MODES))):
+            if getattr(self, name) not in allowed:
+                raise ValueError(
+                    f"{name} must be one of {sorted(a for a in allowed if a)}, got {getattr(self, name)!r}"
+                )
+
+    def config(self) -> Config:
+        """The preset with the overrides applied (lists become tuples, as the config holds them)."""
+        changes = {k: tuple(v) if isinstance(v, list) else v for k, v in self.overrides.items()}
+        return override(get_preset(self.preset), **changes) if changes else get_preset(self.preset)
+
+    def resolved(self, device: torch.device) -> RunOptions:
+        """Every default filled in for a run on ``device``."""
+        amp = self.amp or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off")
+        return dataclasses.replace(
+            self,
+            out=self.out or os.path.join("runs", self.config().name),
+            amp=amp,
+            device=str(device),
+            workers=self.workers if self.workers is not None else (4 if device.type == "cuda" else 0),
+            resume=self.resume or self.stage == "eval",  # evaluation reads the trained checkpoint
+        )
+
+
+def describe(options: RunOptions, cfg: Config) -> dict[str, Any]:
+    """What ``config.json`` holds: the options and the configuration the run uses."""
+    return {"options": dataclasses.asdict(options), "config": dataclasses.asdict(cfg)}
+
+
+@dataclass
+class Runtime:
+    """Where this process runs and what it may do."""
+
+    device: torch.device
+    rank: int = 0
+    world_size: int = 1
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @classmethod
+    def start(cls, device: str | None) -> Runtime:
+        """Join the ``torchrun`` process group when launched by it (NCCL on GPUs, Gloo on CPU)."""
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        if world_size == 1:
+            return cls(torch.device(wanted))
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        if wanted.startswith("cuda"):
+            torch.cuda.set_device(local_rank)
+            dist.init_process_group("nccl")
+            return cls(torch.device("cuda", local_rank), dist.get_rank(), world_size)
+        dist.init_process_group("gloo")
+        return cls(torch.device("cpu"), dist.get_rank(), world_size)
+
+    def wrap(self, module: nn.Module, sync_bn: bool = False) -> nn.Module:
+        if self.world_size == 1:
+            return module
+        if sync_bn:
+            module = nn.SyncBatchNorm.convert_sync_batchnorm(module)
+        device_ids = [self.device.index] if self.device.type == "cuda" else None
+        return DistributedDataParallel(module, device_ids=device_ids)
+
+    def all_true(self, flag: bool) -> bool:
+        """Agree across ranks (e.g. on stopping): True only if every rank says True."""
+        if self.world_size == 1:
+            return flag
+        value = torch.tensor([0 if flag else 1], device=self.device)
+        dist.all_reduce(value)
+        return int(value.item()) == 0
+
+    def any_true(self, flag: bool) -> bool:
+        return not self.all_true(not flag)
+
+    def barrier(self) -> None:
+        if self.world_size > 1:
+            dist.barrier()
+
+    def stop(self) -> None:
+        if self.world_size > 1 and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+class StopRequest:
+    """SIGINT / SIGTERM set a flag; the loop finishes its step, writes a checkpoint and exits."""
+
+    def __init__(self) -> None:
+        self.signal: int | None = None
+
+    def __bool__(self) -> bool:
+        return self.signal is not None
+
+    @contextlib.contextmanager
+    def installed(self) -> Iterator[StopRequest]:
+        def handler(signum: int, _frame: Any) -> None:
+            self.signal = signum
+
+        previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+        try:
+            yield self
+        finally:
+            for s, h in previous.items():
+                signal.signal(s, h)
+
+
+class Interrupted(SystemExit):
+    def __init__(self, signum: int, where: Path) -> None:
+        print(
+            f"\n{signal.Signals(signum).name}: checkpoint written to {where}; continue with --resume",
+            flush=True,
+        )
+        super().__init__(128 + signum)
+
+
+class MetricsLog:
+    """JSON lines (one object per logged step), plus TensorBoard when it is installed."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled, self.writer = path, enabled, None
+        if enabled:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            with contextlib.suppress(ImportError):
+                from torch.utils.tensorboard import SummaryWriter
+
+                self.writer = SummaryWriter(str(path.parent / "tensorboard"))
+
+    def write(self, stage: str, step: int, values: dict[str, float]) -> None:
+        if not self.enabled:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps({"stage": stage, "step": step, "time": time.time(), **values}) + "\n")
+        if self.writer is not None:
+            for k, v in values.items():
+                self.writer.add_scalar(f"{stage}/{k}", v, step)
+
+
+def rng_state() -> dict[str, Any]:
+    state: dict[str, Any] = {"torch": torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state["cuda"] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_rng_state(state: dict[str, Any]) -> None:
+    torch.set_rng_state(state["torch"])
+    if "cuda" in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state["cuda"])
+
+
+@dataclass
+class Run:
+    """A started run, as the trainer's stages take it."""
+
+    options: RunOptions  # resolved: no default left open
+    config: Config
+    runtime: Runtime
+    log: MetricsLog
+    stop: StopRequest = field(default_factory=StopRequest)
+
+    @property
+    def out(self) -> Path:
+        return Path(self.options.out)
+
+
+@contextlib.contextmanager
+def open_run(options: RunOptions) -> Iterator[Run]:
+    """Start a run: threads, the process group, the metrics log and ``config.json``; the process
+    group ends when the block does."""
+    cfg = options.config()
+    if options.threads:
+        torch.set_num_threads(options.threads)
+    runtime = Runtime.start(options.device)
+    try:
+        options = options.resolved(runtime.device)
+        torch.manual_seed(options.seed)  # the same initial weights on every rank
+        run = Run(options, cfg, runtime, MetricsLog(Path(options.out) / "metrics.jsonl", runtime.is_main))
+        if runtime.is_main:
+            run.out.mkdir(parents=True, exist_ok=True)
+            (run.out / "config.json").write_text(json.dumps(describe(options, cfg), indent=2) + "\n")
+        yield run
+    finally:
+        runtime.stop()
