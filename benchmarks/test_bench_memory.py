@@ -43,6 +43,11 @@ IMPLEMENTATIONS = {
 }
 
 
+def _slow_if_compiled(name: str):
+    """torch.compile's first call takes seconds even at the smoke sizes: such cases are slow."""
+    return pytest.param(name, marks=pytest.mark.slow) if name.startswith("compile") else name
+
+
 def _call(fn, case: dict, grads_for=None):
     """One timed call of ``fn(**case)``; with ``grads_for(out)``, also its backward (input
     gradients cleared after). Ends with a synchronisation on a GPU."""
@@ -68,7 +73,7 @@ def _available(name: str) -> bool:
 
 @pytest.mark.parametrize("direction", ["forward", "forward+backward"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
+@pytest.mark.parametrize("impl", [_slow_if_compiled(name) for name in IMPLEMENTATIONS])
 def test_memory_read(benchmark, impl, dtype, direction, read_shape):
     if not _available(impl):
         pytest.skip(f"{impl} does not run on {DEVICE} here")
@@ -114,7 +119,7 @@ WRITE_IMPLEMENTATIONS = {
 
 @pytest.mark.parametrize("direction", ["forward", "forward+backward"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
-@pytest.mark.parametrize("impl", list(WRITE_IMPLEMENTATIONS))
+@pytest.mark.parametrize("impl", [_slow_if_compiled(name) for name in WRITE_IMPLEMENTATIONS])
 def test_memory_write(benchmark, impl, dtype, direction, write_shape):
     if not _available(impl):
         pytest.skip(f"{impl} does not run on {DEVICE} here")
