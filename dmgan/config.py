@@ -74,7 +74,7 @@ class TrainConfig:
     rnn_grad_clip: float = 0.25
     # Built-in shapes only: a random background for images whose caption names none
     # (dmgan.data.shapes.recolour_unnamed_backgrounds). Off in the preset: it lifts the encoders'
-    # shape retrieval (96% vs 85% on real test images) but not the generator's shape (README).
+    # shape retrieval but not the generator's shape (docs/experiments.md).
     encoder_recolour_backgrounds: bool = False
 
 
@@ -101,8 +101,8 @@ def _coco() -> Config:
 
 def _shapes() -> Config:
     # Sized for the 15 minutes `python train.py` (DAMSM, GAN, evaluation) may take on two CPU
-    # cores: 8/16/32 stages, 16 DAMSM epochs, 2000 GAN steps; measured 13-16 minutes, as this
-    # VM's speed varies by the hour. Calibration runs are in the README.
+    # cores: 8/16/32 stages, 16 DAMSM epochs, 2000 GAN steps. The runs that chose these
+    # settings, with their timings: docs/experiments.md.
     return Config(
         name="shapes",
         model=ModelConfig(
@@ -120,18 +120,18 @@ def _shapes() -> Config:
         train=TrainConfig(
             batch_size=16,
             max_epoch=8,  # 2000 steps
-            # A short run is limited by steps, not images: shape accuracy at 1500 steps is 32-35%
-            # with the reference's 2e-4, 45% with 4e-4 or 8e-4, 38% with batch 32 (README).
+            # A short run is limited by steps, not images: twice the reference's 2e-4 learns
+            # shape faster than the reference's rate or a larger batch (docs/experiments.md).
             g_lr=4e-4,
             d_lr=4e-4,
             snapshot_interval=1,
             encoder_batch_size=48,
-            # 4 epochs teach the encoders colour but not shape (shape retrieval on real test
-            # images 41%, chance 25%); 16 epochs reach 97% (measured, README).
+            # A few epochs teach the encoders colour but not shape; 16 teach both
+            # (docs/experiments.md).
             encoder_max_epoch=16,
             ema_decay=0.99,  # a short run: 0.999 would still hold a tenth of the initial weights
-            # With weight 1 the KL term keeps |mu| ~0.07 against sigma ~1 (measured): the
-            # sentence barely reaches the first stage within a short run.
+            # With weight 1 the KL term keeps |mu| far below sigma: the sentence barely
+            # reaches the first stage within a short run (docs/experiments.md).
             kl_weight=0.02,
         ),
     )

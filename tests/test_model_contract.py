@@ -18,7 +18,8 @@ from dmgan.models import (
     count_trainable,
 )
 
-# Transcribed from the seed write-up's "Params of DM-GAN" figures; the OCR spaces in some names
+# Transcribed from a parameter listing of the reference implementation's networks
+# (github.com/MinfengZhu/DM-GAN, code/model.py, as its released netG files hold them); the OCR spaces in some names
 # ("h net2.value.0.bias", "img code s64 1.0...", "weight bar") are underscores in the real names.
 SEED_G_STAGE1 = """
 ca_net.fc.weight 400x256

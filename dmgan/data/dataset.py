@@ -1,6 +1,6 @@
 """Text-image datasets in the AttnGAN layout (CUB-200, COCO, and the built-in ``shapes``).
 
-Layouts (reference notes, section 5)::
+Layouts (those AttnGAN's ``code/datasets.py`` reads, which the DM-GAN reference code keeps)::
 
     CUB:    root/CUB_200_2011/images/<class>/<name>.jpg, images.txt, bounding_boxes.txt
     COCO:   root/images/<key>.jpg            (shapes: .png)

@@ -244,7 +244,7 @@ def recolour_unnamed_backgrounds(
     A DAMSM augmentation: such a caption says nothing about the background, so every background
     is a true match. Without it the encoders learn part of "circle" or "square" from the
     background colours those classes happen to be drawn on, and the generator then pleases them
-    with a background instead of a shape (README, "why shape stalls").
+    with a background instead of a shape (docs/experiments.md, "why shape stalls").
 
     images: B x 3 x S x S in [-1, 1]; captions: B x T word indices (0 = padding). An image's
     background is the palette colour nearest the median of its border pixels, and its background
