@@ -3,6 +3,8 @@ the fall-back when it cannot load, and the CUDA build gate on a machine without 
 
 from __future__ import annotations
 
+import os
+import re
 import shutil
 import subprocess
 import sys
@@ -32,8 +34,12 @@ def test_auto_prefers_the_extension_on_cpu():
 @pytest.mark.parametrize(
     ("change", "match"),
     [
-        (lambda c: c.update(keys=c["keys"][:, :, :2].contiguous(), values=c["values"][:, :, :2].contiguous()),
-         r"pad_mask must be B x T = 2 x 2"),
+        (
+            lambda c: c.update(
+                keys=c["keys"][:, :, :2].contiguous(), values=c["values"][:, :, :2].contiguous()
+            ),
+            r"pad_mask must be B x T = 2 x 2",
+        ),
         (lambda c: c.update(values=c["values"][:1]), r"values must match keys"),
         (lambda c: c.update(img=c["img"].transpose(2, 3)), r"must be contiguous"),
         (lambda c: c.update(gate_w=c["gate_w"][:, :10]), r"gate_w must hold 2 N_r = 64"),
@@ -41,7 +47,7 @@ def test_auto_prefers_the_extension_on_cpu():
         (lambda c: c.update(keys=c["keys"].double()), r"every float input must be Float"),
         (lambda c: c.update(img=c["img"][0]), r"img must be B x N_r x H x W"),
     ],
-)  # fmt: skip
+)
 def test_bad_input_raises_a_python_error_naming_the_problem(change, match):
     case = read_case(ReadShape(2, 32, 3, 5, (4, 2)), torch.float32)
     change(case)
@@ -99,13 +105,43 @@ def test_cuda_sources_compile_and_link_without_a_gpu(tmp_path):
         Path(sys.base_prefix) / "include" / f"python{sys.version_info.major}.{sys.version_info.minor}"
     )
     command = [
-        str(nvcc), "-c", str(_build.CSRC / "memory_cuda.cu"), "-o", str(tmp_path / "memory_cuda.o"),
-        "-std=c++20", "-O1", "--expt-relaxed-constexpr", "-gencode=arch=compute_90,code=sm_90", "-Xcompiler", "-fPIC",
-        *(f"-I{p}" for p in include_paths()), f"-I{python_include}", f"-I{_build.CSRC}",
-    ]  # fmt: skip
+        str(nvcc),
+        "-c",
+        str(_build.CSRC / "memory_cuda.cu"),
+        "-o",
+        str(tmp_path / "memory_cuda.o"),
+        "-std=c++20",
+        "-O1",
+        "--expt-relaxed-constexpr",
+        "-gencode=arch=compute_90,code=sm_90",
+        "-Xcompiler",
+        "-fPIC",
+        *(f"-I{p}" for p in include_paths()),
+        f"-I{python_include}",
+        f"-I{_build.CSRC}",
+    ]
     result = subprocess.run(command, capture_output=True, text=True, timeout=900)
     assert result.returncode == 0, result.stderr[-4000:]
     assert shutil.which("true") is None or (tmp_path / "memory_cuda.o").stat().st_size > 0
+
+
+def test_the_cuda_kernels_are_built_for_every_default_architecture():
+    """An A100 (sm_80) once got "no kernel image": the default list has it now, and the
+    extension built with the defaults carries machine code for each architecture."""
+    assert _build.DEFAULT_ARCHS.split() == ["8.0", "8.6", "8.9", "9.0", "12.0+PTX"]
+    if not _cpp._HAS_CUDA_KERNELS or _cpp.HOW_LOADED != "prebuilt" or os.environ.get("TORCH_CUDA_ARCH_LIST"):
+        pytest.skip("dmgan._C was not built by setup.py with the default architectures")
+    import triton
+
+    cuobjdump = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "cuobjdump"
+    if not cuobjdump.exists():
+        pytest.skip("no cuobjdump to read the extension's machine code with")
+    import dmgan._C
+
+    listing = subprocess.run(
+        [str(cuobjdump), "--list-elf", dmgan._C.__file__], capture_output=True, text=True
+    )
+    assert {f"sm_{a}" for a in (80, 86, 89, 90, 120)} <= set(re.findall(r"sm_\d+", listing.stdout))
 
 
 def test_backward_ops_check_the_output_gradients():

@@ -93,22 +93,19 @@ class NEXT_STAGE_G(nn.Module):  # noqa: N801
         self.residual = nn.Sequential(*[ResBlock(ngf * 2) for _ in range(r_num)])
         self.upsample = upBlock(ngf * 2, ngf)
 
+    def writing_weights(self) -> tuple[Tensor, ...]:
+        """The memory-writing layers' weights, in the order of :func:`dmgan.ops.memory_write`."""
+        layers = (self.M_w[0], self.M_r[0], self.key[0], self.value[0])
+        return (self.A.weight, self.B.weight, *(t for layer in layers for t in (layer.weight, layer.bias)))
+
     def forward(
         self, h_code: Tensor, word_embs: Tensor, pad_mask: Tensor, return_attention: bool = False
     ) -> tuple[Tensor, Tensor | None]:
         rbar = h_code.mean(dim=(2, 3)).detach()  # the reference detaches the pooled feature
-        keys, values = ops.memory_write(
-            word_embs, rbar,
-            self.A.weight, self.B.weight,
-            self.M_w[0].weight, self.M_w[0].bias, self.M_r[0].weight, self.M_r[0].bias,
-            self.key[0].weight, self.key[0].bias, self.value[0].weight, self.value[0].bias,
-            backend=self.backend,
-        )  # fmt: skip
-        h_new, attention = ops.memory_read(
-            h_code, keys, values, pad_mask,
-            self.response_gate[0].weight, self.response_gate[0].bias,
-            backend=self.backend, return_attention=return_attention, legacy_mask=self.legacy_mask,
-        )  # fmt: skip
+        keys, values = ops.memory_write(word_embs, rbar, *self.writing_weights(), backend=self.backend)
+        gate = self.response_gate[0]
+        options = dict(backend=self.backend, return_attention=return_attention, legacy_mask=self.legacy_mask)
+        h_new, attention = ops.memory_read(h_code, keys, values, pad_mask, gate.weight, gate.bias, **options)
         out_code = self.residual(torch.cat((h_new, h_new), 1))
         return self.upsample(out_code), attention
 
