@@ -25,9 +25,18 @@ def main(argv: list[str]) -> int:
     device = torch.cuda.get_device_name().replace(" ", "-") if torch.cuda.is_available() else "cpu"
     stem = HERE / "results" / f"{device}-{time.strftime('%Y-%m-%d')}"
     stem.parent.mkdir(exist_ok=True)
-    command = [sys.executable, "-m", "pytest", str(HERE / "test_bench_memory.py"), str(HERE / "test_bench_train_step.py"),
-               "--benchmark-enable", "--benchmark-group-by=param:read_shape,param:write_shape,param:dtype,param:direction",
-               f"--benchmark-json={stem}.json", "-q", *argv]  # fmt: skip
+    command = [
+        sys.executable,
+        "-m",
+        "pytest",
+        str(HERE / "test_bench_memory.py"),
+        str(HERE / "test_bench_train_step.py"),
+        "--benchmark-enable",
+        "--benchmark-group-by=param:read_shape,param:write_shape,param:dtype,param:direction",
+        f"--benchmark-json={stem}.json",
+        "-q",
+        *argv,
+    ]
     print("$", " ".join(command), flush=True)
     code = subprocess.call(command)
     if code != 0:

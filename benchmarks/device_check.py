@@ -103,10 +103,14 @@ def stage_environment(out: Path, dry_run: bool) -> None:
         result["triton"] = None
     if torch.cuda.is_available():
         result["devices"] = [
-            {"name": p.name, "capability": f"{p.major}.{p.minor}", "memory_gib": round(p.total_memory / 2**30, 1),
-             "multiprocessors": p.multi_processor_count}
+            {
+                "name": p.name,
+                "capability": f"{p.major}.{p.minor}",
+                "memory_gib": round(p.total_memory / 2**30, 1),
+                "multiprocessors": p.multi_processor_count,
+            }
             for p in map(torch.cuda.get_device_properties, range(torch.cuda.device_count()))
-        ]  # fmt: skip
+        ]
     nvcc = shutil.which("nvcc")
     result["nvcc"] = (
         subprocess.run([nvcc, "--version"], capture_output=True, text=True).stdout.strip().splitlines()[-1]
@@ -132,8 +136,14 @@ def stage_build(out: Path, dry_run: bool) -> None:
     start = time.perf_counter()
     from dmgan.ops import _cpp  # builds on first use when no prebuilt dmgan._C loads
 
-    _report({"how": _cpp.HOW_LOADED, "cuda_kernels": _cpp._HAS_CUDA_KERNELS,
-             "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST"), "seconds": time.perf_counter() - start})  # fmt: skip
+    _report(
+        {
+            "how": _cpp.HOW_LOADED,
+            "cuda_kernels": _cpp._HAS_CUDA_KERNELS,
+            "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST"),
+            "seconds": time.perf_counter() - start,
+        }
+    )
 
 
 def stage_gpu_tests(out: Path, dry_run: bool) -> None:
@@ -194,9 +204,14 @@ def _floors(report: dict, bandwidth: float) -> list[dict]:
         batch, channels, size = (int(x) for x in _read_dims(info["shape"]))
         tensors = 2 if info["direction"] == "forward" else 5
         floor = tensors * batch * channels * size * size * element / bandwidth
-        rows.append({**{k: info[k] for k in ("impl", "shape", "dtype", "direction")},
-                     "median_s": bench["stats"]["median"], "floor_s": floor,
-                     "times_floor": bench["stats"]["median"] / floor})  # fmt: skip
+        rows.append(
+            {
+                **{k: info[k] for k in ("impl", "shape", "dtype", "direction")},
+                "median_s": bench["stats"]["median"],
+                "floor_s": floor,
+                "times_floor": bench["stats"]["median"] / floor,
+            }
+        )
     return rows
 
 
@@ -217,8 +232,16 @@ def stage_memory_bench(out: Path, dry_run: bool) -> None:
         if dry_run
         else ["-k", "B10- and not (compile and 64x64)"]
     )
-    code = _pytest(["benchmarks/test_bench_memory.py", "-q", "--benchmark-enable", f"--benchmark-json={report}",
-                    "--benchmark-group-by=func,param:dtype,param:direction", *size])  # fmt: skip
+    code = _pytest(
+        [
+            "benchmarks/test_bench_memory.py",
+            "-q",
+            "--benchmark-enable",
+            f"--benchmark-json={report}",
+            "--benchmark-group-by=func,param:dtype,param:direction",
+            *size,
+        ]
+    )
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = measured_peaks(device)["copy_bytes_per_s"]
     rows = _floors(json.loads(report.read_text()), bandwidth) if report.exists() else []
@@ -229,14 +252,28 @@ def stage_memory_bench(out: Path, dry_run: bool) -> None:
 def stage_train_step(out: Path, dry_run: bool) -> None:
     report = out / "train_step.json"
     size = ["--bench-size", "smoke"] if dry_run else []
-    code = _pytest(["benchmarks/test_bench_train_step.py", "-q", "--benchmark-enable",
-                    f"--benchmark-json={report}", "--benchmark-group-by=param:amp", *size])  # fmt: skip
+    code = _pytest(
+        [
+            "benchmarks/test_bench_train_step.py",
+            "-q",
+            "--benchmark-enable",
+            f"--benchmark-json={report}",
+            "--benchmark-group-by=param:amp",
+            *size,
+        ]
+    )
     rows = []
     if report.exists():
         for bench in json.loads(report.read_text())["benchmarks"]:
             info = bench["extra_info"]
-            rows.append({"memory_backend": info["memory_backend"], "amp": info["amp"], "preset": info["preset"],
-                         "images_per_s": info["batch"] / bench["stats"]["median"]})  # fmt: skip
+            rows.append(
+                {
+                    "memory_backend": info["memory_backend"],
+                    "amp": info["amp"],
+                    "preset": info["preset"],
+                    "images_per_s": info["batch"] / bench["stats"]["median"],
+                }
+            )
     _report({"exit_code": code, "steps": rows})
     sys.exit(code)
 
@@ -244,9 +281,26 @@ def stage_train_step(out: Path, dry_run: bool) -> None:
 def stage_profile(out: Path, dry_run: bool) -> None:
     from benchmarks import profile
 
-    tiny = ["--preset", "shapes", "--batch-size", "2", "--steps", "1", "--set", "model.gf_dim=8",
-            "--set", "model.df_dim=4", "--set", "model.embedding_dim=16", "--set", "model.word_dim=8",
-            "--set", "model.z_dim=8", "--set", "model.condition_dim=8"]  # fmt: skip
+    tiny = [
+        "--preset",
+        "shapes",
+        "--batch-size",
+        "2",
+        "--steps",
+        "1",
+        "--set",
+        "model.gf_dim=8",
+        "--set",
+        "model.df_dim=4",
+        "--set",
+        "model.embedding_dim=16",
+        "--set",
+        "model.word_dim=8",
+        "--set",
+        "model.z_dim=8",
+        "--set",
+        "model.condition_dim=8",
+    ]
     with tempfile.TemporaryDirectory() as tmp:
         summary = profile.main(["--out", tmp, *(tiny if dry_run else [])])
     (out / "profile.json").write_text(json.dumps(summary, indent=2) + "\n")
@@ -276,8 +330,15 @@ def _run_stage(stage: Stage, out: Path, dry_run: bool, log) -> dict:
     start = time.perf_counter()
     record: dict = {"stage": stage.name, "budget_s": stage.budget_s, "expected_s": stage.expected_s}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
-                               start_new_session=True)  # fmt: skip
+    process = subprocess.Popen(
+        command,
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        start_new_session=True,
+    )
     lines: list[str] = []
     try:
         output, _ = process.communicate(timeout=None if dry_run else stage.budget_s)
@@ -304,10 +365,18 @@ def _markdown(records: list[dict]) -> str:
     for record in records:
         result = record.get("result", {})
         if record["stage"] == "memory-bench" and result.get("reads_against_floor"):
-            lines += ["", f"memory_read against the HBM floor (copy bandwidth {result['copy_bytes_per_s'] / 1e9:.0f} GB/s):",
-                      "", "| impl | shape | dtype | direction | median | floor | x floor |", "|---|---|---|---|---:|---:|---:|"]  # fmt: skip
-            lines += [f"| {r['impl']} | {r['shape']} | {r['dtype']} | {r['direction']} | {r['median_s'] * 1e6:.1f} µs | "
-                      f"{r['floor_s'] * 1e6:.1f} µs | {r['times_floor']:.2f} |" for r in result["reads_against_floor"]]  # fmt: skip
+            lines += [
+                "",
+                f"memory_read against the HBM floor (copy bandwidth {result['copy_bytes_per_s'] / 1e9:.0f} GB/s):",
+                "",
+                "| impl | shape | dtype | direction | median | floor | x floor |",
+                "|---|---|---|---|---:|---:|---:|",
+            ]
+            lines += [
+                f"| {r['impl']} | {r['shape']} | {r['dtype']} | {r['direction']} | {r['median_s'] * 1e6:.1f} µs | "
+                f"{r['floor_s'] * 1e6:.1f} µs | {r['times_floor']:.2f} |"
+                for r in result["reads_against_floor"]
+            ]
         if record["stage"] == "train-step" and result.get("steps"):
             lines += ["", "| training step | AMP | images/s |", "|---|---|---:|"]
             lines += [

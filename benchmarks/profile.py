@@ -88,9 +88,14 @@ class NvmlSampler:
             "available": True,
             "name": self.name,
             "samples": len(self.samples),
-            **{k: {"mean": sum(s[k] for s in self.samples) / len(self.samples), "max": max(s[k] for s in self.samples)}
-               for k in keys},
-        }  # fmt: skip
+            **{
+                k: {
+                    "mean": sum(s[k] for s in self.samples) / len(self.samples),
+                    "max": max(s[k] for s in self.samples),
+                }
+                for k in keys
+            },
+        }
 
 
 def synchronize(device: str) -> None:
@@ -138,15 +143,31 @@ def memory_op_costs(cfg, batch: int, dtype: torch.dtype, device: str, backend: s
         seconds = timed(lambda read=read: ops.memory_read(**read, backend=backend), device)
         bytes_ = size * (2 * batch * c * n + 2 * batch * c * t) + batch * t
         flops = batch * n * (4 * c * t + 5 * t + 4 * c + 3 * c)
-        rows.append({"op": "memory_read", "stage": stage, "shape": f"B{batch} C{c} {side}x{side} T{t}",
-                     "seconds": seconds, "bytes": bytes_, "flops": flops})  # fmt: skip
+        rows.append(
+            {
+                "op": "memory_read",
+                "stage": stage,
+                "shape": f"B{batch} C{c} {side}x{side} T{t}",
+                "seconds": seconds,
+                "bytes": bytes_,
+                "flops": flops,
+            }
+        )
         write = write_case(WriteShape(batch, m.embedding_dim, c, t), dtype, device)
         seconds = timed(lambda write=write: ops.memory_write(**write, backend=backend), device)
         nw, nm = m.embedding_dim, 2 * c
         bytes_ = size * (batch * nw * t + batch * c + 2 * batch * c * t + nm * (nw + c) + 2 * c * nm)
         flops = 2 * batch * t * (nm * nw + 2 * c * nm + nw) + 2 * batch * nm * c
-        rows.append({"op": "memory_write", "stage": stage, "shape": f"B{batch} Nw{nw} C{c} T{t}",
-                     "seconds": seconds, "bytes": bytes_, "flops": flops})  # fmt: skip
+        rows.append(
+            {
+                "op": "memory_write",
+                "stage": stage,
+                "shape": f"B{batch} Nw{nw} C{c} T{t}",
+                "seconds": seconds,
+                "bytes": bytes_,
+                "flops": flops,
+            }
+        )
     for row in rows:
         row["bytes_per_s"] = row["bytes"] / row["seconds"]
         row["flop_per_s"] = row["flops"] / row["seconds"]
@@ -222,23 +243,40 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         seconds = time.perf_counter() - start
     prof.export_chrome_trace(str(out / "trace.json"))
     sort_key = "self_cuda_time_total" if on_gpu else "self_cpu_time_total"
-    top = [{"name": e.key, "calls": e.count, "self_ms": getattr(e, sort_key) / 1e3}
-           for e in sorted(prof.key_averages(), key=lambda e: getattr(e, sort_key), reverse=True)[:25]]  # fmt: skip
+    top = [
+        {"name": e.key, "calls": e.count, "self_ms": getattr(e, sort_key) / 1e3}
+        for e in sorted(prof.key_averages(), key=lambda e: getattr(e, sort_key), reverse=True)[:25]
+    ]
 
     dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16 if args.amp == "fp16" else torch.float32
     peaks = measured_peaks(device)
     rows = memory_op_costs(cfg, batch_size, dtype, device, args.memory_backend)
     flops_key = "matmul_float32_flop_per_s" if dtype == torch.float32 else "matmul_bfloat16_flop_per_s"
     device_name = torch.cuda.get_device_name() if on_gpu else "cpu"
-    roofline(rows, peaks, flops_key, out / "roofline.png",
-             f"{device_name}: memory ops, {cfg.name} B{batch_size} {str(dtype).removeprefix('torch.')}")  # fmt: skip
+    roofline(
+        rows,
+        peaks,
+        flops_key,
+        out / "roofline.png",
+        f"{device_name}: memory ops, {cfg.name} B{batch_size} {str(dtype).removeprefix('torch.')}",
+    )
     summary = {
-        "date": time.strftime("%Y-%m-%d"), "device": device_name, "torch": torch.__version__,
-        "preset": cfg.name, "batch_size": batch_size, "amp": args.amp, "memory_backend": args.memory_backend,
-        "backends_available": ops.available_backends(device), "profiled_steps": args.steps, "seconds_per_step": seconds / args.steps,
-        "images_per_s": batch_size * args.steps / seconds, "nvml": nvml.summary(), "measured_peaks": peaks,
-        "memory_ops": rows, "top_operators": top,
-    }  # fmt: skip
+        "date": time.strftime("%Y-%m-%d"),
+        "device": device_name,
+        "torch": torch.__version__,
+        "preset": cfg.name,
+        "batch_size": batch_size,
+        "amp": args.amp,
+        "memory_backend": args.memory_backend,
+        "backends_available": ops.available_backends(device),
+        "profiled_steps": args.steps,
+        "seconds_per_step": seconds / args.steps,
+        "images_per_s": batch_size * args.steps / seconds,
+        "nvml": nvml.summary(),
+        "measured_peaks": peaks,
+        "memory_ops": rows,
+        "top_operators": top,
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not summary["nvml"]["available"]:
         print(summary["nvml"]["reason"] + " (profiled the CPU path)")

@@ -91,10 +91,15 @@ def test_memory_read(benchmark, impl, dtype, direction, read_shape):
 
 def _record(benchmark, step, kind, impl, shape, dtype, direction):
     benchmark.extra_info.update(
-        kind=kind, impl=impl, shape=str(shape), dtype=str(dtype).removeprefix("torch."), direction=direction,
-        device=torch.cuda.get_device_name() if ON_GPU else "cpu", torch=torch.__version__,
+        kind=kind,
+        impl=impl,
+        shape=str(shape),
+        dtype=str(dtype).removeprefix("torch."),
+        direction=direction,
+        device=torch.cuda.get_device_name() if ON_GPU else "cpu",
+        torch=torch.__version__,
         peak_memory_bytes=peak_bytes(step, DEVICE),
-    )  # fmt: skip
+    )
     benchmark.pedantic(step, rounds=10 if ON_GPU else 5, iterations=5 if ON_GPU else 1, warmup_rounds=2)
 
 

@@ -24,10 +24,19 @@ AMP = ("off", "bf16")
 
 def _config(smoke: bool):
     if smoke:
-        return override(get_preset("shapes"), **{
-            "model.base_size": 16, "model.gf_dim": 32, "model.df_dim": 4, "model.embedding_dim": 16,
-            "model.word_dim": 8, "model.z_dim": 8, "model.condition_dim": 8, "train.batch_size": 2,
-        })  # fmt: skip
+        return override(
+            get_preset("shapes"),
+            **{
+                "model.base_size": 16,
+                "model.gf_dim": 32,
+                "model.df_dim": 4,
+                "model.embedding_dim": 16,
+                "model.word_dim": 8,
+                "model.z_dim": 8,
+                "model.condition_dim": 8,
+                "train.batch_size": 2,
+            },
+        )
     return get_preset("bird" if ON_GPU else "shapes")
 
 
@@ -51,6 +60,11 @@ def test_train_step(benchmark, memory_backend, amp, request):
     assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
     benchmark.pedantic(step, rounds=3 if not ON_GPU else 10, iterations=1, warmup_rounds=1)
     benchmark.extra_info.update(
-        kind="train_step", preset=cfg.name, batch=cfg.train.batch_size, memory_backend=memory_backend, amp=amp,
-        device=torch.cuda.get_device_name() if ON_GPU else "cpu", torch=torch.__version__,
-    )  # fmt: skip
+        kind="train_step",
+        preset=cfg.name,
+        batch=cfg.train.batch_size,
+        memory_backend=memory_backend,
+        amp=amp,
+        device=torch.cuda.get_device_name() if ON_GPU else "cpu",
+        torch=torch.__version__,
+    )

@@ -24,8 +24,15 @@ def test_dry_run_runs_every_stage_and_writes_what_the_device_tool_brings_back(tm
     assert all(row["times_floor"] > 1 for row in results["memory-bench"]["reads_against_floor"])
     files = sorted(p.name for p in tmp_path.iterdir())
     assert all(p.is_file() for p in tmp_path.iterdir()) and len(files) <= 8, files  # flat, at most 8
-    assert {"summary.json", "summary.md", "log.txt", "tests.xml", "memory_bench.json", "train_step.json",
-            "profile.json"} <= set(files)  # fmt: skip
+    assert {
+        "summary.json",
+        "summary.md",
+        "log.txt",
+        "tests.xml",
+        "memory_bench.json",
+        "train_step.json",
+        "profile.json",
+    } <= set(files)
 
 
 def test_the_stage_budgets_fit_one_device_call():

@@ -41,11 +41,16 @@ class AttributeClassifier(nn.Module):
         super().__init__()
 
         def block(c_in: int, c_out: int) -> nn.Sequential:
-            return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
-                                 nn.MaxPool2d(2))  # fmt: skip
+            return nn.Sequential(
+                nn.Conv2d(c_in, c_out, 3, padding=1),
+                nn.BatchNorm2d(c_out),
+                nn.ReLU(inplace=True),
+                nn.MaxPool2d(2),
+            )
 
-        self.trunk = nn.Sequential(block(3, width), block(width, width), block(width, 2 * width),
-                                   block(2 * width, 2 * width))  # 64 → 4  # fmt: skip
+        self.trunk = nn.Sequential(
+            block(3, width), block(width, width), block(width, 2 * width), block(2 * width, 2 * width)
+        )  # 64 → 4
         self.heads = nn.ModuleDict(
             {name: nn.Linear(2 * width * 16, len(values)) for name, values in ATTRIBUTES.items()}
         )

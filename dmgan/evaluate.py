@@ -38,8 +38,12 @@ def evaluation_split(cfg: Config, root: Path) -> TextImageDataset:
 def real_images(dataset: TextImageDataset, indices: Sequence[int] | None = None) -> torch.Tensor:
     """Last-stage real images (N x 3 x S x S in [-1, 1]) of a split, centre-cropped."""
     indices = range(len(dataset)) if indices is None else indices
-    return torch.stack([dataset.crop_and_pyramid(dataset.resized_image(dataset.keys[i]), dataset.item_rng(i))[-1]
-                        for i in indices])  # fmt: skip
+    return torch.stack(
+        [
+            dataset.crop_and_pyramid(dataset.resized_image(dataset.keys[i]), dataset.item_rng(i))[-1]
+            for i in indices
+        ]
+    )
 
 
 def caption_plan(dataset: TextImageDataset, num_images: int, seed: int) -> tuple[list[int], Captions]:
@@ -59,13 +63,16 @@ def all_sentence_codes(pipe: TextToImage, dataset: TextImageDataset, batch_size:
         for j in range(dataset.captions_per_image)
     ]
     indices, lengths = torch.stack([c for c, _ in pairs]), torch.tensor([n for _, n in pairs])
-    codes = [pipe.encode(indices[i : i + batch_size], lengths[i : i + batch_size])[1].cpu()
-             for i in range(0, len(pairs), batch_size)]  # fmt: skip
+    codes = [
+        pipe.encode(indices[i : i + batch_size], lengths[i : i + batch_size])[1].cpu()
+        for i in range(0, len(pairs), batch_size)
+    ]
     return torch.cat(codes).view(len(dataset), dataset.captions_per_image, -1)
 
 
-def mismatched_codes(codes: torch.Tensor, owners: list[int], class_ids: list[int], count: int,
-                     generator: torch.Generator) -> torch.Tensor:  # fmt: skip
+def mismatched_codes(
+    codes: torch.Tensor, owners: list[int], class_ids: list[int], count: int, generator: torch.Generator
+) -> torch.Tensor:
     """For each generated image, ``count`` sentence codes of captions of images of other classes."""
     classes = torch.tensor(class_ids)
     flat = codes.flatten(0, 1)
@@ -120,8 +127,9 @@ def evaluate(
     image_codes, probs, last_images = [], [], []
     keep_images = is_shapes_dataset(root)  # caption accuracy (shapes); 30k x 256² would not fit
     for start in tqdm(range(0, num_images, batch_size), desc="generate", disable=not progress):
-        stages, _ = pipe.generate(captions[start : start + batch_size], seed=seed * 1_000_003 + start,
-                                  batch_size=batch_size)  # fmt: skip
+        stages, _ = pipe.generate(
+            captions[start : start + batch_size], seed=seed * 1_000_003 + start, batch_size=batch_size
+        )
         images = stages[-1]
         with torch.no_grad():
             image_codes.append(pipe.image_encoder(images.to(pipe.device))[1].float().cpu())
@@ -280,11 +288,23 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     data_dir = args.data_dir or checkpoint.load(args.checkpoint).get("data_dir")
     if data_dir is None:
         data_dir = default_root()
-    results = evaluate(pipe, data_dir, args.num_images, fid=not args.no_fid, fid_stats=args.fid_stats,
-                       is_classifier=args.is_classifier, seed=args.seed, batch_size=args.batch_size)  # fmt: skip
-    report = {"metrics": results, "checkpoint": str(args.checkpoint), "checkpoint_sha256": file_sha256(args.checkpoint),
-              "settings": {k: v for k, v in vars(args).items() if k != "checkpoint"} | {"data_dir": str(data_dir)},
-              "torch": torch.__version__}  # fmt: skip
+    results = evaluate(
+        pipe,
+        data_dir,
+        args.num_images,
+        fid=not args.no_fid,
+        fid_stats=args.fid_stats,
+        is_classifier=args.is_classifier,
+        seed=args.seed,
+        batch_size=args.batch_size,
+    )
+    report = {
+        "metrics": results,
+        "checkpoint": str(args.checkpoint),
+        "checkpoint_sha256": file_sha256(args.checkpoint),
+        "settings": {k: v for k, v in vars(args).items() if k != "checkpoint"} | {"data_dir": str(data_dir)},
+        "torch": torch.__version__,
+    }
     out = Path(args.out) if args.out else Path(args.checkpoint).with_name("evaluation.json")
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(results, indent=2))

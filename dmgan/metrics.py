@@ -85,8 +85,12 @@ def save_reference_stats(metric, path: str | os.PathLike) -> None:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, sum=metric.real_features_sum.cpu().numpy(), cov_sum=metric.real_features_cov_sum.cpu().numpy(),
-             count=int(metric.real_features_num_samples))  # fmt: skip
+    np.savez(
+        tmp,
+        sum=metric.real_features_sum.cpu().numpy(),
+        cov_sum=metric.real_features_cov_sum.cpu().numpy(),
+        count=int(metric.real_features_num_samples),
+    )
     tmp.replace(path)
 
 
@@ -94,8 +98,10 @@ def load_reference_stats(metric, path: str | os.PathLike) -> int:
     """Load statistics written by :func:`save_reference_stats`; returns the image count."""
     with np.load(path) as data:
         if data["sum"].shape != tuple(metric.real_features_sum.shape):
-            raise ValueError(f"{path}: statistics of {data['sum'].shape[0]} features, the metric has "
-                             f"{metric.real_features_sum.shape[0]}")  # fmt: skip
+            raise ValueError(
+                f"{path}: statistics of {data['sum'].shape[0]} features, the metric has "
+                f"{metric.real_features_sum.shape[0]}"
+            )
         device = metric.real_features_sum.device
         metric.real_features_sum = torch.from_numpy(data["sum"]).to(device, torch.float64)
         metric.real_features_cov_sum = torch.from_numpy(data["cov_sum"]).to(device, torch.float64)
@@ -137,8 +143,12 @@ def load_classifier(path: str | os.PathLike) -> nn.Module:
         raise ValueError(f"{path} is neither TorchScript nor a readable state dict: {e}") from e
     if not isinstance(state, dict) or "fc.weight" not in state:
         raise ValueError(f"{path} is neither TorchScript nor an Inception-v3 state dict (no fc.weight)")
-    model = inception_v3(weights=None, aux_logits="AuxLogits.fc.weight" in state, init_weights=False,
-                         num_classes=state["fc.weight"].shape[0])  # fmt: skip
+    model = inception_v3(
+        weights=None,
+        aux_logits="AuxLogits.fc.weight" in state,
+        init_weights=False,
+        num_classes=state["fc.weight"].shape[0],
+    )
     model.load_state_dict(state)
     return model.eval()
 

@@ -36,8 +36,11 @@ class Captions:
     @classmethod
     def from_pairs(cls, pairs: list[tuple[Tensor, int]], vocab: Vocabulary) -> Captions:
         """From (padded indices, length) pairs as :meth:`TextImageDataset.caption` returns them."""
-        return cls(torch.stack([c for c, _ in pairs]), torch.tensor([n for _, n in pairs]),
-                   [vocab.decode(c) for c, _ in pairs])  # fmt: skip
+        return cls(
+            torch.stack([c for c, _ in pairs]),
+            torch.tensor([n for _, n in pairs]),
+            [vocab.decode(c) for c, _ in pairs],
+        )
 
     def __len__(self) -> int:
         return len(self.texts)

@@ -71,9 +71,19 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         written.append(
             attention_figure([s[n] for s in stages], attention[-1][n], words, captions.texts[n], out / name)
         )
-    (out / "captions.json").write_text(json.dumps(
-        {"checkpoint": str(args.checkpoint), "weights": args.weights, "seed": args.seed, "truncation": args.truncation,
-         "captions": texts, "unknown_words": captions.unknown[:: args.samples]}, indent=2))  # fmt: skip
+    (out / "captions.json").write_text(
+        json.dumps(
+            {
+                "checkpoint": str(args.checkpoint),
+                "weights": args.weights,
+                "seed": args.seed,
+                "truncation": args.truncation,
+                "captions": texts,
+                "unknown_words": captions.unknown[:: args.samples],
+            },
+            indent=2,
+        )
+    )
     print(f"wrote {len(written)} images to {out}")
     return written
 

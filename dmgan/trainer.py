@@ -170,9 +170,16 @@ class GAN:
         discriminators = [unwrap(d) for d in self.netsD]
         with autocast(), frozen(discriminators):
             errG, parts = generator_loss(
-                discriminators, self.image_encoder, fake_imgs, words_emb, sent_emb,
-                batch.cap_lens, batch.class_ids, t.damsm_lambda, (t.gamma1, t.gamma2, t.gamma3),
-            )  # fmt: skip
+                discriminators,
+                self.image_encoder,
+                fake_imgs,
+                words_emb,
+                sent_emb,
+                batch.cap_lens,
+                batch.class_ids,
+                t.damsm_lambda,
+                (t.gamma1, t.gamma2, t.gamma3),
+            )
             kl = kl_loss(mu, logvar)
         total = errG + t.kl_weight * kl
         logs.update({k: v.item() for k, v in parts.items()}, g_loss=errG.item(), kl=kl.item())
@@ -238,8 +245,9 @@ def prepare_dataset(opts: RunOptions, cfg: Config) -> Path:
     root = shapes_data.default_root() / f"n{opts.shapes_train}-{opts.shapes_test}-seed{opts.shapes_seed}"
     if not shapes_data.is_shapes_dataset(root):
         print(f"drawing the built-in shapes dataset into {root} ...", flush=True)
-    return shapes_data.generate(root, opts.shapes_train, opts.shapes_test, opts.shapes_seed,
-                                cfg.text.captions_per_image)  # fmt: skip
+    return shapes_data.generate(
+        root, opts.shapes_train, opts.shapes_test, opts.shapes_seed, cfg.text.captions_per_image
+    )
 
 
 def make_loader(
@@ -247,9 +255,16 @@ def make_loader(
 ) -> DataLoader:
     sampler = EpochSampler(len(dataset), batch_size, seed=seed, rank=rt.rank, world_size=rt.world_size)
     # Its own generator: creating an iterator must not draw from the global RNG (resume equality).
-    return DataLoader(dataset, batch_size=batch_size, sampler=sampler, collate_fn=collate, num_workers=workers,
-                      pin_memory=rt.device.type == "cuda", drop_last=True,
-                      generator=torch.Generator().manual_seed(seed))  # fmt: skip
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        pin_memory=rt.device.type == "cuda",
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
 
 
 def epoch_batches(loader: DataLoader, epoch: int, skip: int = 0) -> Iterator[Batch]:
@@ -270,13 +285,16 @@ def pretrain_damsm(run: Run, root: Path) -> tuple[nn.Module, nn.Module]:
     t = cfg.train
     dataset = dataset_for(cfg, root, "train", train=True, seed=opts.seed)
     if t.encoder_recolour_backgrounds and not shapes_data.is_shapes_dataset(root):
-        raise SystemExit(f"train.encoder_recolour_backgrounds applies to the built-in shapes data only; "
-                         f"{root} is not a shapes dataset (no attributes.json)")  # fmt: skip
+        raise SystemExit(
+            f"train.encoder_recolour_backgrounds applies to the built-in shapes data only; "
+            f"{root} is not a shapes dataset (no attributes.json)"
+        )
     recolour = shapes_data.recolour_unnamed_backgrounds
     loader = make_loader(dataset, t.encoder_batch_size, rt, opts.seed, opts.workers)
     text_encoder = build_text_encoder(cfg.model, len(dataset.vocab)).to(rt.device)
-    image_encoder = build_image_encoder(cfg.model.image_encoder, cfg.model.embedding_dim,
-                                        opts.inception_weights).to(rt.device)  # fmt: skip
+    image_encoder = build_image_encoder(
+        cfg.model.image_encoder, cfg.model.embedding_dim, opts.inception_weights
+    ).to(rt.device)
     text_ddp, image_ddp = rt.wrap(text_encoder), rt.wrap(image_encoder)
     path = run.out / "damsm" / "damsm_state.pt"
     start_epoch = 0
@@ -293,8 +311,13 @@ def pretrain_damsm(run: Run, root: Path) -> tuple[nn.Module, nn.Module]:
         lr = max(t.encoder_lr * 0.98**epoch, t.encoder_lr / 10)
         optimizer = adam(params, lr, t.betas)
         text_ddp.train(), image_ddp.train()
-        bar = tqdm(epoch_batches(loader, epoch), total=len(loader), disable=not rt.is_main,
-                   desc=f"DAMSM {epoch + 1}/{t.encoder_max_epoch}", dynamic_ncols=True)  # fmt: skip
+        bar = tqdm(
+            epoch_batches(loader, epoch),
+            total=len(loader),
+            disable=not rt.is_main,
+            desc=f"DAMSM {epoch + 1}/{t.encoder_max_epoch}",
+            dynamic_ncols=True,
+        )
         for batch in bar:
             if stop:
                 break
@@ -303,8 +326,9 @@ def pretrain_damsm(run: Run, root: Path) -> tuple[nn.Module, nn.Module]:
             if t.encoder_recolour_backgrounds:
                 images = recolour(images, batch.captions, dataset.vocab.wordtoix)
             words_emb, sent_emb = text_ddp(batch.captions, batch.cap_lens)
-            w_loss, s_loss = damsm_loss(image_ddp, images, words_emb, sent_emb, batch.cap_lens,
-                                        batch.class_ids, gammas)  # fmt: skip
+            w_loss, s_loss = damsm_loss(
+                image_ddp, images, words_emb, sent_emb, batch.cap_lens, batch.class_ids, gammas
+            )
             optimizer.zero_grad(set_to_none=True)
             (w_loss + s_loss).backward()
             torch.nn.utils.clip_grad_norm_(text_encoder.parameters(), t.rnn_grad_clip)
@@ -315,8 +339,15 @@ def pretrain_damsm(run: Run, root: Path) -> tuple[nn.Module, nn.Module]:
                 log.write("damsm", step, {"w_loss": w_loss.item(), "s_loss": s_loss.item(), "lr": lr})
         finished_epoch = epoch + (0 if stop else 1)
         if rt.is_main:  # an interrupted epoch is redone on resume
-            checkpoint.save({"text_encoder": text_encoder.state_dict(), "image_encoder": image_encoder.state_dict(),
-                             "epoch": finished_epoch, "rng": rng_state()}, path)  # fmt: skip
+            checkpoint.save(
+                {
+                    "text_encoder": text_encoder.state_dict(),
+                    "image_encoder": image_encoder.state_dict(),
+                    "epoch": finished_epoch,
+                    "rng": rng_state(),
+                },
+                path,
+            )
         if rt.any_true(bool(stop)):
             raise Interrupted(stop.signal or signal.SIGTERM, path)
     if rt.is_main:
@@ -334,8 +365,10 @@ def load_encoders(run: Run, vocab_size: int) -> tuple[nn.Module, nn.Module]:
     image_path = Path(opts.image_encoder or damsm_dir / "image_encoder.pth")
     for what, path in (("text", text_path), ("image", image_path)):
         if not path.is_file():
-            raise SystemExit(f"--stage gan needs a DAMSM {what} encoder: {path} does not exist "
-                             f"(run --stage damsm first or pass --{what}-encoder)")  # fmt: skip
+            raise SystemExit(
+                f"--stage gan needs a DAMSM {what} encoder: {path} does not exist "
+                f"(run --stage damsm first or pass --{what}-encoder)"
+            )
     text_state = checkpoint.load(text_path)
     check_vocabulary(vocab_size, text_state["encoder.weight"].shape[0], "captions.pickle")
     text_encoder = build_text_encoder(cfg.model, vocab_size)
@@ -381,11 +414,20 @@ def train_gan(run: Run, root: Path) -> GAN:
         if not checkpoint.all_finite(state):
             raise SystemExit("refusing to write a checkpoint: the weights hold NaN/Inf")
         vocab = [dataset.vocab.ixtoword[i] for i in range(len(dataset.vocab))]
-        checkpoint.save({"gan": state, "rng": rng_state(), "step": step, "position": position,
-                         "config": dataclasses.asdict(cfg), "vocab": vocab,  # self-contained for sampling
-                         "data_dir": str(root.resolve()),
-                         "text_encoder": gan.text_encoder.state_dict(),
-                         "image_encoder": gan.image_encoder.state_dict()}, ckpt_path)  # fmt: skip
+        checkpoint.save(
+            {
+                "gan": state,
+                "rng": rng_state(),
+                "step": step,
+                "position": position,
+                "config": dataclasses.asdict(cfg),
+                "vocab": vocab,  # self-contained for sampling
+                "data_dir": str(root.resolve()),
+                "text_encoder": gan.text_encoder.state_dict(),
+                "image_encoder": gan.image_encoder.state_dict(),
+            },
+            ckpt_path,
+        )
 
     per_epoch = loader.sampler.batches_per_epoch  # type: ignore[union-attr]
     total_steps = opts.max_steps or t.max_epoch * per_epoch  # may end mid-epoch or run past the epochs
@@ -393,8 +435,9 @@ def train_gan(run: Run, root: Path) -> GAN:
         total_steps = step
     test = dataset_for(cfg, root, "test", train=False, seed=opts.seed)
     rng = test.item_rng(0)  # fixed captions and noise: grids at different steps are comparable
-    samples = Captions.from_pairs([test.caption(i, rng, which=0) for i in range(min(opts.num_samples, len(test)))],
-                                  test.vocab)  # fmt: skip
+    samples = Captions.from_pairs(
+        [test.caption(i, rng, which=0) for i in range(min(opts.num_samples, len(test)))], test.vocab
+    )
     nonfinite_in_row = skipped_steps = skipped_images = 0
     bar = tqdm(total=total_steps, initial=step, disable=not rt.is_main, desc="DM-GAN", dynamic_ncols=True)
     while step < total_steps:
@@ -411,19 +454,32 @@ def train_gan(run: Run, root: Path) -> GAN:
                 nonfinite_in_row += 1
                 skipped_steps += 1
                 if nonfinite_in_row >= opts.max_nonfinite:
-                    raise SystemExit(f"stopping: {nonfinite_in_row} steps in a row had NaN/Inf losses "
-                                     f"(last: {logs}); the last good checkpoint is {ckpt_path}")  # fmt: skip
+                    raise SystemExit(
+                        f"stopping: {nonfinite_in_row} steps in a row had NaN/Inf losses "
+                        f"(last: {logs}); the last good checkpoint is {ckpt_path}"
+                    )
                 continue
             nonfinite_in_row = 0
             step += 1
             speed = len(batch.captions) * rt.world_size / (time.perf_counter() - start)
             bar.update()
-            bar.set_postfix(D=f"{sum(v for k, v in logs.items() if k.startswith('d_loss')):.2f}",
-                            G=f"{logs['g_loss']:.2f}", img_s=f"{speed:.1f}")  # fmt: skip
+            bar.set_postfix(
+                D=f"{sum(v for k, v in logs.items() if k.startswith('d_loss')):.2f}",
+                G=f"{logs['g_loss']:.2f}",
+                img_s=f"{speed:.1f}",
+            )
             at_end = step == total_steps
             if step % opts.log_every == 0 or at_end:
-                log.write("gan", step, {**logs, "images_per_s": speed, "skipped_steps": skipped_steps,
-                                        "skipped_images": skipped_images})  # fmt: skip
+                log.write(
+                    "gan",
+                    step,
+                    {
+                        **logs,
+                        "images_per_s": speed,
+                        "skipped_steps": skipped_steps,
+                        "skipped_images": skipped_images,
+                    },
+                )
             stopping = rt.any_true(bool(stop))
             if rt.is_main and (at_end or stopping or step % opts.checkpoint_every == 0):
                 save_checkpoint()
@@ -454,8 +510,11 @@ def short_evaluation(run: Run, root: Path, gan: GAN) -> dict[str, Any]:
 
     opts, cfg = run.options, run.config
     test = evaluation_split(cfg, root)
-    print(f"evaluating on {len(test)} test captions "
-          f"(for FID: python -m dmgan.evaluate {opts.out}/checkpoints/latest.pt)", flush=True)  # fmt: skip
+    print(
+        f"evaluating on {len(test)} test captions "
+        f"(for FID: python -m dmgan.evaluate {opts.out}/checkpoints/latest.pt)",
+        flush=True,
+    )
     return evaluate(gan.pipeline(test.vocab), root, len(test), fid=False, seed=opts.seed, progress=False)
 
 
@@ -471,8 +530,11 @@ def train(options: RunOptions) -> tuple[dict[str, Any], GAN | None]:
     with open_run(options) as run:
         rt, opts, cfg = run.runtime, run.options, run.config
         if rt.is_main:
-            print(f"dmgan: preset {cfg.name}, stages {cfg.model.image_sizes}, device {rt.device} x "
-                  f"{rt.world_size}, amp {opts.amp}, output {run.out}", flush=True)  # fmt: skip
+            print(
+                f"dmgan: preset {cfg.name}, stages {cfg.model.image_sizes}, device {rt.device} x "
+                f"{rt.world_size}, amp {opts.amp}, output {run.out}",
+                flush=True,
+            )
         with run.stop.installed():
             root = prepare_dataset(opts, cfg) if rt.is_main else None
             rt.barrier()
@@ -493,6 +555,9 @@ def train(options: RunOptions) -> tuple[dict[str, Any], GAN | None]:
         if rt.is_main:
             (run.out / "metrics.json").write_text(json.dumps(results, indent=2) + "\n")
             print(json.dumps(results, indent=2))
-            print(f"samples: {run.out / 'samples'}\ncheckpoint: {run.out / 'checkpoints' / 'latest.pt'}\n"
-                  f"metrics: {run.out / 'metrics.json'} and {run.out / 'metrics.jsonl'}", flush=True)  # fmt: skip
+            print(
+                f"samples: {run.out / 'samples'}\ncheckpoint: {run.out / 'checkpoints' / 'latest.pt'}\n"
+                f"metrics: {run.out / 'metrics.json'} and {run.out / 'metrics.jsonl'}",
+                flush=True,
+            )
     return results, gan

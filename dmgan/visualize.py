@@ -55,13 +55,15 @@ def attention_figure(
     ``stages``: 3 x S_i x S_i images; ``attention``: T x s x s (T >= len(words)).
     """
     size = max(MIN_DISPLAY, stages[-1].shape[-1])
-    top = to_uint8(torch.cat([F.interpolate(s[None].float(), size=(size, size), mode="nearest")
-                              for s in stages], dim=3))[0]  # fmt: skip
+    top = to_uint8(
+        torch.cat([F.interpolate(s[None].float(), size=(size, size), mode="nearest") for s in stages], dim=3)
+    )[0]
     base = to_uint8(F.interpolate(stages[-1][None].float(), size=(size, size), mode="nearest"))[0].astype(
         np.float32
     )
-    maps = F.interpolate(attention[None, : len(words)].float(), size=(size, size), mode="bilinear",
-                         align_corners=False)[0]  # fmt: skip
+    maps = F.interpolate(
+        attention[None, : len(words)].float(), size=(size, size), mode="bilinear", align_corners=False
+    )[0]
     maps = maps / maps.flatten(1).amax(1).clamp(min=1e-12)[:, None, None]
     tiles = []
     for m in maps.numpy():

@@ -60,8 +60,9 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
-def backward_programs(batch: int, channels: int, num_pixels: int, num_words: int, dtype: torch.dtype,
-                      multiprocessors: int) -> int:  # fmt: skip
+def backward_programs(
+    batch: int, channels: int, num_pixels: int, num_words: int, dtype: torch.dtype, multiprocessors: int
+) -> int:
     """Persistent backward programs per sample: about one per multiprocessor in all, at most one
     per tile. Each program holds about 40 to 60 thousand registers, so a multiprocessor runs one
     at a time anyway, and fewer programs mean fewer partial sums to store and add."""
@@ -72,8 +73,21 @@ def backward_programs(batch: int, channels: int, num_pixels: int, num_words: int
 
 
 @triton.jit
-def _key_addressing(r, keys, mask_ptr, b, offs_n, n_ok, offs_t, N, T, B,
-                    DTYPE: tl.constexpr, DOT_FP32: tl.constexpr, LEGACY_MASK: tl.constexpr):  # fmt: skip
+def _key_addressing(
+    r,
+    keys,
+    mask_ptr,
+    b,
+    offs_n,
+    n_ok,
+    offs_t,
+    N,
+    T,
+    B,
+    DTYPE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    LEGACY_MASK: tl.constexpr,
+):
     """α = masked softmax over words of rᵀ K: BLOCK_N x T_PAD, rows of all-masked pixels are 0."""
     scores = dot(tl.trans(r), keys, DTYPE, DOT_FP32)  # BLOCK_N x T_PAD
     t_ok = offs_t < T
@@ -102,11 +116,25 @@ def _response_gate(r, o, w_r, w_o, bias):
 
 @triton.jit
 def memory_read_forward_kernel(
-    img_ptr, keys_ptr, values_ptr, mask_ptr, gate_w_ptr, gate_b_ptr, out_ptr, attn_ptr,
-    N, T, B, num_tiles,
-    C: tl.constexpr, T_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    LEGACY_MASK: tl.constexpr, WRITE_ATTENTION: tl.constexpr, DOT_FP32: tl.constexpr,
-):  # fmt: skip
+    img_ptr,
+    keys_ptr,
+    values_ptr,
+    mask_ptr,
+    gate_w_ptr,
+    gate_b_ptr,
+    out_ptr,
+    attn_ptr,
+    N,
+    T,
+    B,
+    num_tiles,
+    C: tl.constexpr,
+    T_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    LEGACY_MASK: tl.constexpr,
+    WRITE_ATTENTION: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
     # One flat grid axis (the second and third hold at most 65,535 programs): sample-major tiles.
     b = (tl.program_id(0) // num_tiles).to(tl.int64)
     tile = tl.program_id(0) % num_tiles
@@ -136,12 +164,29 @@ def memory_read_forward_kernel(
 
 @triton.jit
 def memory_read_backward_kernel(
-    img_ptr, keys_ptr, values_ptr, mask_ptr, gate_w_ptr, gate_b_ptr, grad_out_ptr,
-    grad_img_ptr, grad_keys_part_ptr, grad_values_part_ptr, grad_gate_part_ptr,
-    N, T, B, num_tiles, programs,
-    C: tl.constexpr, T_PAD: tl.constexpr, BLOCK_N: tl.constexpr,
-    LEGACY_MASK: tl.constexpr, DOT_FP32: tl.constexpr, RESIDENT_KV: tl.constexpr,
-):  # fmt: skip
+    img_ptr,
+    keys_ptr,
+    values_ptr,
+    mask_ptr,
+    gate_w_ptr,
+    gate_b_ptr,
+    grad_out_ptr,
+    grad_img_ptr,
+    grad_keys_part_ptr,
+    grad_values_part_ptr,
+    grad_gate_part_ptr,
+    N,
+    T,
+    B,
+    num_tiles,
+    programs,
+    C: tl.constexpr,
+    T_PAD: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    LEGACY_MASK: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+    RESIDENT_KV: tl.constexpr,
+):
     # Program p of sample b takes tiles p, p + programs, ... in that order.
     part = tl.program_id(0).to(tl.int64)  # = b * programs + p: this program's slot in the partial sums
     b = (part // programs).to(tl.int64)
@@ -185,8 +230,9 @@ def memory_read_backward_kernel(
         # Key addressing s = rᵀ K.
         dr += dot(keys, tl.trans(d_scores), DTYPE, DOT_FP32)  # C x BLOCK_N
         d_keys += dot(r, d_scores, DTYPE, DOT_FP32)  # C x T_PAD
-        tl.store(grad_img_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :], dr.to(DTYPE),
-                 mask=n_ok[None, :])  # fmt: skip
+        tl.store(
+            grad_img_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :], dr.to(DTYPE), mask=n_ok[None, :]
+        )
         d_w_r += tl.sum(r * d_pre_gate[None, :], axis=1)
         d_w_o += tl.sum(o * d_pre_gate[None, :], axis=1)
         d_bias += d_pre_gate
@@ -299,8 +345,9 @@ def memory_read_backward(
     )
 
 
-def backward_bytes(batch: int, channels: int, num_pixels: int, num_words: int, dtype: torch.dtype,
-                   multiprocessors: int) -> dict[str, int]:  # fmt: skip
+def backward_bytes(
+    batch: int, channels: int, num_pixels: int, num_words: int, dtype: torch.dtype, multiprocessors: int
+) -> dict[str, int]:
     """Bytes the backward moves to and from memory, each tensor counted once per load, against
     the op's essential traffic (read r and dr', write dr; keys, values and the gate once)."""
     size = torch.empty((), dtype=dtype).element_size()

@@ -41,9 +41,27 @@ def launch_config(channels: int, backward: bool, fp32: bool) -> dict[str, int]:
 
 
 @triton.jit
-def _write_forward(words_ptr, rbar_ptr, A_ptr, B_ptr, M_w_ptr, M_w_b_ptr, M_r_ptr, M_r_b_ptr, b, offs_t, T, NW,
-                   NR: tl.constexpr, NM: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr,
-                   BLOCK_R: tl.constexpr, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):  # fmt: skip
+def _write_forward(
+    words_ptr,
+    rbar_ptr,
+    A_ptr,
+    B_ptr,
+    M_w_ptr,
+    M_w_b_ptr,
+    M_r_ptr,
+    M_r_b_ptr,
+    b,
+    offs_t,
+    T,
+    NW,
+    NR: tl.constexpr,
+    NM: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DTYPE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
     """Recomputable part of the forward for sample b, words offs_t: F_w and f_r before their
     ReLUs, and g. Weights are streamed in chunks so no N_m x N_w or N_m x N_r tile is held."""
     offs_m = tl.arange(0, NM)
@@ -60,8 +78,11 @@ def _write_forward(words_ptr, rbar_ptr, A_ptr, B_ptr, M_w_ptr, M_w_b_ptr, M_r_pt
     for k0 in range(0, NW, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < NW
-        w = tl.load(words_ptr + b * NW * T + offs_k[:, None] * T + offs_t[None, :],
-                    mask=k_ok[:, None] & t_ok[None, :], other=0.0)  # fmt: skip
+        w = tl.load(
+            words_ptr + b * NW * T + offs_k[:, None] * T + offs_t[None, :],
+            mask=k_ok[:, None] & t_ok[None, :],
+            other=0.0,
+        )
         M_w = tl.load(M_w_ptr + offs_m[:, None] * NW + offs_k[None, :], mask=k_ok[None, :], other=0.0)
         words_pre += dot(M_w, w, DTYPE, DOT_FP32)
         A = tl.load(A_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
@@ -72,20 +93,53 @@ def _write_forward(words_ptr, rbar_ptr, A_ptr, B_ptr, M_w_ptr, M_w_b_ptr, M_r_pt
 
 @triton.jit
 def memory_write_forward_kernel(
-    words_ptr, rbar_ptr, A_ptr, B_ptr, M_w_ptr, M_w_b_ptr, M_r_ptr, M_r_b_ptr,
-    key_w_ptr, key_b_ptr, value_w_ptr, value_b_ptr, keys_ptr, values_ptr,
-    T, NW,
-    NR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    words_ptr,
+    rbar_ptr,
+    A_ptr,
+    B_ptr,
+    M_w_ptr,
+    M_w_b_ptr,
+    M_r_ptr,
+    M_r_b_ptr,
+    key_w_ptr,
+    key_b_ptr,
+    value_w_ptr,
+    value_b_ptr,
+    keys_ptr,
+    values_ptr,
+    T,
+    NW,
+    NR: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     DOT_FP32: tl.constexpr,
-):  # fmt: skip
+):
     b = tl.program_id(0).to(tl.int64)
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     NM: tl.constexpr = 2 * NR
     DTYPE: tl.constexpr = words_ptr.dtype.element_ty
     words_pre, image_pre, gate = _write_forward(
-        words_ptr, rbar_ptr, A_ptr, B_ptr, M_w_ptr, M_w_b_ptr, M_r_ptr, M_r_b_ptr, b, offs_t, T, NW,
-        NR, NM, BLOCK_T, BLOCK_K, BLOCK_R, DTYPE, DOT_FP32,
-    )  # fmt: skip
+        words_ptr,
+        rbar_ptr,
+        A_ptr,
+        B_ptr,
+        M_w_ptr,
+        M_w_b_ptr,
+        M_r_ptr,
+        M_r_b_ptr,
+        b,
+        offs_t,
+        T,
+        NW,
+        NR,
+        NM,
+        BLOCK_T,
+        BLOCK_K,
+        BLOCK_R,
+        DTYPE,
+        DOT_FP32,
+    )
     image = tl.maximum(image_pre, 0.0)
     memory = tl.maximum(words_pre, 0.0) * gate[None, :] + image[:, None] * (1.0 - gate)[None, :]
     offs_m = tl.arange(0, NM)
@@ -106,9 +160,23 @@ def memory_write_forward_kernel(
 
 
 @triton.jit
-def _project_backward(w_ptr, b_ptr, grad_out_ptr, grad_w_part, grad_b_part, memory, part, b, offs_t, T,
-                      NR: tl.constexpr, NM: tl.constexpr, BLOCK_R: tl.constexpr,
-                      DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):  # fmt: skip
+def _project_backward(
+    w_ptr,
+    b_ptr,
+    grad_out_ptr,
+    grad_w_part,
+    grad_b_part,
+    memory,
+    part,
+    b,
+    offs_t,
+    T,
+    NR: tl.constexpr,
+    NM: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    DTYPE: tl.constexpr,
+    DOT_FP32: tl.constexpr,
+):
     """Y = ReLU(W M + b): stores this program's dW and db partials, returns Wᵀ dY_pre (NM x BLOCK_T)."""
     offs_m = tl.arange(0, NM)
     t_ok = (offs_t < T)[None, :]
@@ -121,8 +189,10 @@ def _project_backward(w_ptr, b_ptr, grad_out_ptr, grad_w_part, grad_b_part, memo
             grad_out_ptr + b * NR * T + offs_r[:, None] * T + offs_t[None, :], mask=t_ok, other=0.0
         )
         grad = tl.where(pre > 0.0, grad.to(tl.float32), 0.0)  # padded words: 0
-        tl.store(grad_w_part + part * NR * NM + offs_r[:, None] * NM + offs_m[None, :],
-                 dot(grad, tl.trans(memory), DTYPE, DOT_FP32))  # fmt: skip
+        tl.store(
+            grad_w_part + part * NR * NM + offs_r[:, None] * NM + offs_m[None, :],
+            dot(grad, tl.trans(memory), DTYPE, DOT_FP32),
+        )
         tl.store(grad_b_part + part * NR + offs_r, tl.sum(grad, axis=1))
         d_memory += dot(tl.trans(weight), grad, DTYPE, DOT_FP32)
     return d_memory
@@ -130,14 +200,40 @@ def _project_backward(w_ptr, b_ptr, grad_out_ptr, grad_w_part, grad_b_part, memo
 
 @triton.jit
 def memory_write_backward_kernel(
-    words_ptr, rbar_ptr, A_ptr, B_ptr, M_w_ptr, M_w_b_ptr, M_r_ptr, M_r_b_ptr,
-    key_w_ptr, key_b_ptr, value_w_ptr, value_b_ptr, grad_keys_ptr, grad_values_ptr,
-    grad_words_ptr, grad_rbar_part, grad_A_part, grad_B_part, grad_M_w_part, grad_M_w_b_part,
-    grad_M_r_part, grad_M_r_b_part, grad_key_w_part, grad_key_b_part, grad_value_w_part, grad_value_b_part,
-    T, NW,
-    NR: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr,
+    words_ptr,
+    rbar_ptr,
+    A_ptr,
+    B_ptr,
+    M_w_ptr,
+    M_w_b_ptr,
+    M_r_ptr,
+    M_r_b_ptr,
+    key_w_ptr,
+    key_b_ptr,
+    value_w_ptr,
+    value_b_ptr,
+    grad_keys_ptr,
+    grad_values_ptr,
+    grad_words_ptr,
+    grad_rbar_part,
+    grad_A_part,
+    grad_B_part,
+    grad_M_w_part,
+    grad_M_w_b_part,
+    grad_M_r_part,
+    grad_M_r_b_part,
+    grad_key_w_part,
+    grad_key_b_part,
+    grad_value_w_part,
+    grad_value_b_part,
+    T,
+    NW,
+    NR: tl.constexpr,
+    BLOCK_T: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
     DOT_FP32: tl.constexpr,
-):  # fmt: skip
+):
     b = tl.program_id(0).to(tl.int64)
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     part = b * tl.num_programs(1) + tl.program_id(1)  # this program's slot in the partial buffers
@@ -146,18 +242,65 @@ def memory_write_backward_kernel(
     offs_m = tl.arange(0, NM)
     t_ok = offs_t < T
     words_pre, image_pre, gate = _write_forward(
-        words_ptr, rbar_ptr, A_ptr, B_ptr, M_w_ptr, M_w_b_ptr, M_r_ptr, M_r_b_ptr, b, offs_t, T, NW,
-        NR, NM, BLOCK_T, BLOCK_K, BLOCK_R, DTYPE, DOT_FP32,
-    )  # fmt: skip
+        words_ptr,
+        rbar_ptr,
+        A_ptr,
+        B_ptr,
+        M_w_ptr,
+        M_w_b_ptr,
+        M_r_ptr,
+        M_r_b_ptr,
+        b,
+        offs_t,
+        T,
+        NW,
+        NR,
+        NM,
+        BLOCK_T,
+        BLOCK_K,
+        BLOCK_R,
+        DTYPE,
+        DOT_FP32,
+    )
     from_words = tl.maximum(words_pre, 0.0)
     image = tl.maximum(image_pre, 0.0)
     memory = from_words * gate[None, :] + image[:, None] * (1.0 - gate)[None, :]
 
     # Key and value projections.
-    d_memory = _project_backward(key_w_ptr, key_b_ptr, grad_keys_ptr, grad_key_w_part, grad_key_b_part,
-                                 memory, part, b, offs_t, T, NR, NM, BLOCK_R, DTYPE, DOT_FP32)  # fmt: skip
-    d_memory += _project_backward(value_w_ptr, value_b_ptr, grad_values_ptr, grad_value_w_part, grad_value_b_part,
-                                  memory, part, b, offs_t, T, NR, NM, BLOCK_R, DTYPE, DOT_FP32)  # fmt: skip
+    d_memory = _project_backward(
+        key_w_ptr,
+        key_b_ptr,
+        grad_keys_ptr,
+        grad_key_w_part,
+        grad_key_b_part,
+        memory,
+        part,
+        b,
+        offs_t,
+        T,
+        NR,
+        NM,
+        BLOCK_R,
+        DTYPE,
+        DOT_FP32,
+    )
+    d_memory += _project_backward(
+        value_w_ptr,
+        value_b_ptr,
+        grad_values_ptr,
+        grad_value_w_part,
+        grad_value_b_part,
+        memory,
+        part,
+        b,
+        offs_t,
+        T,
+        NR,
+        NM,
+        BLOCK_R,
+        DTYPE,
+        DOT_FP32,
+    )
 
     # Mixing M = F_w g + f_r (1 - g) and the writing gate g = σ(A W + B r̄). Padded words have
     # d_memory = 0, so they add nothing.
@@ -236,10 +379,18 @@ def plan_backward(grad_keys, grad_values, words, rbar, weights, buffers) -> Laun
     return Launch(
         memory_write_backward_kernel,
         _grid(words),
-        (*tensors, grad_keys.contiguous(), grad_values.contiguous(), buffers["grad_words"], buffers["rbar"],
-         *buffers["weights"], words.shape[2], words.shape[1]),
+        (
+            *tensors,
+            grad_keys.contiguous(),
+            grad_values.contiguous(),
+            buffers["grad_words"],
+            buffers["rbar"],
+            *buffers["weights"],
+            words.shape[2],
+            words.shape[1],
+        ),
         _options(words, rbar, backward=True),
-    )  # fmt: skip
+    )
 
 
 @torch.library.custom_op("dmgan_triton::memory_write", mutates_args=())

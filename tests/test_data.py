@@ -33,8 +33,13 @@ def shapes_root(tmp_path_factory) -> Path:
 
 
 def test_shapes_generator_writes_the_attngan_layout_deterministically(shapes_root, tmp_path):
-    for rel in ("train/filenames.pickle", "test/filenames.pickle", "train/class_info.pickle",
-                "test/class_info.pickle", "attributes.json"):  # fmt: skip
+    for rel in (
+        "train/filenames.pickle",
+        "test/filenames.pickle",
+        "train/class_info.pickle",
+        "test/class_info.pickle",
+        "attributes.json",
+    ):
         assert (shapes_root / rel).is_file(), rel
     keys = pickle.load(open(shapes_root / "train" / "filenames.pickle", "rb"))
     assert len(keys) == 24 and all((shapes_root / "images" / f"{k}.png").is_file() for k in keys)
@@ -43,11 +48,15 @@ def test_shapes_generator_writes_the_attngan_layout_deterministically(shapes_roo
         assert (again / "text" / f"{key}.txt").read_text() == (
             shapes_root / "text" / f"{key}.txt"
         ).read_text()
-        assert np.array_equal(np.asarray(Image.open(again / "images" / f"{key}.png")),
-                              np.asarray(Image.open(shapes_root / "images" / f"{key}.png")))  # fmt: skip
+        assert np.array_equal(
+            np.asarray(Image.open(again / "images" / f"{key}.png")),
+            np.asarray(Image.open(shapes_root / "images" / f"{key}.png")),
+        )
     other = shapes_data.generate(tmp_path / "other", num_train=24, num_test=8, seed=4)
-    assert any((other / "text" / f"{k}.txt").read_text() != (shapes_root / "text" / f"{k}.txt").read_text()
-               for k in keys)  # fmt: skip
+    assert any(
+        (other / "text" / f"{k}.txt").read_text() != (shapes_root / "text" / f"{k}.txt").read_text()
+        for k in keys
+    )
 
 
 def test_shapes_captions_and_classes_follow_the_drawn_scene(shapes_root):
@@ -112,8 +121,9 @@ def test_image_cache_changes_nothing_and_keeps_to_its_budget(shapes_root):
 
 
 def test_recolour_unnamed_backgrounds_changes_only_the_background_of_unnamed_captions(shapes_root):
-    ds = TextImageDataset(shapes_root, "train", SIZES, words_num=16, captions_per_image=10, flip=False,
-                          random_crop=False)  # fmt: skip
+    ds = TextImageDataset(
+        shapes_root, "train", SIZES, words_num=16, captions_per_image=10, flip=False, random_crop=False
+    )
     keys = list(ds.keys)
     names = {ds.vocab.decode([i]) for i in range(1, len(ds.vocab))} & shapes_data.background_words()
     assert names >= {"black", "white", "gray", "grey"}

@@ -58,8 +58,11 @@ def test_fid_matches_scipy_and_the_gaussian_closed_form():
     y = mu2 + torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(s2).T
     ours = fid_of(x, y)
     assert ours == pytest.approx(scipy_fid(x.numpy(), y.numpy()), rel=1e-6)
-    closed = float((mu1 - mu2).square().sum() + torch.trace(s1 + s2)
-                   - 2 * np.trace(scipy.linalg.sqrtm((s1 @ s2).numpy()).real))  # fmt: skip
+    closed = float(
+        (mu1 - mu2).square().sum()
+        + torch.trace(s1 + s2)
+        - 2 * np.trace(scipy.linalg.sqrtm((s1 @ s2).numpy()).real)
+    )
     assert ours == pytest.approx(closed, rel=0.03)
     small = torch.randn(30, 3, generator=g, dtype=torch.float64)  # small matrices too
     assert fid_of(small, small * 2 + 1) == pytest.approx(
@@ -170,8 +173,9 @@ def test_sample_cli_writes_grids_and_attention_maps(trained, tmp_path, capsys):
 
     captions = tmp_path / "captions.txt"
     captions.write_text("a large red circle in the top left\n\na small zebra square on gray\n")
-    written = sample_main([str(trained), str(captions), "--samples", "2", "--out", str(tmp_path / "out"),
-                           "--truncation", "1.0"])  # fmt: skip
+    written = sample_main(
+        [str(trained), str(captions), "--samples", "2", "--out", str(tmp_path / "out"), "--truncation", "1.0"]
+    )
     assert len(written) == 1 + 2 * 2 and all(p.is_file() for p in written)
     assert "unknown words skipped in 'a small zebra square on gray': zebra" in capsys.readouterr().out
     grid = Image.open(tmp_path / "out" / "grid.png")
@@ -220,8 +224,18 @@ def test_inception_score_with_a_user_classifier(trained, tmp_path):
     images[torch.arange(30), torch.arange(30) % 3] = 1.0  # ten confidently red, green and blue each
     mean, _ = metrics.inception_score(metrics.classifier_probs(classifier, images), splits=10)
     assert mean == pytest.approx(3.0, rel=1e-3)
-    report = evaluate_main([str(trained), "--num-images", "20", "--no-fid", "--is-classifier", str(path),
-                            "--out", str(tmp_path / "e.json")])  # fmt: skip
+    report = evaluate_main(
+        [
+            str(trained),
+            "--num-images",
+            "20",
+            "--no-fid",
+            "--is-classifier",
+            str(path),
+            "--out",
+            str(tmp_path / "e.json"),
+        ]
+    )
     score = report["metrics"]["inception_score"]
     assert 1.0 <= score["mean"] <= 3.0 and score["classifier"] == str(path)
 

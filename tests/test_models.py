@@ -142,11 +142,16 @@ def test_discriminator_rejects_wrong_image_size():
         ("z_code", torch.randn(2, 7), ValueError, r"z_code must have shape \(B, 64\)"),
         ("sent_emb", torch.randn(3, 128), ValueError, r"sent_emb must have shape \(B, 128\) = \(2, 128\)"),
         ("word_embs", torch.randn(2, 100, 5), ValueError, r"word_embs must have shape \(B, 128, T\)"),
-        ("mask", torch.zeros(2, 4, dtype=torch.bool), ValueError, r"mask must have shape \(B, T\) = \(2, 5\)"),
+        (
+            "mask",
+            torch.zeros(2, 4, dtype=torch.bool),
+            ValueError,
+            r"mask must have shape \(B, T\) = \(2, 5\)",
+        ),
         ("mask", torch.zeros(2, 5, dtype=torch.uint8), TypeError, "mask must be torch.bool"),
         ("word_embs", torch.randn(2, 128, 5, dtype=torch.float64), TypeError, "word_embs is torch.float64"),
     ],
-)  # fmt: skip
+)
 def test_generator_rejects_bad_input(name, bad, error, match):
     cfg = get_preset("shapes").model
     inputs = g_inputs(cfg)
@@ -228,10 +233,19 @@ def test_memory_stage_gradients_equal_the_reference_code_and_detach_rbar():
 
 def stage_memory_write(stage, words, rbar):
     return ops.memory_write(
-        words, rbar, stage.A.weight, stage.B.weight, stage.M_w[0].weight, stage.M_w[0].bias,
-        stage.M_r[0].weight, stage.M_r[0].bias, stage.key[0].weight, stage.key[0].bias,
-        stage.value[0].weight, stage.value[0].bias,
-    )  # fmt: skip
+        words,
+        rbar,
+        stage.A.weight,
+        stage.B.weight,
+        stage.M_w[0].weight,
+        stage.M_w[0].bias,
+        stage.M_r[0].weight,
+        stage.M_r[0].bias,
+        stage.key[0].weight,
+        stage.key[0].bias,
+        stage.value[0].weight,
+        stage.value[0].bias,
+    )
 
 
 def stage_memory_read(stage, h, keys, values, mask):

@@ -14,10 +14,19 @@ from tests.conftest import random_pad_mask
 def make_write_inputs(batch=3, nw=12, nr=8, num_words=5, dtype=torch.float32, requires_grad=False):
     nm = 2 * nr
     shapes = dict(
-        words=(batch, nw, num_words), rbar=(batch, nr), A=(1, nw), B=(1, nr),
-        M_w=(nm, nw, 1), M_w_b=(nm,), M_r=(nm, nr, 1), M_r_b=(nm,),
-        key_w=(nr, nm, 1), key_b=(nr,), value_w=(nr, nm, 1), value_b=(nr,),
-    )  # fmt: skip
+        words=(batch, nw, num_words),
+        rbar=(batch, nr),
+        A=(1, nw),
+        B=(1, nr),
+        M_w=(nm, nw, 1),
+        M_w_b=(nm,),
+        M_r=(nm, nr, 1),
+        M_r_b=(nm,),
+        key_w=(nr, nm, 1),
+        key_b=(nr,),
+        value_w=(nr, nm, 1),
+        value_b=(nr,),
+    )
     return {k: (torch.randn(s, dtype=dtype) * 0.5).requires_grad_(requires_grad) for k, s in shapes.items()}
 
 
@@ -102,9 +111,12 @@ def test_memory_write_matches_formula():
 
 @pytest.mark.parametrize(
     "shape",
-    [dict(batch=3, height=5, width=3, lengths=(5, 2, 4)), dict(batch=1, height=4, width=4, lengths=(1,)),
-     dict(batch=2, height=1, width=7, lengths=(3, 3))],
-)  # fmt: skip
+    [
+        dict(batch=3, height=5, width=3, lengths=(5, 2, 4)),
+        dict(batch=1, height=4, width=4, lengths=(1,)),
+        dict(batch=2, height=1, width=7, lengths=(3, 3)),
+    ],
+)
 def test_memory_read_matches_formula(shape):
     t = make_read_inputs(**shape)
     r_new, attention = ops.memory_read(**t, backend="eager", return_attention=True)
@@ -206,18 +218,38 @@ def test_float64_gradcheck():
 @pytest.mark.parametrize(
     ("name", "bad", "error", "match"),
     [
-        ("keys", torch.zeros(3, 9, 5), ValueError, r"keys must have shape \(B, N_r, T\) = \(3, 8, T\), got \(3, 9, 5\)"),
+        (
+            "keys",
+            torch.zeros(3, 9, 5),
+            ValueError,
+            r"keys must have shape \(B, N_r, T\) = \(3, 8, T\), got \(3, 9, 5\)",
+        ),
         ("values", torch.zeros(3, 7, 5), ValueError, "values must have shape"),
-        ("pad_mask", torch.zeros(3, 4, dtype=torch.bool), ValueError, r"pad_mask must have shape \(B, T\) = \(3, 5\)"),
+        (
+            "pad_mask",
+            torch.zeros(3, 4, dtype=torch.bool),
+            ValueError,
+            r"pad_mask must have shape \(B, T\) = \(3, 5\)",
+        ),
         ("pad_mask", torch.zeros(3, 5), TypeError, "pad_mask must be torch.bool"),
-        ("gate_w", torch.zeros(1, 8, 1, 1), ValueError, r"gate_w must have shape \(1, 2\*N_r, 1, 1\) = \(1, 16, 1, 1\)"),
+        (
+            "gate_w",
+            torch.zeros(1, 8, 1, 1),
+            ValueError,
+            r"gate_w must have shape \(1, 2\*N_r, 1, 1\) = \(1, 16, 1, 1\)",
+        ),
         ("img", torch.zeros(3, 8, 5), ValueError, "img must have shape"),
         ("img", torch.zeros(3, 8, 5, 3, dtype=torch.long), TypeError, "img must be a floating-point tensor"),
-        ("keys", torch.zeros(3, 8, 5, dtype=torch.float64), TypeError, "keys is torch.float64 but img is torch.float32"),
+        (
+            "keys",
+            torch.zeros(3, 8, 5, dtype=torch.float64),
+            TypeError,
+            "keys is torch.float64 but img is torch.float32",
+        ),
         ("keys", torch.zeros(3, 8, 5, device="meta"), ValueError, "keys is on meta"),
         ("values", [1.0], TypeError, "values must be a torch.Tensor"),
     ],
-)  # fmt: skip
+)
 def test_memory_read_rejects_bad_input(name, bad, error, match):
     t = make_read_inputs(lengths=(5, 2, 4))
     t[name] = bad
@@ -235,7 +267,7 @@ def test_memory_read_rejects_bad_input(name, bad, error, match):
         ("value_b", torch.zeros(9), r"value_b must have shape \(N_r,\) = \(8\)|value_b must have shape"),
         ("words", torch.zeros(3, 12, 0), "no word"),
     ],
-)  # fmt: skip
+)
 def test_memory_write_rejects_bad_input(name, bad, match):
     t = make_write_inputs()
     t[name] = bad

@@ -13,8 +13,18 @@ from dmgan.trainer import GAN, frozen, synthetic_batch
 
 def tiny_config():
     cfg = get_preset("shapes")
-    return override(cfg, **{"model.base_size": 16, "model.gf_dim": 8, "model.df_dim": 4, "model.embedding_dim": 16,
-                            "model.word_dim": 8, "model.z_dim": 8, "model.condition_dim": 8})  # fmt: skip
+    return override(
+        cfg,
+        **{
+            "model.base_size": 16,
+            "model.gf_dim": 8,
+            "model.df_dim": 4,
+            "model.embedding_dim": 16,
+            "model.word_dim": 8,
+            "model.z_dim": 8,
+            "model.condition_dim": 8,
+        },
+    )
 
 
 def test_one_iteration_updates_every_network_and_the_ema():

@@ -36,10 +36,27 @@ def encoders(data_dir, tmp_path_factory) -> list[str]:
     """A DAMSM stage of one epoch (with the shapes-only background recolouring); its encoders
     are given to the GAN runs below."""
     out = tmp_path_factory.mktemp("damsm")
-    main(["--data-dir", str(data_dir), "--out", str(out), "--stage", "damsm", "--set", "train.encoder_max_epoch=1",
-          "--set", f"{RECOLOUR}=true", *TINY])  # fmt: skip
-    return ["--text-encoder", str(out / "damsm" / "text_encoder.pth"),
-            "--image-encoder", str(out / "damsm" / "image_encoder.pth")]  # fmt: skip
+    main(
+        [
+            "--data-dir",
+            str(data_dir),
+            "--out",
+            str(out),
+            "--stage",
+            "damsm",
+            "--set",
+            "train.encoder_max_epoch=1",
+            "--set",
+            f"{RECOLOUR}=true",
+            *TINY,
+        ]
+    )
+    return [
+        "--text-encoder",
+        str(out / "damsm" / "text_encoder.pth"),
+        "--image-encoder",
+        str(out / "damsm" / "image_encoder.pth"),
+    ]
 
 
 def gan_args(data_dir: Path, out: Path, encoders: list[str], *extra: str) -> list[str]:
@@ -62,8 +79,10 @@ def test_a_few_steps_per_amp_mode(data_dir, encoders, tmp_path, amp):
     _results, gan = run(gan_args(data_dir, tmp_path, encoders, "--amp", amp, "--max-steps", "2"))
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
-    assert all(r["nonfinite"] == 0 and all(map(torch.isfinite, map(torch.tensor, (r["g_loss"], r["d_loss0"]))))
-               for r in rows)  # fmt: skip
+    assert all(
+        r["nonfinite"] == 0 and all(map(torch.isfinite, map(torch.tensor, (r["g_loss"], r["d_loss0"]))))
+        for r in rows
+    )
     assert gan.amp == amp and gan.scalerG.is_enabled() == (amp == "fp16")
     assert all(p.dtype == torch.float32 for p in gan.netG.parameters())
     assert (tmp_path / "samples" / "step000002.png").is_file()
@@ -86,8 +105,13 @@ def test_resume_gives_identical_weights(data_dir, encoders, tmp_path):
         assert len(flat_a) == len(flat_b) > 0
         assert all(torch.equal(x, y) for x, y in zip(flat_a, flat_b)), part
     c = checkpoint.load(tmp_path / "halves" / "checkpoints" / "latest.pt")
-    assert not all(torch.equal(x, y) for x, y in zip(_tensors(c["gan"]["netG"]), _tensors(
-        checkpoint.load(tmp_path / "straight" / "checkpoints" / "latest.pt")["gan"]["ema"])))  # fmt: skip
+    assert not all(
+        torch.equal(x, y)
+        for x, y in zip(
+            _tensors(c["gan"]["netG"]),
+            _tensors(checkpoint.load(tmp_path / "straight" / "checkpoints" / "latest.pt")["gan"]["ema"]),
+        )
+    )
 
 
 def _tensors(obj):
@@ -103,9 +127,17 @@ def _tensors(obj):
 
 def test_two_gloo_processes_keep_identical_generators(data_dir, encoders, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           str(REPO / "tests" / "_ddp_worker.py"), str(tmp_path),
-           *gan_args(data_dir, tmp_path / "out", encoders, "--max-steps", "3", "--device", "cpu")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(REPO / "tests" / "_ddp_worker.py"),
+        str(tmp_path),
+        *gan_args(data_dir, tmp_path / "out", encoders, "--max-steps", "3", "--device", "cpu"),
+    ]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     g0, g1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
@@ -177,10 +209,18 @@ def test_interrupted_write_keeps_the_previous_checkpoint(tmp_path, monkeypatch):
 
 def test_sigterm_writes_a_checkpoint_and_exits_cleanly(data_dir, encoders, tmp_path):
     out = tmp_path / "run"
-    cmd = [sys.executable, str(REPO / "train.py"), *gan_args(data_dir, out, encoders, "--max-steps", "100000",
-           "--checkpoint-every", "100000")]  # fmt: skip
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "PYTHONPATH": str(REPO)})  # fmt: skip
+    cmd = [
+        sys.executable,
+        str(REPO / "train.py"),
+        *gan_args(data_dir, out, encoders, "--max-steps", "100000", "--checkpoint-every", "100000"),
+    ]
+    proc = subprocess.Popen(
+        cmd,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
     deadline = time.time() + 120
     while time.time() < deadline and not ((out / "metrics.jsonl").is_file() and metrics(out)):
         time.sleep(0.2)
@@ -227,8 +267,19 @@ def test_bad_input_errors(data_dir, encoders, tmp_path):
     not_shapes = shutil.copytree(data_dir, tmp_path / "not_shapes")
     (not_shapes / "attributes.json").unlink()  # as CUB / COCO: no shapes attributes
     with pytest.raises(SystemExit, match="recolour_backgrounds applies to the built-in shapes data only"):
-        main(["--data-dir", str(not_shapes), "--out", str(tmp_path / "w"), "--stage", "damsm",
-              "--set", f"{RECOLOUR}=true", *TINY])  # fmt: skip
+        main(
+            [
+                "--data-dir",
+                str(not_shapes),
+                "--out",
+                str(tmp_path / "w"),
+                "--stage",
+                "damsm",
+                "--set",
+                f"{RECOLOUR}=true",
+                *TINY,
+            ]
+        )
 
 
 def test_stages_run_from_python_with_run_options(tmp_path):
@@ -236,9 +287,17 @@ def test_stages_run_from_python_with_run_options(tmp_path):
     from dmgan.run import RunOptions, open_run
     from dmgan.trainer import pretrain_damsm, short_evaluation, train_gan
 
-    tiny = {"model.gf_dim": 8, "model.df_dim": 4, "model.embedding_dim": 16, "model.word_dim": 8,
-            "model.z_dim": 8, "model.condition_dim": 8, "train.encoder_batch_size": 8, "train.batch_size": 4,
-            "train.encoder_max_epoch": 1}  # fmt: skip
+    tiny = {
+        "model.gf_dim": 8,
+        "model.df_dim": 4,
+        "model.embedding_dim": 16,
+        "model.word_dim": 8,
+        "model.z_dim": 8,
+        "model.condition_dim": 8,
+        "train.encoder_batch_size": 8,
+        "train.batch_size": 4,
+        "train.encoder_max_epoch": 1,
+    }
     data = shapes_data.generate(
         tmp_path / "data", num_train=32, num_test=10, seed=2
     )  # 10: R-precision's folds

@@ -23,8 +23,12 @@ pytestmark = [
 ]
 ALL_ARCHS = ("80", "86", "89", "90", "120")
 SHIPPED = ["--channels", "32", "64", "--words", "16", "18", "25"]
-KERNELS = {"memory_read_forward_kernel", "memory_read_backward_kernel",
-           "memory_write_forward_kernel", "memory_write_backward_kernel"}  # fmt: skip
+KERNELS = {
+    "memory_read_forward_kernel",
+    "memory_read_backward_kernel",
+    "memory_write_forward_kernel",
+    "memory_write_backward_kernel",
+}
 # Known spills at the shipped sizes, each with its bound: the fp32 backward with the reference's
 # (legacy) padding mask on sm_80 holds a per-pixel mask tile beside its fp32 FMA dots (no setting
 # of pixels per program or warps removes it there; sm_86 / 89 / 90 / 120 have none).
@@ -67,8 +71,19 @@ def test_the_gate_refuses_shared_memory_above_the_architecture_limit(tmp_path):
     chunks in shared memory: four stages need more than the 99 KB a block may use on sm_86, and
     the gate must say so (the launcher uses one stage; Triton's default of three, with the 3xTF32
     dots of earlier versions, needed 114,688 B)."""
-    common = ["--arch", "86", "--dtype", "float32", "--channels", "128", "--words", "18",
-              "--kernel", "memory_write_forward_kernel", "--allow-spills"]  # fmt: skip
+    common = [
+        "--arch",
+        "86",
+        "--dtype",
+        "float32",
+        "--channels",
+        "128",
+        "--words",
+        "18",
+        "--kernel",
+        "memory_write_forward_kernel",
+        "--allow-spills",
+    ]
     result, (pipelined,) = _gate([*common, "--num-stages", "4"], tmp_path)
     assert result.returncode == 1
     assert pipelined["shared_bytes"] > 101_376 and "above the sm_86 limit" in pipelined["problem"]

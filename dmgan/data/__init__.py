@@ -15,6 +15,15 @@ from dmgan.data.dataset import (
 from dmgan.data.sampler import EpochSampler
 
 __all__ = [
-    "EXPECTED_LAYOUT", "Batch", "DatasetLayoutError", "EpochSampler", "TextImageDataset", "Vocabulary",
-    "check_vocabulary", "collate", "dataset_for", "subsample_caption", "tokenize",
-]  # fmt: skip
+    "EXPECTED_LAYOUT",
+    "Batch",
+    "DatasetLayoutError",
+    "EpochSampler",
+    "TextImageDataset",
+    "Vocabulary",
+    "check_vocabulary",
+    "collate",
+    "dataset_for",
+    "subsample_caption",
+    "tokenize",
+]

@@ -121,8 +121,10 @@ def read_captions(path: Path, captions_per_image: int) -> list[list[str]]:
 
 def build_captions(root: Path, splits: dict[str, list[str]], captions_per_image: int) -> list:
     """[train_caps, test_caps, ixtoword, wordtoix] as the reference builds them (index 0 = <end>)."""
-    tokens = {s: [c for key in keys for c in read_captions(root / "text" / f"{key}.txt", captions_per_image)]
-              for s, keys in splits.items()}  # fmt: skip
+    tokens = {
+        s: [c for key in keys for c in read_captions(root / "text" / f"{key}.txt", captions_per_image)]
+        for s, keys in splits.items()
+    }
     words = sorted({w for caps in tokens.values() for c in caps for w in c})
     ixtoword = {0: "<end>", **{i: w for i, w in enumerate(words, start=1)}}
     wordtoix = {w: i for i, w in ixtoword.items()}
@@ -323,9 +325,16 @@ def dataset_for(
     Flipping would swap left and right in the ``shapes`` captions, so only the real datasets flip
     (as the reference does). ``words_num`` defaults to the config's training caption length.
     """
-    return TextImageDataset(root, split, cfg.model.image_sizes, words_num or cfg.text.words_num,
-                            cfg.text.captions_per_image, flip=train and cfg.name != "shapes", random_crop=train,
-                            seed=seed)  # fmt: skip
+    return TextImageDataset(
+        root,
+        split,
+        cfg.model.image_sizes,
+        words_num or cfg.text.words_num,
+        cfg.text.captions_per_image,
+        flip=train and cfg.name != "shapes",
+        random_crop=train,
+        seed=seed,
+    )
 
 
 @dataclass
@@ -342,16 +351,23 @@ class Batch:
 
     def to(self, device: torch.device | str) -> Batch:
         move = lambda t: t.to(device, non_blocking=True)
-        return Batch([move(i) for i in self.images], move(self.captions), move(self.cap_lens),
-                     None if self.class_ids is None else move(self.class_ids), self.keys, self.skipped)  # fmt: skip
+        return Batch(
+            [move(i) for i in self.images],
+            move(self.captions),
+            move(self.cap_lens),
+            None if self.class_ids is None else move(self.class_ids),
+            self.keys,
+            self.skipped,
+        )
 
 
 def collate(items: list) -> Batch | None:
     """Stack items into a :class:`Batch`, dropping (and counting) unreadable ones."""
     good = [item for item in items if item is not None]
     if not good:
-        return Batch([], torch.empty(0, 0, dtype=torch.long), torch.empty(0, dtype=torch.long),
-                     skipped=len(items))  # fmt: skip
+        return Batch(
+            [], torch.empty(0, 0, dtype=torch.long), torch.empty(0, dtype=torch.long), skipped=len(items)
+        )
     images, captions, lengths, classes, keys = zip(*good)
     return Batch(
         images=[torch.stack(stage) for stage in zip(*images)],

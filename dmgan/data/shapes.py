@@ -252,8 +252,11 @@ def recolour_unnamed_backgrounds(
     bilinear edge pixels keep the old tint). Draws from the global torch RNG.
     """
     palette = torch.tensor(list(BACKGROUNDS.values()), dtype=images.dtype, device=images.device) / 127.5 - 1
-    named_ids = torch.tensor(sorted(wordtoix[w] for w in background_words() if w in wordtoix),
-                             dtype=captions.dtype, device=captions.device)  # fmt: skip
+    named_ids = torch.tensor(
+        sorted(wordtoix[w] for w in background_words() if w in wordtoix),
+        dtype=captions.dtype,
+        device=captions.device,
+    )
     unnamed = ~torch.isin(captions, named_ids).any(1)  # B
     border = torch.cat([images[..., 0, :], images[..., -1, :], images[..., :, 0], images[..., :, -1]], -1)
     current = (border.median(-1).values[:, None] - palette[None]).abs().amax(-1).argmin(1)  # B

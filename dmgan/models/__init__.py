@@ -29,7 +29,21 @@ def count_trainable(module) -> int:
 
 
 __all__ = [
-    "CA_NET", "CNN_ENCODER", "D_GET_LOGITS", "D_NET", "D_NET64", "D_NET128", "D_NET256", "G_NET",
-    "INIT_STAGE_G", "NEXT_STAGE_G", "RNN_ENCODER", "SMALL_CNN_ENCODER", "build_discriminators",
-    "build_image_encoder", "build_text_encoder", "count_trainable", "load_inception_v3",
-]  # fmt: skip
+    "CA_NET",
+    "CNN_ENCODER",
+    "D_GET_LOGITS",
+    "D_NET",
+    "D_NET64",
+    "D_NET128",
+    "D_NET256",
+    "G_NET",
+    "INIT_STAGE_G",
+    "NEXT_STAGE_G",
+    "RNN_ENCODER",
+    "SMALL_CNN_ENCODER",
+    "build_discriminators",
+    "build_image_encoder",
+    "build_text_encoder",
+    "count_trainable",
+    "load_inception_v3",
+]

@@ -79,10 +79,23 @@ class RNN_ENCODER(nn.Module):  # noqa: N801 (reference name)
 
 
 _INCEPTION_TRUNK = (
-    "Conv2d_1a_3x3", "Conv2d_2a_3x3", "Conv2d_2b_3x3", "Conv2d_3b_1x1", "Conv2d_4a_3x3",
-    "Mixed_5b", "Mixed_5c", "Mixed_5d", "Mixed_6a", "Mixed_6b", "Mixed_6c", "Mixed_6d", "Mixed_6e",
-    "Mixed_7a", "Mixed_7b", "Mixed_7c",
-)  # fmt: skip
+    "Conv2d_1a_3x3",
+    "Conv2d_2a_3x3",
+    "Conv2d_2b_3x3",
+    "Conv2d_3b_1x1",
+    "Conv2d_4a_3x3",
+    "Mixed_5b",
+    "Mixed_5c",
+    "Mixed_5d",
+    "Mixed_6a",
+    "Mixed_6b",
+    "Mixed_6c",
+    "Mixed_6d",
+    "Mixed_6e",
+    "Mixed_7a",
+    "Mixed_7b",
+    "Mixed_7c",
+)
 
 
 def load_inception_v3(weights: str | os.PathLike | None = None) -> nn.Module:
@@ -160,11 +173,13 @@ class SMALL_CNN_ENCODER(nn.Module):  # noqa: N801
             )
 
         self.trunk = nn.Sequential(
-            block(3, width), nn.MaxPool2d(2),  # 16
-            block(width, 2 * width), nn.MaxPool2d(2),  # 8
+            block(3, width),
+            nn.MaxPool2d(2),  # 16
+            block(width, 2 * width),
+            nn.MaxPool2d(2),  # 8
             block(2 * width, 4 * width),
             block(4 * width, 4 * width),
-        )  # fmt: skip
+        )
         self.emb_features = conv1x1(4 * width, nef)
         self.emb_cnn_code = nn.Linear(4 * width, nef)
 
