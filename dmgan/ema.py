@@ -25,11 +25,17 @@ class ParameterEMA:
         self.params: list[Tensor] = [p.detach().clone() for p in model.parameters()]
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
+    def update(self, model: nn.Module, skip: Tensor | None = None) -> None:
+        """One averaging step; none where ``skip`` (a 0-dim bool tensor, decided on the device)."""
         current = [p.detach() for p in model.parameters()]
         if len(current) != len(self.params):
             raise ValueError("model has a different number of parameters than the EMA was built from")
-        torch._foreach_lerp_(self.params, current, 1.0 - self.decay)
+        if skip is None:
+            torch._foreach_lerp_(self.params, current, 1.0 - self.decay)
+            return
+        step = torch._foreach_sub(current, self.params)
+        torch._foreach_mul_(step, (1.0 - self.decay) * (~skip).to(self.params[0].dtype))
+        torch._foreach_add_(self.params, step)
 
     @torch.no_grad()
     def copy_to(self, model: nn.Module) -> nn.Module:

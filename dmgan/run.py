@@ -149,16 +149,14 @@ class Runtime:
         device_ids = [self.device.index] if self.device.type == "cuda" else None
         return DistributedDataParallel(module, device_ids=device_ids)
 
-    def all_true(self, flag: bool) -> bool:
-        """Agree across ranks (e.g. on stopping): True only if every rank says True."""
+    def any_true(self, flag: bool | torch.Tensor) -> bool:
+        """Agree across ranks (on stopping, on skipping a step): True if any rank says True. A
+        flag on the device is read once, after the reduction: one wait for the device."""
         if self.world_size == 1:
-            return flag
-        value = torch.tensor([0 if flag else 1], device=self.device)
-        dist.all_reduce(value)
-        return int(value.item()) == 0
-
-    def any_true(self, flag: bool) -> bool:
-        return not self.all_true(not flag)
+            return bool(flag)
+        value = torch.as_tensor(flag, device=self.device).to(torch.int32).reshape(1)
+        dist.all_reduce(value, op=dist.ReduceOp.MAX)
+        return bool(value.item())
 
     def barrier(self) -> None:
         if self.world_size > 1:

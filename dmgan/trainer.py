@@ -22,7 +22,6 @@ import copy
 import dataclasses
 import functools
 import json
-import math
 import signal
 import time
 from collections.abc import Iterable, Iterator, Sequence
@@ -51,6 +50,7 @@ from dmgan.data import shapes as shapes_data
 from dmgan.ema import ParameterEMA
 from dmgan.losses import damsm_loss, discriminator_loss, generator_loss, kl_loss
 from dmgan.models import G_NET, build_discriminators, build_image_encoder, build_text_encoder
+from dmgan.models.text import check_word_ids
 from dmgan.pipeline import Captions, TextToImage
 from dmgan.run import AMP_DTYPES, Interrupted, Run, RunOptions, Runtime, open_run, rng_state, set_rng_state
 from dmgan.visualize import stage_grid
@@ -78,6 +78,28 @@ def frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
     finally:
         for p in params:
             p.requires_grad_(True)
+
+
+def update(
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: Tensor, skip: Tensor
+) -> None:
+    """Backward and optimizer step, left undone when ``skip`` (a device bool) is true: decided on
+    the device, so the host never waits for a loss. The optimizers are fused Adams, which take
+    ``found_inf`` and skip on the device; with fp16 the scaler sets it, from gradients made
+    non-finite here when skipping."""
+    optimizer.zero_grad(set_to_none=True)
+    scaler.scale(loss).backward()
+    if scaler.is_enabled():
+        grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        torch._foreach_mul_(grads, torch.where(skip, float("nan"), 1.0))
+        scaler.step(optimizer)
+        scaler.update()
+        return
+    optimizer.found_inf = skip.float()  # type: ignore[attr-defined]
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf  # type: ignore[attr-defined]
 
 
 @dataclass
@@ -139,32 +161,33 @@ class GAN:
         return torch.autocast(device_type, dtype=dtype, enabled=dtype is not None)
 
     def encode(self, captions: Tensor, cap_lens: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """Word features B x N_w x T, sentence features B x N_w and the padding mask B x T."""
+        """Word features B x N_w x T, sentence features B x N_w and the padding mask B x T.
+        ``cap_lens`` may stay on the host (the encoder packs with them there)."""
         with torch.no_grad(), self.autocast(captions.device.type):
             words_emb, sent_emb = self.text_encoder(captions, cap_lens)
         return words_emb, sent_emb, (captions == 0)[:, : words_emb.shape[2]]
 
-    def step(self, batch: Batch) -> dict[str, float]:
-        """One iteration. Returns the losses; ``nonfinite`` is 1.0 when a loss was NaN/Inf, in
-        which case the update it belongs to, and the rest of the iteration, are skipped."""
+    def step(self, batch: Batch) -> dict[str, Tensor]:
+        """One iteration, queued without waiting for the device. Returns the losses as 0-dim
+        tensors, and ``nonfinite``: 1.0 when a loss was NaN/Inf. From the first non-finite loss
+        on, no update of the iteration takes effect (the optimizers and the EMA skip it on the
+        device), as if the iteration had stopped there."""
         t = self.cfg.train
         autocast = functools.partial(self.autocast, batch.captions.device.type)
-        words_emb, sent_emb, mask = self.encode(batch.captions, batch.cap_lens)
+        lengths = batch.cap_lens if batch.host_cap_lens is None else batch.host_cap_lens
+        words_emb, sent_emb, mask = self.encode(batch.captions, lengths)
         noise = torch.randn(batch.captions.shape[0], self.cfg.model.z_dim, device=words_emb.device)
         with autocast():
             fake_imgs, _, mu, logvar = self.netG(noise, sent_emb, words_emb, mask)
 
-        logs: dict[str, float] = {"nonfinite": 0.0}
+        skip = torch.zeros((), dtype=torch.bool, device=words_emb.device)
+        logs: dict[str, Tensor] = {}
         for i, (netD, optD, scaler) in enumerate(zip(self.netsD, self.optimizersD, self.scalersD)):
             with autocast():
                 errD = discriminator_loss(netD, batch.images[i], fake_imgs[i], sent_emb)
-            logs[f"d_loss{i}"] = errD.item()
-            if not math.isfinite(logs[f"d_loss{i}"]):
-                return {**logs, "nonfinite": 1.0}
-            optD.zero_grad(set_to_none=True)
-            scaler.scale(errD).backward()
-            scaler.step(optD)
-            scaler.update()
+            logs[f"d_loss{i}"] = errD.detach()
+            skip = skip | ~torch.isfinite(errD)
+            update(optD, scaler, errD, skip)
 
         # The Ds unwrapped and frozen: the G loss needs gradients through them, not for them.
         discriminators = [unwrap(d) for d in self.netsD]
@@ -182,14 +205,11 @@ class GAN:
             )
             kl = kl_loss(mu, logvar)
         total = errG + t.kl_weight * kl
-        logs.update({k: v.item() for k, v in parts.items()}, g_loss=errG.item(), kl=kl.item())
-        if not math.isfinite(total.item()):
-            return {**logs, "nonfinite": 1.0}
-        self.optimizerG.zero_grad(set_to_none=True)
-        self.scalerG.scale(total).backward()
-        self.scalerG.step(self.optimizerG)
-        self.scalerG.update()
-        self.ema.update(unwrap(self.netG))
+        logs.update({k: v.detach() for k, v in parts.items()}, g_loss=errG.detach(), kl=kl.detach())
+        skip = skip | ~torch.isfinite(total)
+        update(self.optimizerG, self.scalerG, total, skip)
+        self.ema.update(unwrap(self.netG), skip=skip)
+        logs["nonfinite"] = skip.float()
         return logs
 
     def pipeline(self, vocab: Vocabulary) -> TextToImage:
@@ -220,6 +240,28 @@ class GAN:
         self.scalerG.load_state_dict(state["scalerG"])
         for sc, s in zip(self.scalersD, state["scalersD"], strict=True):
             sc.load_state_dict(s)
+
+
+class IntervalMeans:
+    """Per-step logs kept on the device and averaged between log lines: reading them costs one
+    transfer a line instead of a wait for the device every step."""
+
+    def __init__(self) -> None:
+        self.sums: dict[str, Tensor] = {}
+        self.steps, self.images, self.seconds = 0, 0, 0.0
+
+    def add(self, logs: dict[str, Tensor], images: int, seconds: float) -> None:
+        for key, value in logs.items():
+            self.sums[key] = self.sums[key] + value if key in self.sums else value.clone()
+        self.steps, self.images, self.seconds = self.steps + 1, self.images + images, self.seconds + seconds
+
+    def take(self) -> dict[str, float]:
+        """The means since the last take (and images/s), as floats; starts a new interval."""
+        keys = list(self.sums)
+        values = torch.stack([self.sums[k].float() for k in keys]).div(self.steps).tolist() if keys else []
+        means = dict(zip(keys, values), images_per_s=self.images / max(self.seconds, 1e-9))
+        self.__init__()
+        return means
 
 
 def synthetic_batch(cfg: Config, vocab_size: int, batch_size: int, device: torch.device | str) -> Batch:
@@ -439,6 +481,7 @@ def train_gan(run: Run, root: Path) -> GAN:
         [test.caption(i, rng, which=0) for i in range(min(opts.num_samples, len(test)))], test.vocab
     )
     nonfinite_in_row = skipped_steps = skipped_images = 0
+    interval = IntervalMeans()
     bar = tqdm(total=total_steps, initial=step, disable=not rt.is_main, desc="DM-GAN", dynamic_ncols=True)
     while step < total_steps:
         epoch, skip = divmod(position, per_epoch)
@@ -449,37 +492,32 @@ def train_gan(run: Run, root: Path) -> GAN:
             if rt.any_true(len(batch.captions) < 2):  # (almost) nothing readable in this batch
                 continue
             start = time.perf_counter()
+            check_word_ids(batch.captions, len(dataset.vocab))  # on the host copy: no wait
             logs = gan.step(batch.to(rt.device))
-            if rt.any_true(logs["nonfinite"] > 0):  # every rank skips together
+            # The step's one wait for the device: did a loss go non-finite (on any rank)?
+            if rt.any_true(logs["nonfinite"]):  # every rank skips together
                 nonfinite_in_row += 1
                 skipped_steps += 1
                 if nonfinite_in_row >= opts.max_nonfinite:
+                    last = {k: round(float(v), 4) for k, v in logs.items()}
                     raise SystemExit(
                         f"stopping: {nonfinite_in_row} steps in a row had NaN/Inf losses "
-                        f"(last: {logs}); the last good checkpoint is {ckpt_path}"
+                        f"(last: {last}); the last good checkpoint is {ckpt_path}"
                     )
                 continue
             nonfinite_in_row = 0
             step += 1
-            speed = len(batch.captions) * rt.world_size / (time.perf_counter() - start)
+            interval.add(logs, len(batch.captions) * rt.world_size, time.perf_counter() - start)
             bar.update()
-            bar.set_postfix(
-                D=f"{sum(v for k, v in logs.items() if k.startswith('d_loss')):.2f}",
-                G=f"{logs['g_loss']:.2f}",
-                img_s=f"{speed:.1f}",
-            )
             at_end = step == total_steps
             if step % opts.log_every == 0 or at_end:
-                log.write(
-                    "gan",
-                    step,
-                    {
-                        **logs,
-                        "images_per_s": speed,
-                        "skipped_steps": skipped_steps,
-                        "skipped_images": skipped_images,
-                    },
+                means = interval.take()  # the losses' means since the last line, in one transfer
+                d_loss = sum(v for k, v in means.items() if k.startswith("d_loss"))
+                bar.set_postfix(
+                    D=f"{d_loss:.2f}", G=f"{means['g_loss']:.2f}", img_s=f"{means['images_per_s']:.1f}"
                 )
+                extra = {"skipped_steps": skipped_steps, "skipped_images": skipped_images}
+                log.write("gan", step, {**means, **extra})
             stopping = rt.any_true(bool(stop))
             if rt.is_main and (at_end or stopping or step % opts.checkpoint_every == 0):
                 save_checkpoint()

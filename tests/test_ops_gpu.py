@@ -82,3 +82,22 @@ def test_the_cuda_kernels_refuse_float64_and_auto_falls_back():
         torch.ops.dmgan.memory_read(*case.values(), False, False)
     got, _ = ops.memory_read(**case)
     torch.testing.assert_close(got, ops.memory_read(**case, backend="eager")[0])
+
+
+def test_a_training_step_does_not_wait_for_the_device():
+    """GAN.step queues its work: no device-to-host copy or synchronisation until the caller reads
+    the non-finite flag (the training loop's one wait a step)."""
+    from dmgan.config import get_preset
+    from dmgan.trainer import GAN, synthetic_batch
+
+    cfg = get_preset("shapes")
+    gan = GAN.build(cfg, vocab_size=50, device="cuda", amp="bf16")
+    batch = synthetic_batch(cfg, 50, batch_size=4, device="cpu").to("cuda")
+    gan.step(batch)  # warm-up: first-use builds and Triton compiles may synchronise
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        logs = gan.step(batch)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert logs["nonfinite"].item() == 0.0

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import pytest
 import torch
 from torch import nn
 
@@ -35,7 +36,7 @@ def test_one_iteration_updates_every_network_and_the_ema():
     before_text = [p.detach().clone() for p in gan.text_encoder.parameters()]
     logs = gan.step(synthetic_batch(cfg, 20, batch_size=4, device="cpu"))
     assert set(logs) >= {"d_loss0", "d_loss1", "d_loss2", "g_loss", "kl", "g_words", "g_sent"}
-    assert all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert all(torch.isfinite(v) for v in logs.values())
     assert all(not torch.equal(a, b) for a, b in zip(before_g, gan.netG.parameters()) if a.dim() > 1)
     assert any(
         not torch.equal(a, b) for a, b in zip(before_d, (p for d in gan.netsD for p in d.parameters()))
@@ -74,7 +75,7 @@ def test_bf16_autocast_iteration_is_finite_and_keeps_fp32_weights():
     gan = GAN.build(cfg, vocab_size=20, amp="bf16")
     batch = synthetic_batch(cfg, 20, batch_size=4, device="cpu")
     logs = gan.step(batch)
-    assert logs["nonfinite"] == 0 and all(torch.isfinite(torch.tensor(v)) for v in logs.values())
+    assert logs["nonfinite"] == 0 and all(torch.isfinite(v) for v in logs.values())
     assert all(p.dtype == torch.float32 for p in gan.netG.parameters())
     assert not gan.scalerG.is_enabled()
 
@@ -92,3 +93,49 @@ def test_fp16_uses_one_gradient_scaler_per_optimizer_and_unknown_amp_is_refused(
         assert "amp" in str(e) and "fp8" in str(e)
     else:
         raise AssertionError("unknown amp mode accepted")
+
+
+@pytest.mark.parametrize("amp", ["off", "fp16"])
+def test_a_step_waits_for_no_loss_and_skips_every_update_after_a_nonfinite_one(monkeypatch, amp):
+    """The losses come back as device tensors (nothing is read in the step: on a GPU the host
+    runs ahead), and from the first NaN loss on no update of the iteration takes effect: here D0
+    steps, D1's loss is NaN, so D1, D2, G, their optimizer states and the EMA stay as they were."""
+    import traceback
+
+    import dmgan.trainer as trainer
+
+    cfg = tiny_config()
+    gan = GAN.build(cfg, vocab_size=20, amp=amp)
+    batch = synthetic_batch(cfg, 20, batch_size=4, device="cpu").to("cpu")
+    real_loss, calls = trainer.discriminator_loss, {"n": 0}
+
+    def nan_for_the_second_d(*args, **kwargs):
+        calls["n"] += 1
+        loss = real_loss(*args, **kwargs)
+        return loss * float("nan") if calls["n"] == 2 else loss
+
+    monkeypatch.setattr(trainer, "discriminator_loss", nan_for_the_second_d)
+    before = [[p.detach().clone() for p in net.parameters()] for net in (*gan.netsD, gan.netG)]
+    ema_before = [p.clone() for p in gan.ema.params]
+    reads = []
+    for name in ("item", "__float__", "__bool__", "__int__", "tolist"):
+        original = getattr(torch.Tensor, name)
+
+        def record(self, *a, _original=original, _name=name, **k):
+            reads.append((_name, traceback.extract_stack(limit=2)[0].filename))
+            return _original(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, record)
+    logs = gan.step(batch)
+    monkeypatch.undo()
+    # Only the text encoder's checks of the caption lengths and word ids, which read the host copies.
+    assert {filename.rsplit("/", 1)[-1] for _, filename in reads} <= {"text.py"}
+    assert all(isinstance(v, torch.Tensor) for v in logs.values()) and logs["nonfinite"].item() == 1.0
+    after = [list(net.parameters()) for net in (*gan.netsD, gan.netG)]
+    assert any(not torch.equal(a, b) for a, b in zip(before[0], after[0]))  # D0 stepped
+    for old, new in zip(before[1:], after[1:]):
+        assert all(torch.equal(a, b) for a, b in zip(old, new))
+    assert all(torch.equal(a, b) for a, b in zip(ema_before, gan.ema.params))
+    assert all(
+        int(s["step"]) == 0 for opt in (gan.optimizersD[1], gan.optimizerG) for s in opt.state.values()
+    )

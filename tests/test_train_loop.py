@@ -182,8 +182,8 @@ def test_checkpoint_with_nonfinite_weights_is_never_written(data_dir, encoders, 
 
     real_update = ParameterEMA.update
 
-    def poisoned_update(self, model):  # losses stay finite; only the averaged weights go bad
-        real_update(self, model)
+    def poisoned_update(self, model, **kwargs):  # losses stay finite; only the averaged weights go bad
+        real_update(self, model, **kwargs)
         self.params[0].view(-1)[0] = float("nan")
 
     monkeypatch.setattr(ParameterEMA, "update", poisoned_update)

@@ -340,7 +340,8 @@ def dataset_for(
 @dataclass
 class Batch:
     """Images per stage (each B x 3 x S x S in [-1, 1]), captions B x L, lengths B, classes B;
-    ``skipped`` counts the unreadable images dropped from this batch."""
+    ``skipped`` counts the unreadable images dropped from this batch. ``host_cap_lens`` keeps the
+    lengths on the host after :meth:`to` moved the rest (the text encoder packs with them)."""
 
     images: list[Tensor]
     captions: Tensor
@@ -348,6 +349,7 @@ class Batch:
     class_ids: Tensor | None = None
     keys: list[str] | None = None
     skipped: int = 0
+    host_cap_lens: Tensor | None = None
 
     def to(self, device: torch.device | str) -> Batch:
         move = lambda t: t.to(device, non_blocking=True)
@@ -358,6 +360,7 @@ class Batch:
             None if self.class_ids is None else move(self.class_ids),
             self.keys,
             self.skipped,
+            self.cap_lens.cpu() if self.host_cap_lens is None else self.host_cap_lens,
         )
 
 

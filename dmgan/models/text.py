@@ -18,6 +18,13 @@ from dmgan.checks import ShapeChecker
 from dmgan.models.layers import conv1x1
 
 
+def check_word_ids(captions: Tensor, vocab_size: int) -> None:
+    """Refuse word indices outside the vocabulary [0, vocab_size) with an error that says so (on
+    a GPU an out-of-range embedding lookup is a device assert, not an exception)."""
+    if captions.numel() and (int(captions.min()) < 0 or int(captions.max()) >= vocab_size):
+        raise ValueError(f"RNN_ENCODER: captions hold word indices outside the vocabulary [0, {vocab_size})")
+
+
 class RNN_ENCODER(nn.Module):  # noqa: N801 (reference name)
     """Embedding(ntoken, 300) → Dropout → bidirectional LSTM (2 x nhidden/2), packed sequences.
 
@@ -60,15 +67,14 @@ class RNN_ENCODER(nn.Module):  # noqa: N801 (reference name)
         check = ShapeChecker("RNN_ENCODER")
         check("captions", captions, ("B", "L"), dtype=torch.long)
         check("cap_lens", cap_lens, ("B",), dtype=torch.long)
+        # Packing needs the lengths on the host: lengths given there cost no wait for the device.
         lens = cap_lens.cpu()
         if captions.numel() and (int(lens.min()) < 1 or int(lens.max()) > captions.shape[1]):
             raise ValueError(
                 f"RNN_ENCODER: cap_lens must lie in [1, {captions.shape[1]}], got {lens.tolist()}"
             )
-        if captions.numel() and (int(captions.min()) < 0 or int(captions.max()) >= self.ntoken):
-            raise ValueError(
-                f"RNN_ENCODER: captions hold word indices outside the vocabulary [0, {self.ntoken})"
-            )
+        if captions.device.type == "cpu":  # on a GPU the caller checks its host copy (check_word_ids)
+            check_word_ids(captions, self.ntoken)
         emb = self.drop(self.encoder(captions))
         packed = pack_padded_sequence(emb, lens, batch_first=True, enforce_sorted=False)
         output, (h_n, _) = self.rnn(packed)
