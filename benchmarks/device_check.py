@@ -280,27 +280,9 @@ def stage_train_step(out: Path, dry_run: bool) -> None:
 
 def stage_profile(out: Path, dry_run: bool) -> None:
     from benchmarks import profile
+    from dmgan.config import TINY_OVERRIDES, overrides_as_flags
 
-    tiny = [
-        "--preset",
-        "shapes",
-        "--batch-size",
-        "2",
-        "--steps",
-        "1",
-        "--set",
-        "model.gf_dim=8",
-        "--set",
-        "model.df_dim=4",
-        "--set",
-        "model.embedding_dim=16",
-        "--set",
-        "model.word_dim=8",
-        "--set",
-        "model.z_dim=8",
-        "--set",
-        "model.condition_dim=8",
-    ]
+    tiny = ["--preset", "shapes", "--batch-size", "2", "--steps", "1", *overrides_as_flags(TINY_OVERRIDES)]
     with tempfile.TemporaryDirectory() as tmp:
         summary = profile.main(["--out", tmp, *(tiny if dry_run else [])])
     (out / "profile.json").write_text(json.dumps(summary, indent=2) + "\n")

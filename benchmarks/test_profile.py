@@ -7,23 +7,11 @@ import json
 import torch
 
 from benchmarks.profile import main
+from dmgan.config import TINY_OVERRIDES, overrides_as_flags
 
 
 def test_profile_writes_trace_summary_and_roofline(tmp_path):
-    tiny = [
-        "--set",
-        "model.gf_dim=8",
-        "--set",
-        "model.df_dim=4",
-        "--set",
-        "model.embedding_dim=16",
-        "--set",
-        "model.word_dim=8",
-        "--set",
-        "model.z_dim=8",
-        "--set",
-        "model.condition_dim=8",
-    ]
+    tiny = overrides_as_flags(TINY_OVERRIDES)
     summary = main(["--preset", "shapes", "--batch-size", "2", "--steps", "1", "--out", str(tmp_path), *tiny])
     assert (tmp_path / "trace.json").stat().st_size > 0 and (tmp_path / "roofline.png").is_file()
     saved = json.loads((tmp_path / "summary.json").read_text())

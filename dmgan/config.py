@@ -140,6 +140,25 @@ def _shapes() -> Config:
 PRESETS = {"bird": _bird, "coco": _coco, "shapes": _shapes}
 
 
+# Shrinks any preset to a model that trains in seconds on a CPU: for the tests, smoke runs and the
+# device script's dry run (e.g. ``override(get_preset("shapes"), **TINY_OVERRIDES)``).
+TINY_OVERRIDES: dict[str, Any] = {
+    "model.gf_dim": 8,
+    "model.df_dim": 4,
+    "model.embedding_dim": 16,
+    "model.word_dim": 8,
+    "model.z_dim": 8,
+    "model.condition_dim": 8,
+    "train.encoder_batch_size": 8,
+    "train.batch_size": 4,
+}
+
+
+def overrides_as_flags(changes: dict[str, Any]) -> list[str]:
+    """``--set GROUP.FIELD=VALUE`` command-line arguments for config changes."""
+    return [arg for key, value in changes.items() for arg in ("--set", f"{key}={value}")]
+
+
 def get_preset(name: str) -> Config:
     """Return a fresh copy of the named preset."""
     try:

@@ -8,24 +8,12 @@ import pytest
 import torch
 from torch import nn
 
-from dmgan.config import get_preset, override
+from dmgan.config import TINY_OVERRIDES, get_preset, override
 from dmgan.trainer import GAN, frozen, synthetic_batch
 
 
 def tiny_config():
-    cfg = get_preset("shapes")
-    return override(
-        cfg,
-        **{
-            "model.base_size": 16,
-            "model.gf_dim": 8,
-            "model.df_dim": 4,
-            "model.embedding_dim": 16,
-            "model.word_dim": 8,
-            "model.z_dim": 8,
-            "model.condition_dim": 8,
-        },
-    )
+    return override(get_preset("shapes"), **{**TINY_OVERRIDES, "model.base_size": 16})
 
 
 def test_one_iteration_updates_every_network_and_the_ema():

@@ -16,6 +16,7 @@ import pytest
 import torch
 
 from dmgan import checkpoint
+from dmgan.config import TINY_OVERRIDES
 from dmgan.data import DatasetLayoutError
 from dmgan.data import shapes as shapes_data
 from dmgan.train import main, run
@@ -287,17 +288,7 @@ def test_stages_run_from_python_with_run_options(tmp_path):
     from dmgan.run import RunOptions, open_run
     from dmgan.trainer import pretrain_damsm, short_evaluation, train_gan
 
-    tiny = {
-        "model.gf_dim": 8,
-        "model.df_dim": 4,
-        "model.embedding_dim": 16,
-        "model.word_dim": 8,
-        "model.z_dim": 8,
-        "model.condition_dim": 8,
-        "train.encoder_batch_size": 8,
-        "train.batch_size": 4,
-        "train.encoder_max_epoch": 1,
-    }
+    tiny = {**TINY_OVERRIDES, "train.encoder_max_epoch": 1}
     data = shapes_data.generate(
         tmp_path / "data", num_train=32, num_test=10, seed=2
     )  # 10: R-precision's folds
