@@ -64,7 +64,9 @@ class RunOptions:
     inception_weights: str | None = _option(None, "torchvision Inception-v3 weights file")
     resume: bool = _option(False, "continue from the checkpoints in the output folder")
     amp: str | None = _option(
-        None, "mixed precision (default: bf16 on GPUs that support it, else off)", choices=AMP_MODES
+        None,
+        "mixed precision (default: bf16 on GPUs and on CPUs with bf16 matrix instructions, else off)",
+        choices=AMP_MODES,
     )
     device: str | None = _option(None, "cpu or cuda (default: cuda when available)")
     seed: int = _option(0, "random seed")
@@ -98,7 +100,7 @@ class RunOptions:
 
     def resolved(self, device: torch.device) -> RunOptions:
         """Every default filled in for a run on ``device``."""
-        amp = self.amp or ("bf16" if device.type == "cuda" and torch.cuda.is_bf16_supported() else "off")
+        amp = self.amp or default_amp(device)[0]
         return dataclasses.replace(
             self,
             out=self.out or os.path.join("runs", self.config().name),
@@ -107,6 +109,24 @@ class RunOptions:
             workers=self.workers if self.workers is not None else (4 if device.type == "cuda" else 0),
             resume=self.resume or self.stage == "eval",  # evaluation reads the trained checkpoint
         )
+
+
+def cpu_has_bf16_matrix_instructions() -> bool:
+    """AMX or AVX-512 BF16: bf16 autocast is faster than fp32 there, and far slower without."""
+    cpu = torch.cpu
+    checks = (getattr(cpu, "_is_amx_tile_supported", None), getattr(cpu, "_is_avx512_bf16_supported", None))
+    return any(check() for check in checks if check is not None)
+
+
+def default_amp(device: torch.device) -> tuple[str, str]:
+    """The mixed-precision mode a run takes when none is asked for, and why."""
+    if device.type == "cuda":
+        if torch.cuda.is_bf16_supported():
+            return "bf16", "the default: this GPU computes in bf16"
+        return "off", "the default: this GPU has no bf16"
+    if cpu_has_bf16_matrix_instructions():
+        return "bf16", "the default: this CPU has AMX or AVX-512 BF16 instructions"
+    return "off", "the default: this CPU has no AMX or AVX-512 BF16, where bf16 is slower than fp32"
 
 
 def describe(options: RunOptions, cfg: Config) -> dict[str, Any]:

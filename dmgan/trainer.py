@@ -52,7 +52,17 @@ from dmgan.losses import damsm_loss, discriminator_loss, generator_loss, kl_loss
 from dmgan.models import G_NET, build_discriminators, build_image_encoder, build_text_encoder
 from dmgan.models.text import check_word_ids
 from dmgan.pipeline import Captions, TextToImage
-from dmgan.run import AMP_DTYPES, Interrupted, Run, RunOptions, Runtime, open_run, rng_state, set_rng_state
+from dmgan.run import (
+    AMP_DTYPES,
+    Interrupted,
+    Run,
+    RunOptions,
+    Runtime,
+    default_amp,
+    open_run,
+    rng_state,
+    set_rng_state,
+)
 from dmgan.visualize import stage_grid
 
 
@@ -570,7 +580,8 @@ def train(options: RunOptions) -> tuple[dict[str, Any], GAN | None]:
         if rt.is_main:
             print(
                 f"dmgan: preset {cfg.name}, stages {cfg.model.image_sizes}, device {rt.device} x "
-                f"{rt.world_size}, amp {opts.amp}, output {run.out}",
+                f"{rt.world_size}, amp {opts.amp} ({'asked for' if options.amp else default_amp(rt.device)[1]}), "
+                f"output {run.out}",
                 flush=True,
             )
         with run.stop.installed():

@@ -26,9 +26,15 @@ def test_extension_is_loaded_and_registered():
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"dmgan::{name}", "CPU")
 
 
-def test_auto_prefers_the_extension_on_cpu():
-    assert ops.AUTO_ORDER["cpu"][0] == "cpp"
+def test_auto_takes_the_measured_fastest_backend_on_cpu():
+    """The C++ kernels for reading, eager (oneDNN's 1x1 convolutions) for writing."""
+    from dmgan.ops.library import OpInput
+
+    cpu = torch.device("cpu")
     assert "cpp" in ops.available_backends("cpu")
+    read = OpInput("memory_read", cpu, torch.float32, 10, 64, 18, num_pixels=128 * 128)
+    write = OpInput("memory_write", cpu, torch.bfloat16, 10, 64, 18, word_dim=256)
+    assert ops._resolve("auto", read) is _cpp and ops._resolve("auto", write) is ops.reference
 
 
 @pytest.mark.parametrize(

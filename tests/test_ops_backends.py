@@ -121,7 +121,7 @@ def test_unsupported_inputs_raise_for_triton_and_fall_back_under_auto(monkeypatc
     long_case = read_case(ReadShape(1, 32, 3, 3, (70,)), torch.float32, DEVICE)
     with pytest.raises(ValueError, match="T = 70 words"):
         ops.memory_read(**long_case, backend="triton")
-    monkeypatch.setitem(ops.AUTO_ORDER, DEVICE, ("triton", "eager"))
+    monkeypatch.setitem(ops.AUTO_ORDER, (DEVICE, "memory_read"), ("triton", "eager"))
     for c in (case, long_case):
         torch.testing.assert_close(ops.memory_read(**c)[0], ops.memory_read(**c, backend="eager")[0])
 
@@ -152,7 +152,7 @@ def test_cuda_kernels_that_need_more_shared_memory_than_the_device_has_fall_back
     from dmgan.ops import _cpp
 
     monkeypatch.setattr(_cpp, "_HAS_CUDA_KERNELS", True)
-    monkeypatch.setitem(ops.AUTO_ORDER, "cuda", ("cpp", "eager"))
+    monkeypatch.setitem(ops.AUTO_ORDER, ("cuda", "memory_read"), ("cpp", "eager"))
     wide = _cuda_call(channels=128, num_words=64)
     assert 48 * 1024 < _cpp.cuda_shared_bytes(wide) <= 101_376
     monkeypatch.setattr(_cpp, "_shared_memory_per_block", lambda device: 101_376)
@@ -228,8 +228,9 @@ def test_triton_read_backward_moves_little_beyond_the_essential_traffic(size, dt
 
 
 def test_auto_picks_triton_only_for_cuda_tensors():
-    assert ops.AUTO_ORDER["cuda"][0] == "triton"
-    assert "triton" not in ops.AUTO_ORDER["cpu"]  # the interpreter is for tests, not for speed
+    for op in ("memory_read", "memory_write"):
+        assert ops.AUTO_ORDER["cuda", op][0] == "triton"
+        assert "triton" not in ops.AUTO_ORDER["cpu", op]  # the interpreter is for tests, not for speed
 
 
 OP_NAMESPACES = {"triton": "dmgan_triton", "cpp": "dmgan"}

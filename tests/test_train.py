@@ -127,3 +127,16 @@ def test_a_step_waits_for_no_loss_and_skips_every_update_after_a_nonfinite_one(m
     assert all(
         int(s["step"]) == 0 for opt in (gan.optimizersD[1], gan.optimizerG) for s in opt.state.values()
     )
+
+
+@pytest.mark.parametrize(("has_bf16", "expected"), [(True, "bf16"), (False, "off")])
+def test_the_cpu_default_amp_follows_the_cpu(monkeypatch, has_bf16, expected):
+    """bf16 autocast where the CPU has bf16 matrix instructions (AMX / AVX-512 BF16), else off
+    (it is many times slower without them); an asked-for mode always wins."""
+    from dmgan import run
+
+    monkeypatch.setattr(run, "cpu_has_bf16_matrix_instructions", lambda: has_bf16)
+    mode, why = run.default_amp(torch.device("cpu"))
+    assert mode == expected and ("AMX" in why and "AVX-512 BF16" in why)
+    assert run.RunOptions().resolved(torch.device("cpu")).amp == expected
+    assert run.RunOptions(amp="fp16").resolved(torch.device("cpu")).amp == "fp16"

@@ -8,7 +8,7 @@ Every backend computes what :mod:`dmgan.ops.reference` defines (its docstring ha
 - ``"cpp"``: the C++ / CUDA extension (csrc/, :mod:`dmgan.ops._cpp`), CPU tensors of any float
   dtype, and CUDA tensors where it was built with CUDA (T <= 64, fp32 / fp16 / bf16 there).
 
-``backend="auto"`` takes the first backend of :data:`AUTO_ORDER` for the inputs' device that loads
+``backend="auto"`` takes the first backend of :data:`AUTO_ORDER` for the op and the inputs' device that loads
 and supports the input, and falls back to eager; naming a backend asks for it and fails with the
 reason when it cannot run.
 """
@@ -35,7 +35,16 @@ BACKEND_MODULES: dict[str, str] = {
     "cpp": "dmgan.ops._cpp",
 }
 # What backend="auto" tries, per device type, fastest first.
-AUTO_ORDER: dict[str, tuple[str, ...]] = {"cuda": ("triton", "cpp", "eager"), "cpu": ("cpp", "eager")}
+# What backend="auto" tries, per (device type, op), fastest first, as measured side by side at the
+# bird preset's shapes in fp32 and bf16 (benchmarks/RESULTS.md, "Which backend auto picks"). On a
+# CPU the C++ reading kernels beat eager several times over, but oneDNN's 1x1 convolutions beat the
+# C++ writing kernel. The GPU order is the kernels' design, until a GPU run measures it.
+AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
+    ("cuda", "memory_read"): ("triton", "cpp", "eager"),
+    ("cuda", "memory_write"): ("triton", "cpp", "eager"),
+    ("cpu", "memory_read"): ("cpp", "eager"),
+    ("cpu", "memory_write"): ("eager", "cpp"),
+}
 
 _loaded: dict[str, ModuleType | None] = {"eager": reference}
 _load_errors: dict[str, str] = {}
@@ -77,7 +86,7 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
 
 def _resolve(backend: str, call: OpInput) -> ModuleType:
     if backend == "auto":
-        for name in AUTO_ORDER.get(call.device.type, ("eager",)):
+        for name in AUTO_ORDER.get((call.device.type, call.op), ("eager",)):
             module = _load(name, warn=True)
             if module is not None and _runs_on(module, call.device) and _why_not(module, call) is None:
                 return module
