@@ -70,6 +70,12 @@ class RunOptions:
     )
     device: str | None = _option(None, "cpu or cuda (default: cuda when available)")
     seed: int = _option(0, "random seed")
+    compile: bool = _option(
+        False, "torch.compile G, the Ds and the DAMSM image encoder (the first steps pay the compile time)"
+    )
+    accumulate: int = _option(
+        1, "split each batch into this many micro-batches, their gradients summed per update (less memory)"
+    )
     max_steps: int | None = _option(
         None, "GAN steps to train, in place of the epoch count (default: epochs x batches per epoch)"
     )

@@ -17,6 +17,7 @@ way DataParallel broke the reference), and rank 0 alone logs, samples and writes
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import copy
 import dataclasses
@@ -90,15 +91,38 @@ def frozen(modules: Sequence[nn.Module]) -> Iterator[None]:
             p.requires_grad_(True)
 
 
+def _rng_state(device: torch.device) -> Tensor:
+    return torch.cuda.get_rng_state(device) if device.type == "cuda" else torch.get_rng_state()
+
+
+def _set_rng_state(device: torch.device, state: Tensor) -> None:
+    if device.type == "cuda":
+        torch.cuda.set_rng_state(state, device)
+    else:
+        torch.set_rng_state(state)
+
+
+def _sync_gradients(module: nn.Module, last: bool) -> contextlib.AbstractContextManager:
+    """DDP all-reduces gradients on the last micro-batch's backward only."""
+    if last or not isinstance(module, DistributedDataParallel):
+        return contextlib.nullcontext()
+    return module.no_sync()
+
+
 def update(
     optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: Tensor, skip: Tensor
 ) -> None:
-    """Backward and optimizer step, left undone when ``skip`` (a device bool) is true: decided on
-    the device, so the host never waits for a loss. The optimizers are fused Adams, which take
-    ``found_inf`` and skip on the device; with fp16 the scaler sets it, from gradients made
-    non-finite here when skipping."""
+    """Backward and optimizer step, left undone when ``skip`` (a device bool) is true."""
     optimizer.zero_grad(set_to_none=True)
     scaler.scale(loss).backward()
+    apply_update(optimizer, scaler, skip)
+
+
+def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skip: Tensor) -> None:
+    """The optimizer step on the gradients there are, left undone when ``skip``: decided on the
+    device, so the host never waits for a loss. The optimizers are fused Adams, which take
+    ``found_inf`` and skip on the device; with fp16 the scaler sets it, from gradients made
+    non-finite here when skipping."""
     if scaler.is_enabled():
         grads = [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
         torch._foreach_mul_(grads, torch.where(skip, float("nan"), 1.0))
@@ -125,6 +149,7 @@ class GAN:
     optimizersD: list[torch.optim.Optimizer]
     ema: ParameterEMA
     amp: str = "off"
+    accumulate: int = 1  # micro-batches a batch is split into, their gradients summed per update
     scalerG: torch.amp.GradScaler = field(default=None)  # type: ignore[assignment]
     scalersD: list[torch.amp.GradScaler] = field(default_factory=list)
 
@@ -146,6 +171,8 @@ class GAN:
         amp: str = "off",
         text_encoder: nn.Module | None = None,
         image_encoder: nn.Module | None = None,
+        accumulate: int = 1,
+        compile: bool = False,
     ) -> GAN:
         netG = G_NET(cfg.model).to(device)
         netsD = [d.to(device) for d in build_discriminators(cfg.model)]
@@ -153,6 +180,9 @@ class GAN:
         image_encoder = image_encoder or build_image_encoder(cfg.model.image_encoder, cfg.model.embedding_dim)
         for encoder in (text_encoder, image_encoder):  # frozen during GAN training
             encoder.to(device).eval().requires_grad_(False)
+        if compile:  # in place: the state dicts keep their names; the fused ops are graph nodes
+            for module in (netG, *netsD, image_encoder):
+                module.compile()
         t = cfg.train
         return cls(
             cfg=cfg,
@@ -164,6 +194,7 @@ class GAN:
             optimizersD=[adam(d.parameters(), t.d_lr, t.betas) for d in netsD],
             ema=ParameterEMA(netG, t.ema_decay),
             amp=amp,
+            accumulate=accumulate,
         )
 
     def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
@@ -182,6 +213,8 @@ class GAN:
         tensors, and ``nonfinite``: 1.0 when a loss was NaN/Inf. From the first non-finite loss
         on, no update of the iteration takes effect (the optimizers and the EMA skip it on the
         device), as if the iteration had stopped there."""
+        if self.accumulate > 1:
+            return self._accumulated_step(batch)
         t = self.cfg.train
         autocast = functools.partial(self.autocast, batch.captions.device.type)
         lengths = batch.cap_lens if batch.host_cap_lens is None else batch.host_cap_lens
@@ -222,10 +255,77 @@ class GAN:
         logs["nonfinite"] = skip.float()
         return logs
 
+    def _accumulated_step(self, batch: Batch) -> dict[str, Tensor]:
+        """:meth:`step` on ``accumulate`` micro-batches, for a batch that does not fit at once.
+
+        Each D, then G, sums the gradients of its loss on every micro-batch (each weighted
+        1 / accumulate) before its one update. The fakes the Ds see are made without gradients;
+        the G phase makes them again, from the same noise and the same CA-Net draws, through the
+        updated Ds, so only one micro-batch's graph is alive at a time. What this cannot repeat
+        of one large batch: batch norm normalises each micro-batch by its own statistics (and G's
+        running statistics take two updates a micro-batch), and the D loss's mismatched-caption
+        pairs and the DAMSM loss's candidate captions come from the micro-batch."""
+        t, parts = self.cfg.train, self.accumulate
+        device = batch.captions.device
+        autocast = functools.partial(self.autocast, device.type)
+        micro = []
+        for mb in batch.split(parts):
+            lengths = mb.cap_lens if mb.host_cap_lens is None else mb.host_cap_lens
+            words_emb, sent_emb, mask = self.encode(mb.captions, lengths)
+            noise = torch.randn(mb.captions.shape[0], self.cfg.model.z_dim, device=device)
+            draws = _rng_state(device)  # CA-Net samples from the global RNG: the G phase replays it
+            with torch.no_grad(), autocast():
+                fakes = self.netG(noise, sent_emb, words_emb, mask)[0]
+            micro.append((mb, words_emb, sent_emb, mask, noise, draws, fakes))
+
+        skip = torch.zeros((), dtype=torch.bool, device=device)
+        logs: dict[str, list[Tensor]] = collections.defaultdict(list)
+        for i, (netD, optD, scaler) in enumerate(zip(self.netsD, self.optimizersD, self.scalersD)):
+            optD.zero_grad(set_to_none=True)
+            for k, (mb, _, sent_emb, _, _, _, fakes) in enumerate(micro):
+                with _sync_gradients(netD, last=k == parts - 1), autocast():
+                    errD = discriminator_loss(netD, mb.images[i], fakes[i], sent_emb)
+                    scaler.scale(errD / parts).backward()
+                logs[f"d_loss{i}"].append(errD.detach())
+                skip = skip | ~torch.isfinite(errD)
+            apply_update(optD, scaler, skip)
+
+        discriminators = [unwrap(d) for d in self.netsD]
+        self.optimizerG.zero_grad(set_to_none=True)
+        for k, (mb, words_emb, sent_emb, mask, noise, draws, _) in enumerate(micro):
+            _set_rng_state(device, draws)
+            with _sync_gradients(self.netG, last=k == parts - 1):
+                with autocast(), frozen(discriminators):
+                    fake_imgs, _, mu, logvar = self.netG(noise, sent_emb, words_emb, mask)
+                    gammas = (t.gamma1, t.gamma2, t.gamma3)
+                    errG, terms = generator_loss(
+                        discriminators,
+                        self.image_encoder,
+                        fake_imgs,
+                        words_emb,
+                        sent_emb,
+                        mb.cap_lens,
+                        mb.class_ids,
+                        t.damsm_lambda,
+                        gammas,
+                    )
+                    kl = kl_loss(mu, logvar)
+                total = errG + t.kl_weight * kl
+                self.scalerG.scale(total / parts).backward()
+            for key, value in (*terms.items(), ("g_loss", errG), ("kl", kl)):
+                logs[key].append(value.detach())
+            skip = skip | ~torch.isfinite(total)
+        apply_update(self.optimizerG, self.scalerG, skip)
+        self.ema.update(unwrap(self.netG), skip=skip)
+        means = {key: torch.stack(values).mean() for key, values in logs.items()}
+        return {**means, "nonfinite": skip.float()}
+
     def pipeline(self, vocab: Vocabulary) -> TextToImage:
         """A copy of the EMA generator, in eval mode, with the frozen encoders: for sample grids
         and evaluation during training (the training networks are left as they are)."""
-        netG = self.ema.copy_to(copy.deepcopy(unwrap(self.netG))).eval()
+        netG = copy.deepcopy(unwrap(self.netG))
+        netG._compiled_call_impl = None  # sample eagerly (other shapes, eval mode): no recompiles
+        netG = self.ema.copy_to(netG).eval()
         return TextToImage(self.cfg, netG, self.text_encoder, self.image_encoder, vocab)  # type: ignore[arg-type]
 
     def state_dict(self) -> dict[str, Any]:
@@ -444,7 +544,18 @@ def train_gan(run: Run, root: Path) -> GAN:
     dataset = dataset_for(cfg, root, "train", train=True, seed=opts.seed)
     loader = make_loader(dataset, t.batch_size, rt, opts.seed, opts.workers)
     text_encoder, image_encoder = load_encoders(run, len(dataset.vocab))
-    gan = GAN.build(cfg, len(dataset.vocab), rt.device, opts.amp, text_encoder, image_encoder)
+    if t.batch_size % opts.accumulate:
+        raise SystemExit(f"--accumulate {opts.accumulate} must divide the batch size {t.batch_size}")
+    gan = GAN.build(
+        cfg,
+        len(dataset.vocab),
+        rt.device,
+        opts.amp,
+        text_encoder,
+        image_encoder,
+        opts.accumulate,
+        opts.compile,
+    )
     ckpt_path = run.out / "checkpoints" / "latest.pt"
     step = position = 0  # G updates; batches drawn (a skipped step draws a batch, updates nothing)
     if opts.resume and ckpt_path.is_file():

@@ -9,6 +9,9 @@ import torch
 from torch import nn
 
 from dmgan.config import TINY_OVERRIDES, get_preset, override
+from dmgan.data import Vocabulary
+from dmgan.ema import ParameterEMA
+from dmgan.pipeline import Captions
 from dmgan.trainer import GAN, frozen, synthetic_batch
 
 
@@ -140,3 +143,106 @@ def test_the_cpu_default_amp_follows_the_cpu(monkeypatch, has_bf16, expected):
     assert mode == expected and ("AMX" in why and "AVX-512 BF16" in why)
     assert run.RunOptions().resolved(torch.device("cpu")).amp == expected
     assert run.RunOptions(amp="fp16").resolved(torch.device("cpu")).amp == "fp16"
+
+
+def test_accumulated_micro_batches_give_the_gradients_of_one_batch(monkeypatch):
+    """What accumulation can repeat exactly: with no batch norm, no DAMSM term (its candidate
+    captions come from the micro-batch) and D losses without the mismatched pairs, two
+    micro-batches give every network the gradients of one batch (fp32 rounding apart). Noise is
+    zero here, so both draw the same images."""
+    import dmgan.trainer as trainer
+    from dmgan.losses import _bce
+
+    def matched_pairs_only(netD, real, fake, sentence):
+        features = netD(torch.cat([real, fake.detach()]))
+        batch, index = real.shape[0], torch.arange(real.shape[0])
+        pairs = (torch.cat([index, index + batch]), torch.cat([index, index]))
+        cond_real, cond_fake = netD.COND_DNET(features, sentence, pairs).split(batch)
+        return _bce(cond_real, 1.0) + _bce(cond_fake, 0.0)
+
+    monkeypatch.setattr(trainer, "discriminator_loss", matched_pairs_only)
+    grads: dict[int, list[list[torch.Tensor]]] = {}
+    real_apply = trainer.apply_update
+
+    def recording_apply(optimizer, scaler, skip):
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads.setdefault(id(optimizer), []).append([p.grad.clone() for p in params])
+        real_apply(optimizer, scaler, skip)
+
+    monkeypatch.setattr(trainer, "apply_update", recording_apply)
+    cfg = override(tiny_config(), **{"train.damsm_lambda": 0.0})
+    batch = synthetic_batch(cfg, 20, batch_size=4, device="cpu").to("cpu")
+    gans = []
+    for accumulate in (1, 2):
+        torch.manual_seed(0)
+        gan = GAN.build(cfg, vocab_size=20, accumulate=accumulate)
+        for net in (gan.netG, *gan.netsD):
+            for name, module in list(net.named_modules()):
+                if isinstance(module, nn.modules.batchnorm._BatchNorm):
+                    parent = net.get_submodule(name.rpartition(".")[0]) if "." in name else net
+                    setattr(parent, name.rpartition(".")[2], nn.Identity())
+        gan.ema = ParameterEMA(gan.netG, cfg.train.ema_decay)  # over what is left
+        gans.append(gan)
+    monkeypatch.setattr(torch, "randn", lambda *size, **kw: torch.zeros(*size, **kw))
+    monkeypatch.setattr(torch, "randn_like", lambda t, **kw: torch.zeros_like(t, **kw))
+    results = []
+    for gan in gans:
+        grads.clear()
+        logs = gan.step(batch)
+        assert logs["nonfinite"].item() == 0.0
+        optimizers = [*gan.optimizersD, gan.optimizerG]
+        results.append([grads[id(opt)][0] for opt in optimizers])
+    for one_batch, micro in zip(*results):
+        for a, b in zip(one_batch, micro):
+            torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.slow
+def test_a_compiled_step_equals_an_eager_step(monkeypatch):
+    """--compile (torch.compile of G, the Ds and the image encoder, inductor on the CPU): the same
+    losses and gradients as eager, within fp32 tolerance, when the compiled random ops draw what
+    eager draws (inductor's own generator differs: fallback_random); the state dicts keep their
+    names, so checkpoints are interchangeable. (Gradients, not weights: Adam's first step is
+    about lr * sign(g), which rounding flips where g is near 0.)"""
+    import torch._inductor.config
+
+    import dmgan.trainer as trainer
+
+    monkeypatch.setattr(torch._inductor.config, "fallback_random", True)
+    grads: list[list[torch.Tensor]] = []
+    real_apply = trainer.apply_update
+
+    def recording_apply(optimizer, scaler, skip):
+        grads.append(
+            [
+                p.grad.clone()
+                for group in optimizer.param_groups
+                for p in group["params"]
+                if p.grad is not None
+            ]
+        )
+        real_apply(optimizer, scaler, skip)
+
+    monkeypatch.setattr(trainer, "apply_update", recording_apply)
+    cfg = tiny_config()
+    batch = synthetic_batch(cfg, 20, batch_size=4, device="cpu").to("cpu")
+    runs = []
+    for compile in (False, True):
+        torch.manual_seed(0)
+        gan = GAN.build(cfg, vocab_size=20, compile=compile)
+        torch.manual_seed(1)
+        grads.clear()
+        logs = gan.step(batch)
+        runs.append((gan, logs, list(grads)))
+    (eager, eager_logs, eager_grads), (compiled, compiled_logs, compiled_grads) = runs
+    assert eager.state_dict()["netG"].keys() == compiled.state_dict()["netG"].keys()
+    for key in eager_logs:
+        torch.testing.assert_close(compiled_logs[key], eager_logs[key], rtol=1e-4, atol=1e-5)
+    # Normwise per network: biases that batch norm follows have gradients that are 0 but for rounding.
+    for per_optimizer_eager, per_optimizer_compiled in zip(eager_grads, compiled_grads, strict=True):
+        a, b = (torch.cat([g.flatten() for g in gs]) for gs in (per_optimizer_eager, per_optimizer_compiled))
+        assert (a - b).norm() <= 1e-4 * a.norm(), float((a - b).norm() / a.norm())
+    vocab = Vocabulary({i: f"w{i}" for i in range(20)}, {f"w{i}": i for i in range(20)})
+    captions = Captions.from_pairs([(batch.captions[i], int(batch.cap_lens[i])) for i in range(2)], vocab)
+    stages, _ = compiled.pipeline(vocab).generate(captions, seed=0)  # sampling from a compiled G
+    assert all(torch.isfinite(s).all() for s in stages)

@@ -325,3 +325,13 @@ def test_each_setting_has_one_way_to_be_set(capsys):
         assert "unrecognized arguments" in capsys.readouterr().err
     with pytest.raises(SystemExit, match="train has no field .nope."):
         main(["--set", "train.nope=1", "--print-config"])
+
+
+def test_accumulate_trains_with_micro_batches_and_refuses_a_size_that_does_not_divide(
+    data_dir, encoders, tmp_path
+):
+    run(gan_args(data_dir, tmp_path / "two", encoders, "--accumulate", "2", "--max-steps", "2"))
+    assert metrics(tmp_path / "two")[-1]["step"] == 2
+    assert json.loads((tmp_path / "two" / "config.json").read_text())["options"]["accumulate"] == 2
+    with pytest.raises(SystemExit, match="--accumulate 3 must divide the batch size 4"):
+        run(gan_args(data_dir, tmp_path / "three", encoders, "--accumulate", "3", "--max-steps", "1"))

@@ -363,6 +363,26 @@ class Batch:
             self.cap_lens.cpu() if self.host_cap_lens is None else self.host_cap_lens,
         )
 
+    def split(self, parts: int) -> list[Batch]:
+        """``parts`` micro-batches of equal size, in order."""
+        size = len(self.captions)
+        if parts < 1 or size % parts:
+            raise ValueError(f"a batch of {size} does not split into {parts} equal micro-batches")
+        n = size // parts
+        cut = lambda t, i: None if t is None else t[i * n : (i + 1) * n]
+        return [
+            Batch(
+                [image[i * n : (i + 1) * n] for image in self.images],
+                cut(self.captions, i),
+                cut(self.cap_lens, i),
+                cut(self.class_ids, i),
+                cut(self.keys, i),
+                0,
+                cut(self.host_cap_lens, i),
+            )
+            for i in range(parts)
+        ]
+
 
 def collate(items: list) -> Batch | None:
     """Stack items into a :class:`Batch`, dropping (and counting) unreadable ones."""
