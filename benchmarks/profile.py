@@ -132,6 +132,17 @@ def measured_peaks(device: str) -> dict[str, float]:
     return peaks
 
 
+def step_phases(prof: torch.profiler.profile, steps: int, on_gpu: bool) -> dict[str, float]:
+    """Milliseconds per step of each named range of GAN.step (``dmgan.<phase>``, from
+    dmgan.trainer.phase): the device's time on a GPU, the host's on a CPU."""
+    rows = {}
+    for event in prof.key_averages():
+        if event.key.startswith("dmgan."):
+            total = getattr(event, "device_time_total", 0.0) if on_gpu else event.cpu_time_total
+            rows[event.key.removeprefix("dmgan.")] = round(total / 1e3 / steps, 3)
+    return rows
+
+
 def memory_op_costs(cfg, batch: int, dtype: torch.dtype, device: str, backend: str) -> list[dict[str, Any]]:
     """Time, bytes, flops of memory writing and reading at each refinement stage's shape (forward)."""
     m, size = cfg.model, torch.finfo(dtype).bits // 8
@@ -248,6 +259,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         for e in sorted(prof.key_averages(), key=lambda e: getattr(e, sort_key), reverse=True)[:25]
     ]
 
+    phases = step_phases(prof, args.steps, on_gpu)
+
     dtype = torch.bfloat16 if args.amp == "bf16" else torch.float16 if args.amp == "fp16" else torch.float32
     peaks = measured_peaks(device)
     rows = memory_op_costs(cfg, batch_size, dtype, device, args.memory_backend)
@@ -275,12 +288,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "nvml": nvml.summary(),
         "measured_peaks": peaks,
         "memory_ops": rows,
+        "phases_ms_per_step": phases,
         "top_operators": top,
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
     if not summary["nvml"]["available"]:
         print(summary["nvml"]["reason"] + " (profiled the CPU path)")
-    print(f"{summary['images_per_s']:.1f} images/s; wrote {out}/trace.json, summary.json, roofline.png")
+    print(
+        f"{summary['images_per_s']:.1f} images/s; per step: "
+        + ", ".join(f"{k} {v:.1f} ms" for k, v in phases.items())
+    )
+    print(f"wrote {out}/trace.json, summary.json, roofline.png")
     return summary
 
 

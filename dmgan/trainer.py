@@ -109,13 +109,21 @@ def _sync_gradients(module: nn.Module, last: bool) -> contextlib.AbstractContext
     return module.no_sync()
 
 
+def phase(name: str) -> contextlib.AbstractContextManager:
+    """A named range of the step for torch.profiler (``dmgan.<name>``; benchmarks/profile.py
+    reports the time of each)."""
+    return torch.profiler.record_function(f"dmgan.{name}")
+
+
 def update(
-    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: Tensor, skip: Tensor
+    optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, loss: Tensor, skip: Tensor, name: str
 ) -> None:
     """Backward and optimizer step, left undone when ``skip`` (a device bool) is true."""
-    optimizer.zero_grad(set_to_none=True)
-    scaler.scale(loss).backward()
-    apply_update(optimizer, scaler, skip)
+    with phase(f"{name} backward"):
+        optimizer.zero_grad(set_to_none=True)
+        scaler.scale(loss).backward()
+    with phase(f"{name} optimizer"):
+        apply_update(optimizer, scaler, skip)
 
 
 def apply_update(optimizer: torch.optim.Optimizer, scaler: torch.amp.GradScaler, skip: Tensor) -> None:
@@ -218,23 +226,24 @@ class GAN:
         t = self.cfg.train
         autocast = functools.partial(self.autocast, batch.captions.device.type)
         lengths = batch.cap_lens if batch.host_cap_lens is None else batch.host_cap_lens
-        words_emb, sent_emb, mask = self.encode(batch.captions, lengths)
-        noise = torch.randn(batch.captions.shape[0], self.cfg.model.z_dim, device=words_emb.device)
-        with autocast():
-            fake_imgs, _, mu, logvar = self.netG(noise, sent_emb, words_emb, mask)
+        with phase("G forward"):
+            words_emb, sent_emb, mask = self.encode(batch.captions, lengths)
+            noise = torch.randn(batch.captions.shape[0], self.cfg.model.z_dim, device=words_emb.device)
+            with autocast():
+                fake_imgs, _, mu, logvar = self.netG(noise, sent_emb, words_emb, mask)
 
         skip = torch.zeros((), dtype=torch.bool, device=words_emb.device)
         logs: dict[str, Tensor] = {}
         for i, (netD, optD, scaler) in enumerate(zip(self.netsD, self.optimizersD, self.scalersD)):
-            with autocast():
+            with phase(f"D{i} loss"), autocast():
                 errD = discriminator_loss(netD, batch.images[i], fake_imgs[i], sent_emb)
             logs[f"d_loss{i}"] = errD.detach()
             skip = skip | ~torch.isfinite(errD)
-            update(optD, scaler, errD, skip)
+            update(optD, scaler, errD, skip, f"D{i}")
 
         # The Ds unwrapped and frozen: the G loss needs gradients through them, not for them.
         discriminators = [unwrap(d) for d in self.netsD]
-        with autocast(), frozen(discriminators):
+        with phase("G loss"), autocast(), frozen(discriminators):
             errG, parts = generator_loss(
                 discriminators,
                 self.image_encoder,
@@ -250,8 +259,9 @@ class GAN:
         total = errG + t.kl_weight * kl
         logs.update({k: v.detach() for k, v in parts.items()}, g_loss=errG.detach(), kl=kl.detach())
         skip = skip | ~torch.isfinite(total)
-        update(self.optimizerG, self.scalerG, total, skip)
-        self.ema.update(unwrap(self.netG), skip=skip)
+        update(self.optimizerG, self.scalerG, total, skip, "G")
+        with phase("EMA"):
+            self.ema.update(unwrap(self.netG), skip=skip)
         logs["nonfinite"] = skip.float()
         return logs
 
