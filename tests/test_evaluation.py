@@ -16,8 +16,6 @@ from dmgan.data import shapes as shapes_data
 from dmgan.evaluate import main as evaluate_main
 from dmgan.pipeline import TextToImage
 from dmgan.sample import main as sample_main
-from dmgan.train import main as train_main
-from tests.tiny import TINY
 
 
 class Flatten(nn.Module):
@@ -122,26 +120,6 @@ def test_r_precision_on_constructed_embeddings():
     half = torch.where(torch.arange(n)[:, None] < 50, true, wrong[:, 0])
     mean, std = metrics.r_precision(half, true, wrong, generator=g)
     assert mean == pytest.approx(0.5) and std > 0  # the hits are shuffled into folds
-
-
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    data = shapes_data.generate(tmp_path_factory.mktemp("shapes"), num_train=32, num_test=12, seed=2)
-    out = tmp_path_factory.mktemp("run")
-    train_main(
-        [
-            "--data-dir",
-            str(data),
-            "--out",
-            str(out),
-            "--set",
-            "train.encoder_max_epoch=1",
-            "--max-steps",
-            "2",
-            *TINY,
-        ]
-    )
-    return out / "checkpoints" / "latest.pt"
 
 
 def test_training_run_ends_with_a_short_evaluation(trained):
@@ -284,3 +262,45 @@ def test_attribute_retrieval_oracle_hits_and_wrong_images_miss():
     assert attribute_retrieval(own, records, encode) == {k: 1.0 for k in records[0]}
     shifted = attribute_retrieval(own.roll(1, dims=0), records, encode)
     assert shifted["shape"] == 0.0 and shifted["colour"] == 0.0
+
+
+def test_sample_cli_takes_several_captions_and_saves_images_named_for_their_captions(trained, tmp_path):
+    from PIL import Image
+
+    texts = ["a large red circle", "a small blue square on gray"]
+    sample_main(
+        [
+            str(trained),
+            *texts,
+            "--samples",
+            "2",
+            "--out",
+            str(tmp_path / "out"),
+            "--save-images",
+            str(tmp_path / "imgs"),
+        ]
+    )
+    lines = (tmp_path / "imgs" / "captions.txt").read_text().splitlines()
+    assert lines == [texts[0], texts[0], texts[1], texts[1]]
+    files = sorted((tmp_path / "imgs").glob("*.png"))
+    assert [f.name for f in files] == ["00000.png", "00001.png", "00002.png", "00003.png"]
+    assert Image.open(files[0]).size == (32, 32)  # the last stage at its own size
+
+
+@pytest.mark.parametrize("mode", ["seeds", "captions"])
+def test_sample_cli_interpolates_between_seeds_or_captions(trained, tmp_path, mode):
+    from PIL import Image
+
+    texts = ["a large red circle", "a small blue square"] if mode == "captions" else ["a large red circle"]
+    written = sample_main(
+        [str(trained), *texts, "--interpolate", mode, "--frames", "5", "--out", str(tmp_path)]
+    )
+    assert [p.name for p in written] == ["interpolation.png", "interpolation.gif"]
+    strip = Image.open(tmp_path / "interpolation.png")
+    assert strip.size == (5 * 128, 128)  # five frames of the 32-pixel stage, shown at 128
+    gif = Image.open(tmp_path / "interpolation.gif")
+    assert gif.n_frames == 5 + 3  # there and back
+    pixels = np.asarray(strip.convert("RGB")).reshape(128, 5, 128, 3)
+    assert not np.array_equal(pixels[:, 0], pixels[:, -1])  # the walk goes somewhere
+    with pytest.raises(SystemExit, match="between two captions"):
+        sample_main([str(trained), "a red circle", "--interpolate", "captions", "--out", str(tmp_path / "x")])
