@@ -92,7 +92,7 @@ def build(demo: Demo, examples: Sequence[str] = ()) -> Any:
     """The page: a caption box and settings, the samples' stages and the chosen one's word maps."""
     import gradio as gr
 
-    with gr.Blocks(title="dmgan: DM-GAN text-to-image") as page:
+    with gr.Blocks(title="dmgan: DM-GAN text-to-image", analytics_enabled=False) as page:
         gr.Markdown(
             f"## DM-GAN text-to-image\n`{demo.checkpoint}` ({demo.pipelines['ema'].cfg.name} preset): "
             "each sample's stages, then how the last memory stage read each word."

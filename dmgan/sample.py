@@ -13,7 +13,7 @@ walks from one noise vector to another (``seeds``: spherically, each caption) or
 to another (``captions``: the sentence feature blended, the word features of the nearer caption),
 and writes the walk as ``interpolation.png`` (a strip of frames) and ``interpolation.gif``.
 ``--save-images`` writes each final image as ``00000.png``, ... and ``captions.txt`` (line k is
-the caption of image k), the layout ``dmgan.evaluate`` reads and writes too.
+the caption of image k), as :func:`dmgan.visualize.save_images` writes generated images.
 """
 
 from __future__ import annotations
