@@ -98,3 +98,17 @@ def train_classifier(
 def accuracy(predictions: dict[str, Tensor], targets: dict[str, Tensor]) -> dict[str, float]:
     """Per attribute, the fraction of predictions equal to the target."""
     return {name: (predictions[name] == targets[name]).float().mean().item() for name in predictions}
+
+
+def accuracy_where_named(
+    predictions: dict[str, Tensor], targets: dict[str, Tensor], named: list[set[str]]
+) -> dict[str, dict[str, float | int]]:
+    """Per attribute, the accuracy over the images whose caption names it (``named[i]``: what
+    image i's caption names), with how many those are and the chance level."""
+    out = {}
+    for name, values in ATTRIBUTES.items():
+        keep = torch.tensor([name in n for n in named], dtype=torch.bool)
+        hits = (predictions[name] == targets[name])[keep]
+        rate = hits.float().mean().item() if len(hits) else float("nan")
+        out[name] = {"accuracy": rate, "captions": int(keep.sum()), "chance": 1 / len(values)}
+    return out

@@ -163,7 +163,9 @@ def evaluate(
 
         attributes, real_test = load_attributes(root), real_images(dataset)
         results.update(
-            caption_accuracy(pipe.cfg, dataset, attributes, real_test, owners, torch.cat(last_images), seed)
+            caption_accuracy(
+                pipe.cfg, dataset, attributes, real_test, owners, captions.texts, torch.cat(last_images), seed
+            )
         )
         with torch.no_grad():
             real_codes = pipe.image_encoder(real_test.to(pipe.device))[1].cpu()
@@ -185,14 +187,18 @@ def caption_accuracy(
     attributes: dict[str, dict],
     real_test: torch.Tensor,
     owners: list[int],
+    texts: list[str],
     images: torch.Tensor,
     seed: int,
 ) -> dict:
     """Built-in shapes data: an attribute classifier trained on the real training images reads
-    the main object of each generated image (``images[i]`` from a caption of ``test`` image
-    ``owners[i]``); per attribute, how often it matches the caption's. ``attributes``: the
+    the main object of each generated image (``images[i]``, drawn from caption ``texts[i]`` of
+    ``test`` image ``owners[i]``). Per attribute, how often it matches: over the captions that
+    name the attribute (``caption_accuracy``, with their count and the chance level), and over
+    every caption, named or not (``caption_accuracy_all_captions``). ``attributes``: the
     dataset's ``attributes.json``; ``real_test``: :func:`real_images` of ``test``."""
-    from dmgan.attributes import accuracy, attribute_targets, train_classifier
+    from dmgan.attributes import accuracy, accuracy_where_named, attribute_targets, train_classifier
+    from dmgan.data.shapes import named_attributes
 
     train = dataset_for(cfg, test.root, "train", train=False)
     classifier = train_classifier(
@@ -200,8 +206,10 @@ def caption_accuracy(
     )
     targets = attribute_targets([attributes[test.keys[i]] for i in owners])
     real_targets = attribute_targets([attributes[k] for k in test.keys])
+    predictions = classifier.predict(images)
     return {
-        "caption_accuracy": accuracy(classifier.predict(images), targets),
+        "caption_accuracy": accuracy_where_named(predictions, targets, [named_attributes(t) for t in texts]),
+        "caption_accuracy_all_captions": accuracy(predictions, targets),
         "classifier_accuracy_on_real_test_images": accuracy(classifier.predict(real_test), real_targets),
     }
 

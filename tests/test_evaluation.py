@@ -132,6 +132,26 @@ def test_training_run_ends_with_a_short_evaluation(trained):
         assert set(rates) == attributes and all(0 <= r <= 1 for r in rates.values())
 
 
+def test_caption_accuracy_counts_an_attribute_only_over_the_captions_that_name_it():
+    from dmgan.attributes import ATTRIBUTES, accuracy_where_named
+    from dmgan.data.shapes import named_attributes
+
+    texts = ["a red circle in the top left", "a small red circle", "a red circle in the middle on black"]
+    named = [named_attributes(t) for t in texts]
+    assert named == [
+        {"colour", "shape", "position"},
+        {"colour", "shape", "size"},
+        {"colour", "shape", "position", "background"},
+    ]
+    targets = {name: torch.zeros(3, dtype=torch.long) for name in ATTRIBUTES}
+    predictions = {name: torch.tensor([0, 1, 1]) for name in ATTRIBUTES}  # right only for the first image
+    rates = accuracy_where_named(predictions, targets, named)
+    assert rates["colour"]["captions"] == 3 and rates["colour"]["accuracy"] == pytest.approx(1 / 3)
+    assert rates["position"] == {"accuracy": 0.5, "captions": 2, "chance": 0.2}  # images 0 and 2
+    assert rates["size"]["captions"] == 1 and rates["size"]["accuracy"] == 0.0
+    assert rates["background"]["captions"] == 1 and rates["background"]["chance"] == pytest.approx(1 / 3)
+
+
 def test_generate_is_a_function_of_its_seed_and_leaves_the_global_rng_alone(trained):
     pipe = TextToImage.load(trained)
     captions = pipe.tokenize(["a large red circle", "a small blue square on gray", "a cyan cross"])
@@ -184,7 +204,9 @@ def test_evaluate_cli_writes_one_json(trained, tmp_path):
     assert report["checkpoint_sha256"] == hashlib.sha256(trained.read_bytes()).hexdigest()
     m = report["metrics"]
     assert m["num_images"] == 20 and "not computed" in m["inception_score"] and m["seconds"] > 0
-    assert 0 <= m["r_precision"]["mean"] <= 1 and 0 <= m["caption_accuracy"]["colour"] <= 1
+    assert 0 <= m["r_precision"]["mean"] <= 1 and 0 <= m["caption_accuracy"]["colour"]["accuracy"] <= 1
+    assert m["caption_accuracy"]["colour"]["captions"] == 20  # every caption names the colour
+    assert 0 <= m["caption_accuracy_all_captions"]["position"] <= 1
 
 
 class ColourClassifier(nn.Module):

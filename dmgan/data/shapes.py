@@ -236,6 +236,27 @@ def background_words() -> set[str]:
     return {word for bg in BACKGROUNDS for word in SYNONYMS.get(bg, (bg,))}
 
 
+def named_attributes(caption: str) -> set[str]:
+    """Which of the main object's attributes (and the background) a caption of :func:`describe`
+    names: colour and shape always; size, position and background only in some templates. The
+    main object is what comes before a second object's "and a" / "next to a".
+
+    >>> sorted(named_attributes("a red circle at the upper left and a small blue square"))
+    ['colour', 'position', 'shape']
+    >>> sorted(named_attributes("gray background with a big green cross in the middle"))
+    ['background', 'colour', 'position', 'shape', 'size']
+    """
+    text = f" {' '.join(caption.lower().split())} "
+    main = text.split(" and a ")[0].split(" next to a ")[0] + " "
+
+    def says(values, where: str) -> bool:
+        return any(f" {word} " in where for value in values for word in SYNONYMS.get(value, (value,)))
+
+    found = {"colour": says(COLOURS, main), "shape": says(SHAPES, main), "size": says(SIZES, main)}
+    found |= {"position": says(POSITIONS, text), "background": says(BACKGROUNDS, text)}
+    return {name for name, said in found.items() if said}
+
+
 def recolour_unnamed_backgrounds(
     images: Tensor, captions: Tensor, wordtoix: dict[str, int], tolerance: float = 0.2
 ) -> Tensor:
