@@ -1,12 +1,18 @@
-"""Evaluate a checkpoint on its test captions: FID, IS, R-precision, and caption accuracy (shapes).
+"""Evaluate a checkpoint, or a folder of images, under a named protocol.
 
     python -m dmgan.evaluate runs/shapes/checkpoints/latest.pt --num-images 2000
-    python -m dmgan.evaluate netG.pt --data-dir data/birds --num-images 30000 --is-classifier cub_inception.pt
+    python -m dmgan.evaluate netG.pt --data-dir data/birds --protocol dmgan-paper \
+        --inception-weights inception_v3_google-1a9a5a14.pth --is-classifier cub_inception.pt
+    python -m dmgan.evaluate CHECKPOINT --save-images generated/      # the images it scored, too
+    python -m dmgan.evaluate --images other_model/ --data-dir data/birds --preset bird   # any folder
 
-Generates ``--num-images`` images, cycling over the test images with a random caption each pass
-(the reference's protocol: 30,000 for the paper's numbers), and writes one JSON with every metric,
-the settings, the checkpoint's SHA-256 and the time taken. See :mod:`dmgan.metrics` for which
-networks the metrics use.
+A checkpoint generates images cycling over the test images with a random caption each pass (the
+reference's sampling); a folder's images (PNG / JPEG, any size) are scored as they are. The
+protocol (:data:`PROTOCOLS`) fixes the image count, the feature network and its statistics file;
+one JSON records every metric and every setting: FID, KID, precision / recall / density /
+coverage, IS (with a classifier), R-precision, and on the built-in shapes data caption accuracy.
+See :mod:`dmgan.metrics` for the networks and docs/evaluation.md for what each protocol's
+numbers compare to.
 """
 
 from __future__ import annotations
@@ -14,12 +20,15 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
+import os
 import random
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from tqdm import tqdm
 
@@ -28,6 +37,135 @@ from dmgan.config import Config, HelpFormatter
 from dmgan.data import TextImageDataset, dataset_for
 from dmgan.data.shapes import default_root, is_shapes_dataset
 from dmgan.pipeline import Captions, TextToImage
+from dmgan.visualize import save_images as save_images_as_files
+
+
+@dataclass(frozen=True)
+class Protocol:
+    """How the image metrics are computed, so that two numbers under one protocol compare."""
+
+    name: str
+    network: str  # "tf-2015-inception" or "torchvision-inception-v3"
+    num_images: int | None  # None: --num-images chooses (default 2,000)
+    comparable_to: str
+
+
+PROTOCOLS = {
+    "clean": Protocol(
+        "clean",
+        "tf-2015-inception",
+        None,
+        "FID of TTUR's TensorFlow code, pytorch-fid and clean-fid, which use the same 2015 TF "
+        "Inception (up to their resizing: clean-fid resizes with PIL's antialiased bicubic), and KID "
+        "of torch-fidelity / clean-fid; not the DM-GAN paper's FID column",
+    ),
+    "dmgan-paper": Protocol(
+        "dmgan-paper",
+        "torchvision-inception-v3",
+        30_000,
+        "the FID column of the DM-GAN paper (CVPR 2019) and of papers evaluated with the reference "
+        "code's torchvision Inception-v3 pool3 features on 30,000 images",
+    ),
+}
+RESIZE = (
+    "images at the preset's last stage size (a folder's resized to it with PIL's bicubic filter, "
+    "generated ones rounded to 8 bits as a saved PNG would be), then to 299 x 299 bilinear, no "
+    "antialiasing, before the network"
+)
+CAPTIONS = "the images cycle over the test images, one random caption of each image per pass"
+
+
+def protocol_record(protocol: Protocol, num_images: int, features_file: Path | None) -> dict[str, Any]:
+    """What the JSON says of the protocol the numbers follow."""
+    return {
+        "name": protocol.name,
+        "network": protocol.network,
+        "num_images": num_images,
+        "split": "test",
+        "captions": CAPTIONS,
+        "resize": RESIZE,
+        "real_features": None if features_file is None else str(features_file),
+        "comparable_to": protocol.comparable_to,
+    }
+
+
+def feature_network(protocol: Protocol, inception_weights: str | os.PathLike | None) -> torch.nn.Module:
+    if protocol.network == "tf-2015-inception":
+        return metrics.InceptionFeatures()
+    if inception_weights is None:
+        raise SystemExit(
+            f"--protocol {protocol.name} needs torchvision's ImageNet Inception-v3 weights: pass "
+            "--inception-weights inception_v3_google-0cc3c7bd.pth (from torchvision; nothing is downloaded here)"
+        )
+    return metrics.TorchvisionInceptionFeatures(inception_weights)
+
+
+def quantized(images: torch.Tensor) -> torch.Tensor:
+    """Images in [-1, 1] rounded to the 256 levels a saved 8-bit image holds."""
+    return ((images.float().clamp(-1, 1) + 1) * 127.5).round() / 127.5 - 1
+
+
+@torch.no_grad()
+def features_of(network: torch.nn.Module, images: torch.Tensor, batch_size: int = 32) -> torch.Tensor:
+    device = next(network.parameters()).device
+    return torch.cat([network(part.to(device)).float().cpu() for part in images.split(batch_size)])
+
+
+def real_features(
+    dataset: TextImageDataset,
+    network: torch.nn.Module,
+    path: Path,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> torch.Tensor:
+    """The pool3 features of every real test image (N x 2048), computed once and kept in ``path``."""
+    if path.is_file():
+        with np.load(path) as data:
+            if "features" not in data:
+                raise SystemExit(f"{path} holds no 'features' (statistics of an older dmgan?): delete it")
+            return torch.from_numpy(data["features"])
+    parts = [
+        features_of(network, real_images(dataset, chunk.tolist()), batch_size)
+        for chunk in tqdm(
+            torch.arange(len(dataset)).split(batch_size), desc="real features", disable=not progress
+        )
+    ]
+    features = torch.cat(parts)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, features=features.numpy())
+    tmp.replace(path)
+    return features
+
+
+def image_metrics(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict[str, Any]:
+    """FID, KID and precision / recall / density / coverage of generated against real features."""
+    return {
+        "fid": metrics.fid_from_features(real, fake),
+        "kid": metrics.kid_from_features(real, fake, seed=seed),
+        **metrics.precision_recall(real, fake),
+    }
+
+
+def folder_images(folder: Path, size: int) -> tuple[list[Path], torch.Tensor]:
+    """Every PNG / JPEG of ``folder`` in name order, as N x 3 x size x size in [-1, 1]."""
+    from PIL import Image, UnidentifiedImageError
+
+    if not folder.is_dir():
+        raise SystemExit(f"--images: {folder} is not a folder")
+    files = sorted(f for f in folder.iterdir() if f.suffix.lower() in (".png", ".jpg", ".jpeg"))
+    if not files:
+        raise SystemExit(f"--images: {folder} holds no PNG or JPEG image")
+    images = []
+    for f in files:
+        try:
+            image = Image.open(f).convert("RGB")
+        except (UnidentifiedImageError, OSError) as e:
+            raise SystemExit(f"--images: {f} is not a readable image ({e})") from None
+        if image.size != (size, size):
+            image = image.resize((size, size), Image.Resampling.BICUBIC)
+        images.append(torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1))
+    return files, torch.stack(images).float() / 127.5 - 1
 
 
 def evaluation_split(cfg: Config, root: Path) -> TextImageDataset:
@@ -92,56 +230,54 @@ def evaluate(
     root: str | Path,
     num_images: int,
     *,
-    fid: bool = True,
-    fid_stats: str | Path | None = None,
+    protocol: str = "clean",
+    image_metrics_on: bool = True,
+    features_file: str | Path | None = None,
+    inception_weights: str | os.PathLike | None = None,
     is_classifier: str | Path | None = None,
+    save_images: str | Path | None = None,
     seed: int = 0,
     batch_size: int = 32,
     progress: bool = True,
 ) -> dict[str, Any]:
-    """Every metric this data supports; see the module docstring."""
-    root = Path(root)
+    """Every metric this data supports for ``num_images`` images of ``pipe``; see the module
+    docstring. ``image_metrics_on=False`` skips FID / KID / precision and recall."""
+    root, chosen = Path(root), PROTOCOLS[protocol]
     started = time.perf_counter()
     dataset = evaluation_split(pipe.cfg, root)
     owners, captions = caption_plan(dataset, num_images, seed)
-    results: dict[str, Any] = {"num_images": num_images, "image_size": pipe.cfg.model.image_sizes[-1]}
+    size = pipe.cfg.model.image_sizes[-1]
+    results: dict[str, Any] = {"num_images": num_images, "image_size": size}
 
-    fid_metric = None
-    if fid:
-        fid_metric = metrics.fid_metric(device=pipe.device)
-        stats = (
-            Path(fid_stats) if fid_stats else root / f"fid_stats_test_{pipe.cfg.model.image_sizes[-1]}.npz"
+    network, real, features_path = None, None, None
+    if image_metrics_on:
+        network = feature_network(chosen, inception_weights).to(pipe.device)
+        features_path = (
+            Path(features_file) if features_file else root / f"features_{chosen.network}_test_{size}.npz"
         )
-        if stats.is_file():
-            results["fid_reference_images"] = metrics.load_reference_stats(fid_metric, stats)
-        else:
-            for chunk in tqdm(
-                torch.arange(len(dataset)).split(batch_size), desc="FID real", disable=not progress
-            ):
-                fid_metric.update(real_images(dataset, chunk.tolist()).to(pipe.device), real=True)
-            metrics.save_reference_stats(fid_metric, stats)
-            results["fid_reference_images"] = len(dataset)
-        results["fid_reference_stats"] = str(stats)
+        real = real_features(dataset, network, features_path, batch_size, progress)
+    results["protocol"] = protocol_record(chosen, num_images, features_path)
     classifier = metrics.load_classifier(is_classifier).to(pipe.device) if is_classifier else None
 
-    image_codes, probs, last_images = [], [], []
-    keep_images = is_shapes_dataset(root)  # caption accuracy (shapes); 30k x 256² would not fit
+    image_codes, probs, fake, last_images = [], [], [], []
+    keep_images = is_shapes_dataset(root) or save_images is not None  # 30k x 256² would not fit otherwise
     for start in tqdm(range(0, num_images, batch_size), desc="generate", disable=not progress):
         stages, _ = pipe.generate(
             captions[start : start + batch_size], seed=seed * 1_000_003 + start, batch_size=batch_size
         )
-        images = stages[-1]
+        images = quantized(stages[-1])  # what a saved image holds: a folder of them scores the same
         with torch.no_grad():
             image_codes.append(pipe.image_encoder(images.to(pipe.device))[1].float().cpu())
-        if fid_metric is not None:
-            fid_metric.update(images.to(pipe.device), real=False)
+        if network is not None:
+            fake.append(features_of(network, images, batch_size))
         if classifier is not None:
             probs.append(metrics.classifier_probs(classifier, images))
         if keep_images:
             last_images.append(images)
 
-    if fid_metric is not None:
-        results["fid"] = float(fid_metric.compute())
+    if real is not None:
+        results.update(image_metrics(real, torch.cat(fake), seed))
+        results["real_images"] = len(real)
     if classifier is not None:
         mean, std = metrics.inception_score(torch.cat(probs))
         results["inception_score"] = {"mean": mean, "std": std, "classifier": str(is_classifier)}
@@ -149,6 +285,9 @@ def evaluate(
         results["inception_score"] = (
             "not computed: pass --is-classifier (2015 Inception or the CUB fine-tuned one)"
         )
+    if save_images is not None:
+        save_images_as_files(torch.cat(last_images), captions.texts, Path(save_images))
+        results["saved_images"] = str(save_images)
 
     generator = torch.Generator().manual_seed(seed)
     codes = all_sentence_codes(pipe, dataset)
@@ -156,15 +295,23 @@ def evaluate(
     if len(set(dataset.class_ids)) > 1:
         mismatched = mismatched_codes(codes, owners, dataset.class_ids, 99, generator)
         mean, std = metrics.r_precision(torch.cat(image_codes), true_codes, mismatched, generator=generator)
-        results["r_precision"] = {"mean": mean, "std": std, "candidates": 100, "folds": 10}
+        results["r_precision"] = {
+            "mean": mean,
+            "std": std,
+            "candidates": 100,
+            "folds": 10,
+            "protocol": "the checkpoint's DAMSM encoders: each image's global code against its caption and "
+            "99 captions of test images of other classes, cosine, top-1; 10 folds",
+        }
 
-    if keep_images:
+    if is_shapes_dataset(root):
         from dmgan.attributes import load_attributes
 
         attributes, real_test = load_attributes(root), real_images(dataset)
+        generated = torch.cat(last_images)
         results.update(
             caption_accuracy(
-                pipe.cfg, dataset, attributes, real_test, owners, captions.texts, torch.cat(last_images), seed
+                pipe.cfg, dataset, attributes, real_test, owners, captions.texts, generated, seed
             )
         )
         with torch.no_grad():
@@ -177,6 +324,43 @@ def evaluate(
         results["damsm_attribute_retrieval_on_generated_images"] = damsm_attribute_retrieval(
             pipe, torch.cat(image_codes), [attributes[dataset.keys[i]] for i in owners]
         )
+    results["seconds"] = round(time.perf_counter() - started, 1)
+    return results
+
+
+def evaluate_images(
+    folder: str | Path,
+    cfg: Config,
+    root: str | Path,
+    *,
+    protocol: str = "clean",
+    features_file: str | Path | None = None,
+    inception_weights: str | os.PathLike | None = None,
+    is_classifier: str | Path | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The image metrics of a folder of images (any model's) against ``root``'s real test images,
+    under the same protocol as :func:`evaluate`."""
+    root, chosen = Path(root), PROTOCOLS[protocol]
+    started = time.perf_counter()
+    size = cfg.model.image_sizes[-1]
+    files, images = folder_images(Path(folder), size)
+    network = feature_network(chosen, inception_weights).to(device)
+    features_path = (
+        Path(features_file) if features_file else root / f"features_{chosen.network}_test_{size}.npz"
+    )
+    real = real_features(evaluation_split(cfg, root), network, features_path, batch_size, progress)
+    results: dict[str, Any] = {"images_folder": str(folder), "num_images": len(files), "image_size": size}
+    results["protocol"] = protocol_record(chosen, len(files), features_path)
+    results.update(image_metrics(real, features_of(network, images, batch_size), seed))
+    results["real_images"] = len(real)
+    if is_classifier:
+        classifier = metrics.load_classifier(is_classifier).to(device)
+        mean, std = metrics.inception_score(metrics.classifier_probs(classifier, images))
+        results["inception_score"] = {"mean": mean, "std": std, "classifier": str(is_classifier)}
     results["seconds"] = round(time.perf_counter() - started, 1)
     return results
 
@@ -264,56 +448,100 @@ def file_sha256(path: str | Path) -> str:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("checkpoint", help="training checkpoint (runs/<preset>/checkpoints/latest.pt)")
+    p.add_argument("checkpoint", nargs="?", help="training checkpoint (runs/<preset>/checkpoints/latest.pt)")
+    p.add_argument(
+        "--images", type=Path, default=None, help="score this folder of images instead of a checkpoint"
+    )
     p.add_argument(
         "--data-dir", default=None, help="dataset folder (default: the one the checkpoint was trained on)"
     )
     p.add_argument(
-        "--num-images", type=int, default=2000, help="images to generate (30000 for the paper protocol)"
+        "--preset", default=None, help="with --images and no checkpoint: the preset (its image size)"
     )
-    p.add_argument("--no-fid", action="store_true", help="skip FID")
     p.add_argument(
-        "--fid-stats", default=None, help="real-image FID statistics (.npz; computed once when missing)"
+        "--protocol", default="clean", choices=sorted(PROTOCOLS), help="how the image metrics are computed"
+    )
+    p.add_argument(
+        "--num-images", type=int, default=None, help="images to generate (default: the protocol's, else 2000)"
+    )
+    p.add_argument(
+        "--no-fid", action="store_true", help="skip the image metrics (FID, KID, precision / recall)"
+    )
+    p.add_argument(
+        "--real-features", default=None, help="real-image features (.npz; computed once when missing)"
+    )
+    p.add_argument(
+        "--inception-weights", default=None, help="torchvision Inception-v3 weights (--protocol dmgan-paper)"
     )
     p.add_argument(
         "--is-classifier", default=None, help="IS classifier: TorchScript or Inception-v3 state dict"
     )
+    p.add_argument(
+        "--save-images", type=Path, default=None, help="also write the generated images and captions.txt"
+    )
     p.add_argument("--weights", default="ema", choices=["ema", "raw"])
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--seed", type=int, default=0, help="random seed")
-    p.add_argument("--out", default=None, help="JSON file (default: next to the checkpoint)")
+    p.add_argument(
+        "--out", default=None, help="JSON file (default: next to the checkpoint, or in the folder)"
+    )
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     return p
 
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    if args.num_images < 10:
-        raise SystemExit("--num-images must be at least 10 (R-precision and IS use 10 folds)")
-    pipe = TextToImage.load(args.checkpoint, args.device, args.weights)
+    chosen = PROTOCOLS[args.protocol]
+    if chosen.num_images is not None and args.num_images not in (None, chosen.num_images):
+        raise SystemExit(f"--protocol {chosen.name} fixes {chosen.num_images} images; leave out --num-images")
+    num_images = chosen.num_images or args.num_images or 2000
+    if args.checkpoint is None and args.images is None:
+        raise SystemExit("evaluate needs a checkpoint, or --images with a folder to score")
     from dmgan import checkpoint
+    from dmgan.config import get_preset
 
-    data_dir = args.data_dir or checkpoint.load(args.checkpoint).get("data_dir")
-    if data_dir is None:
-        data_dir = default_root()
-    results = evaluate(
-        pipe,
-        data_dir,
-        args.num_images,
-        fid=not args.no_fid,
-        fid_stats=args.fid_stats,
+    common = dict(
+        protocol=args.protocol,
+        features_file=args.real_features,
+        inception_weights=args.inception_weights,
         is_classifier=args.is_classifier,
         seed=args.seed,
         batch_size=args.batch_size,
     )
+    if args.images is not None:
+        if args.checkpoint is not None:
+            pipe = TextToImage.load(args.checkpoint, "cpu", args.weights)
+            cfg, data_dir = pipe.cfg, args.data_dir or pipe.data_dir
+        elif args.preset is None or args.data_dir is None:
+            raise SystemExit("--images without a checkpoint needs --preset and --data-dir")
+        else:
+            cfg, data_dir = get_preset(args.preset), args.data_dir
+        results = evaluate_images(args.images, cfg, data_dir, device=args.device, **common)
+        settings_source, out = str(args.images), Path(args.out or args.images / "evaluation.json")
+    else:
+        if num_images < 10:
+            raise SystemExit("--num-images must be at least 10 (R-precision and IS use 10 folds)")
+        pipe = TextToImage.load(args.checkpoint, args.device, args.weights)
+        data_dir = args.data_dir or checkpoint.load(args.checkpoint).get("data_dir") or default_root()
+        results = evaluate(
+            pipe,
+            data_dir,
+            num_images,
+            image_metrics_on=not args.no_fid,
+            save_images=args.save_images,
+            **common,
+        )
+        settings_source = str(args.checkpoint)
+        out = Path(args.out) if args.out else Path(args.checkpoint).with_name("evaluation.json")
     report = {
         "metrics": results,
-        "checkpoint": str(args.checkpoint),
-        "checkpoint_sha256": file_sha256(args.checkpoint),
-        "settings": {k: v for k, v in vars(args).items() if k != "checkpoint"} | {"data_dir": str(data_dir)},
+        "source": settings_source,
+        "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+        | {"data_dir": str(data_dir), "num_images": results["num_images"]},
         "torch": torch.__version__,
     }
-    out = Path(args.out) if args.out else Path(args.checkpoint).with_name("evaluation.json")
+    if args.checkpoint is not None:
+        report["checkpoint"], report["checkpoint_sha256"] = str(args.checkpoint), file_sha256(args.checkpoint)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(results, indent=2))
     print(f"wrote {out}")

