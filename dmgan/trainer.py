@@ -568,11 +568,13 @@ def train_gan(run: Run, root: Path) -> GAN:
     )
     ckpt_path = run.out / "checkpoints" / "latest.pt"
     step = position = 0  # G updates; batches drawn (a skipped step draws a batch, updates nothing)
+    best: dict[str, Any] = {"fid": None, "step": None}  # of the evaluations while training
     if opts.resume and ckpt_path.is_file():
         state = checkpoint.load(ckpt_path)
         gan.load_state_dict(state["gan"])
         set_rng_state(state["rng"])
         step, position = state["step"], state["position"]
+        best = state.get("best", best)
         if rt.is_main:
             print(f"resumed from {ckpt_path} at step {step}", flush=True)
     elif opts.stage == "eval":
@@ -582,7 +584,7 @@ def train_gan(run: Run, root: Path) -> GAN:
     if rt.rank > 0:  # every rank its own noise (a resumed rank got rank 0's RNG state)
         torch.manual_seed(opts.seed + 1000 * step + rt.rank)
 
-    def save_checkpoint() -> None:
+    def save_checkpoint(path: Path = ckpt_path) -> None:
         state = gan.state_dict()
         if not checkpoint.all_finite(state):
             raise SystemExit("refusing to write a checkpoint: the weights hold NaN/Inf")
@@ -598,8 +600,9 @@ def train_gan(run: Run, root: Path) -> GAN:
                 "data_dir": str(root.resolve()),
                 "text_encoder": gan.text_encoder.state_dict(),
                 "image_encoder": gan.image_encoder.state_dict(),
+                "best": best,
             },
-            ckpt_path,
+            path,
         )
 
     per_epoch = loader.sampler.batches_per_epoch  # type: ignore[union-attr]
@@ -650,6 +653,12 @@ def train_gan(run: Run, root: Path) -> GAN:
                 extra = {"skipped_steps": skipped_steps, "skipped_images": skipped_images}
                 log.write("gan", step, {**means, **extra})
             stopping = rt.any_true(bool(stop))
+            if rt.is_main and opts.eval_every and step % opts.eval_every == 0:
+                scores = evaluate_while_training(run, root, gan, dataset.vocab)
+                log.write("eval", step, scores)
+                if best["fid"] is None or scores["fid"] < best["fid"]:
+                    best = {"fid": scores["fid"], "step": step}
+                    save_checkpoint(ckpt_path.with_name("best.pt"))
             if rt.is_main and (at_end or stopping or step % opts.checkpoint_every == 0):
                 save_checkpoint()
             if rt.is_main and (at_end or step % opts.sample_every == 0):
@@ -687,6 +696,24 @@ def short_evaluation(run: Run, root: Path, gan: GAN) -> dict[str, Any]:
     return evaluate(
         gan.pipeline(test.vocab), root, len(test), image_metrics_on=False, seed=opts.seed, progress=False
     )
+
+
+def evaluate_while_training(run: Run, root: Path, gan: GAN, vocab: Vocabulary) -> dict[str, float]:
+    """FID (and KID, precision, recall) on a fixed sample of ``eval_images`` images (the same
+    captions and noise every time, the clean protocol), R-precision, and on the shapes data the
+    caption accuracy of each attribute: the numbers logged as stage "eval"."""
+    from dmgan.evaluate import evaluate
+
+    results = evaluate(
+        gan.pipeline(vocab), root, run.options.eval_images, seed=run.options.seed, progress=False
+    )
+    scores = {"fid": results["fid"], "kid": results["kid"]["mean"]}
+    scores |= {k: results[k] for k in ("precision", "recall", "density", "coverage")}
+    if "r_precision" in results:
+        scores["r_precision"] = results["r_precision"]["mean"]
+    for name, value in results.get("caption_accuracy", {}).items():
+        scores[f"caption_accuracy_{name}"] = value["accuracy"]
+    return scores
 
 
 # --------------------------------------------------------------------------------------------

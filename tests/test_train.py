@@ -247,3 +247,13 @@ def test_a_compiled_step_equals_an_eager_step(monkeypatch):
     captions = Captions.from_pairs([(batch.captions[i], int(batch.cap_lens[i])) for i in range(2)], vocab)
     stages, _ = compiled.pipeline(vocab).generate(captions, seed=0)  # sampling from a compiled G
     assert all(torch.isfinite(s).all() for s in stages)
+
+
+def test_evaluation_while_training_is_on_for_the_paper_presets_and_off_for_shapes():
+    from dmgan.run import RunOptions
+
+    cpu = torch.device("cpu")
+    assert RunOptions(preset="bird").resolved(cpu).eval_every == 5000
+    assert RunOptions(preset="coco").resolved(cpu).eval_every == 5000
+    assert RunOptions(preset="shapes").resolved(cpu).eval_every is None
+    assert RunOptions(preset="shapes", eval_every=100).resolved(cpu).eval_every == 100

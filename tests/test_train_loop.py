@@ -335,3 +335,26 @@ def test_accumulate_trains_with_micro_batches_and_refuses_a_size_that_does_not_d
     assert json.loads((tmp_path / "two" / "config.json").read_text())["options"]["accumulate"] == 2
     with pytest.raises(SystemExit, match="--accumulate 3 must divide the batch size 4"):
         run(gan_args(data_dir, tmp_path / "three", encoders, "--accumulate", "3", "--max-steps", "1"))
+
+
+def test_eval_every_logs_the_metrics_keeps_the_best_fid_and_resume_keeps_it(tmp_path):
+    """--eval-every: FID, KID, precision / recall, R-precision and caption accuracy in
+    metrics.jsonl; best.pt holds the weights of the lowest FID so far, and a resumed run goes on
+    from that best instead of forgetting it."""
+    data = shapes_data.generate(tmp_path / "data", num_train=32, num_test=10, seed=3)
+    base = ["--data-dir", str(data), "--out", str(tmp_path / "run"), "--set", "train.encoder_max_epoch=1",
+            *TINY, "--eval-every", "2", "--eval-images", "10"]  # fmt: skip
+    run([*base, "--max-steps", "4"])
+    evals = metrics(tmp_path / "run", stage="eval")
+    assert [r["step"] for r in evals] == [2, 4]
+    assert all(r["fid"] > 0 and 0 <= r["precision"] <= 1 and "caption_accuracy_colour" in r for r in evals)
+    latest = checkpoint.load(tmp_path / "run" / "checkpoints" / "latest.pt")
+    best_fid = min(r["fid"] for r in evals)
+    assert latest["best"] == {"fid": best_fid, "step": next(r["step"] for r in evals if r["fid"] == best_fid)}
+    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")["step"] == latest["best"]["step"]
+    run([*base, "--max-steps", "6", "--resume", "--stage", "gan"])
+    evals = metrics(tmp_path / "run", stage="eval")
+    assert [r["step"] for r in evals] == [2, 4, 6]
+    resumed = checkpoint.load(tmp_path / "run" / "checkpoints" / "latest.pt")["best"]
+    assert resumed["fid"] == min(r["fid"] for r in evals)  # the best across both runs
+    assert checkpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")["step"] == resumed["step"]
