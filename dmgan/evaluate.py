@@ -497,7 +497,6 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     num_images = chosen.num_images or args.num_images or 2000
     if args.checkpoint is None and args.images is None:
         raise SystemExit("evaluate needs a checkpoint, or --images with a folder to score")
-    from dmgan import checkpoint
     from dmgan.config import get_preset
 
     common = dict(
@@ -522,7 +521,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         if num_images < 10:
             raise SystemExit("--num-images must be at least 10 (R-precision and IS use 10 folds)")
         pipe = TextToImage.load(args.checkpoint, args.device, args.weights)
-        data_dir = args.data_dir or checkpoint.load(args.checkpoint).get("data_dir") or default_root()
+        data_dir = args.data_dir or pipe.data_dir or default_root()
         results = evaluate(
             pipe,
             data_dir,
@@ -540,7 +539,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         | {"data_dir": str(data_dir), "num_images": results["num_images"]},
         "torch": torch.__version__,
     }
-    if args.checkpoint is not None:
+    if args.checkpoint is not None and Path(args.checkpoint).is_file():
         report["checkpoint"], report["checkpoint_sha256"] = str(args.checkpoint), file_sha256(args.checkpoint)
     out.write_text(json.dumps(report, indent=2) + "\n")
     print(json.dumps(results, indent=2))

@@ -73,17 +73,26 @@ class TextToImage:
     def load(
         cls, path: str | os.PathLike, device: str | torch.device = "cpu", weights: str = "ema"
     ) -> TextToImage:
-        """``weights``: "ema" (the averaged generator, what the reference samples with) or "raw"."""
+        """A training checkpoint, a converted reference model (both ``.pt``) or an exported model
+        folder. ``weights``: "ema" (the averaged generator, what the reference samples with) or
+        "raw" (the same for converted and exported models, which hold only one)."""
         if weights not in ("ema", "raw"):
             raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-        state = checkpoint.load(path)
+        if os.path.isdir(path):  # an exported model (python -m dmgan.convert export)
+            from dmgan.convert import read_export
+
+            state = read_export(path)
+        else:
+            state = checkpoint.load(path)
         missing = {"config", "gan", "text_encoder", "image_encoder", "vocab"} - state.keys()
         if missing:
             raise ValueError(f"{path} is not a dmgan training checkpoint (missing {sorted(missing)})")
         cfg = config_from_dict(state["config"])
         netG = G_NET(cfg.model)
         netG.load_state_dict(state["gan"]["netG"])
-        if weights == "ema":
+        if (
+            weights == "ema" and "ema" in state["gan"]
+        ):  # converted and exported models hold the average already
             ema = ParameterEMA(netG)
             ema.load_state_dict(state["gan"]["ema"])
             ema.copy_to(netG)

@@ -1,0 +1,258 @@
+"""Bring the reference's released models into dmgan, and share a dmgan model without pickles.
+
+    python -m dmgan.convert reference --preset bird --netG netG_epoch_600.pth \\
+        --text-encoder text_encoder200.pth --image-encoder image_encoder200.pth \\
+        --captions data/birds/captions.pickle --data-dir data/birds --out bird_dmgan.pt
+    python -m dmgan.convert export runs/shapes/checkpoints/latest.pt shapes_model/
+
+``reference`` writes one self-contained dmgan checkpoint (the preset's configuration with the
+reference's padding mask, ``legacy_mask=True``, the generator, the DAMSM encoders and the
+vocabulary) that ``dmgan.sample``, ``dmgan.evaluate`` and ``dmgan.demo`` take. It reads files saved
+by the reference's PyTorch 0.4 / Python 2 code: protocol-2 pickles, ``module.`` prefixes left by
+DataParallel, batch norms without ``num_batches_tracked``. A file that is not what it claims (another
+network, another vocabulary size, a discriminator in place of the generator) is refused with an
+error that names the file, what was expected and what was found.
+
+``export`` writes a trained run as a sampling-only model in the format weights are shared in: a
+folder of ``model.safetensors`` (the EMA generator and the encoders), ``config.json`` and
+``vocab.json``, which the same commands load.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import io
+import json
+import pickle
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from dmgan import checkpoint
+from dmgan.config import PRESETS, HelpFormatter, get_preset, override
+from dmgan.models import G_NET, build_discriminators, build_image_encoder, build_text_encoder
+
+SAFETENSORS = "model.safetensors"
+
+
+class _PlainData(pickle.Unpickler):
+    """Unpickles lists, dicts, strings and numbers only: a captions file needs nothing else."""
+
+    def find_class(self, module: str, name: str) -> Any:
+        raise pickle.UnpicklingError(
+            f"refusing to load {module}.{name}: a captions file holds plain data only"
+        )
+
+
+def read_vocabulary(path: str | Path) -> list[str]:
+    """The words of a reference ``captions.pickle`` ([train captions, test captions, ixtoword,
+    wordtoix], protocol 2), by index."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"captions file not found: {path}")
+    try:
+        data = _PlainData(io.BytesIO(path.read_bytes()), encoding="latin1").load()
+    except Exception as e:
+        raise ValueError(f"{path}: not a captions.pickle ({type(e).__name__}: {e})") from None
+    if not (isinstance(data, list | tuple) and len(data) == 4 and isinstance(data[2], dict)):
+        raise ValueError(
+            f"{path}: expected [train_captions, test_captions, ixtoword, wordtoix], found {type(data).__name__}"
+        )
+    ixtoword = {int(k): v for k, v in data[2].items()}
+    if sorted(ixtoword) != list(range(len(ixtoword))):
+        raise ValueError(f"{path}: ixtoword does not map 0..{len(ixtoword) - 1} to words")
+    return [ixtoword[i] for i in range(len(ixtoword))]
+
+
+def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
+    """A state dict as the reference saved it, with DataParallel's ``module.`` prefixes removed."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"{what} not found: {path}")
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # legacy format and protocol 2 too
+    except Exception as e:
+        raise ValueError(
+            f"{path}: not a PyTorch state dict ({type(e).__name__}: {str(e).splitlines()[0]})"
+        ) from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise ValueError(
+            f"{path}: expected the state dict of the {what}, found a {type(state).__name__} of other things"
+        )
+    return {k.removeprefix("module."): v for k, v in state.items()}
+
+
+def _load_checked(
+    module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, what: str, hint: str = ""
+) -> None:
+    """Load ``state`` into ``module``, or say which keys or shapes do not fit."""
+    expected = module.state_dict()
+    wanted = {k for k in expected if not k.endswith("num_batches_tracked")}  # PyTorch 0.4 had none
+    missing, unexpected = sorted(wanted - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: expected the {what}; {len(missing)} of its keys are missing (e.g. {missing[:3]}) and "
+            f"{len(unexpected)} keys are not its (e.g. {unexpected[:3]}){hint}"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(
+                f"{path}: expected the {what}, but {key} has shape {tuple(value.shape)}, "
+                f"not {tuple(expected[key].shape)}"
+            )
+    module.load_state_dict(state, strict=False)  # num_batches_tracked: fresh where it is absent
+
+
+def convert_reference(
+    preset: str,
+    netG: str | Path,
+    text_encoder: str | Path,
+    image_encoder: str | Path,
+    captions: str | Path,
+    out: str | Path,
+    data_dir: str | Path | None = None,
+) -> Path:
+    """One dmgan checkpoint from the reference's released files (see the module docstring)."""
+    cfg = override(get_preset(preset), **{"model.legacy_mask": True})
+    vocab = read_vocabulary(captions)
+    generator = G_NET(cfg.model)
+    g_state = read_state_dict(netG, "generator (netG)")
+    d_keys = {k for d in build_discriminators(cfg.model) for k in d.state_dict()}
+    hint = " - it looks like a discriminator (netD), not a generator" if g_state.keys() <= d_keys else ""
+    _load_checked(generator, g_state, netG, f"DM-GAN generator of the {preset} preset", hint)
+    text = build_text_encoder(cfg.model, len(vocab))
+    t_state = read_state_dict(text_encoder, "DAMSM text encoder")
+    rows = t_state.get("encoder.weight")
+    if rows is not None and rows.shape[0] != len(vocab):
+        raise ValueError(
+            f"{text_encoder}: the text encoder was trained with {rows.shape[0]} words, "
+            f"{captions} has {len(vocab)}: they are not from the same dataset"
+        )
+    _load_checked(text, t_state, text_encoder, f"DAMSM text encoder of the {preset} preset")
+    image = build_image_encoder(cfg.model.image_encoder, cfg.model.embedding_dim)
+    _load_checked(
+        image,
+        read_state_dict(image_encoder, "DAMSM image encoder"),
+        image_encoder,
+        f"DAMSM image encoder of the {preset} preset",
+    )
+    state = {
+        "config": dataclasses.asdict(cfg),
+        "gan": {"netG": generator.state_dict()},  # the released G holds the averaged weights
+        "text_encoder": text.state_dict(),
+        "image_encoder": image.state_dict(),
+        "vocab": vocab,
+        "converted_from": {
+            "netG": str(netG),
+            "text_encoder": str(text_encoder),
+            "image_encoder": str(image_encoder),
+            "captions": str(captions),
+        },
+    }
+    if data_dir is not None:
+        state["data_dir"] = str(Path(data_dir).resolve())
+    return checkpoint.save(state, out)
+
+
+def export(source: str | Path, folder: str | Path, weights: str = "ema") -> Path:
+    """A trained run (or any checkpoint dmgan loads) as model.safetensors + config.json + vocab.json."""
+    from safetensors.torch import save_file
+
+    from dmgan.pipeline import TextToImage
+
+    pipe = TextToImage.load(source, "cpu", weights)
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    tensors = {
+        f"{name}.{key}": value.contiguous()
+        for name, module in (
+            ("netG", pipe.netG),
+            ("text_encoder", pipe.text_encoder),
+            ("image_encoder", pipe.image_encoder),
+        )
+        for key, value in module.state_dict().items()
+    }
+    save_file(tensors, str(folder / SAFETENSORS))
+    info = {"format": "dmgan sampling model", "weights": weights, "config": dataclasses.asdict(pipe.cfg)}
+    if pipe.data_dir is not None:
+        info["data_dir"] = pipe.data_dir
+    (folder / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+    (folder / "vocab.json").write_text(
+        json.dumps([pipe.vocab.ixtoword[i] for i in range(len(pipe.vocab))]) + "\n"
+    )
+    return folder
+
+
+def read_export(folder: str | Path) -> dict[str, Any]:
+    """An exported folder as the checkpoint dictionary :meth:`TextToImage.load` reads."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in (SAFETENSORS, "config.json", "vocab.json"):
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not an exported dmgan model: {name} is missing")
+    info = json.loads((folder / "config.json").read_text())
+    tensors = load_file(str(folder / SAFETENSORS))
+    parts: dict[str, dict[str, torch.Tensor]] = {"netG": {}, "text_encoder": {}, "image_encoder": {}}
+    for key, value in tensors.items():
+        name, _, rest = key.partition(".")
+        parts[name][rest] = value
+    state = {
+        "config": info["config"],
+        "gan": {"netG": parts["netG"]},
+        "text_encoder": parts["text_encoder"],
+        "image_encoder": parts["image_encoder"],
+        "vocab": json.loads((folder / "vocab.json").read_text()),
+    }
+    if "data_dir" in info:
+        state["data_dir"] = info["data_dir"]
+    return state
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+    ref = sub.add_parser("reference", help="the reference's released files -> one dmgan checkpoint")
+    ref.add_argument(
+        "--preset", required=True, choices=sorted(PRESETS), help="the model the files are (bird, coco)"
+    )
+    ref.add_argument("--netG", required=True, help="netG_epoch_*.pth")
+    ref.add_argument("--text-encoder", required=True, help="text_encoder*.pth (DAMSM)")
+    ref.add_argument("--image-encoder", required=True, help="image_encoder*.pth (DAMSM)")
+    ref.add_argument("--captions", required=True, help="the dataset's captions.pickle (its vocabulary)")
+    ref.add_argument("--data-dir", default=None, help="the dataset folder, for evaluation and examples")
+    ref.add_argument("--out", required=True, help="the dmgan checkpoint to write")
+    exp = sub.add_parser("export", help="a dmgan checkpoint -> safetensors + config.json + vocab.json")
+    exp.add_argument("checkpoint")
+    exp.add_argument("folder")
+    exp.add_argument("--weights", default="ema", choices=["ema", "raw"])
+    return p
+
+
+def main(argv: Sequence[str] | None = None) -> Path:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.command == "reference":
+            written = convert_reference(
+                args.preset,
+                args.netG,
+                args.text_encoder,
+                args.image_encoder,
+                args.captions,
+                args.out,
+                args.data_dir,
+            )
+        else:
+            written = export(args.checkpoint, args.folder, args.weights)
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"dmgan.convert: {e}") from None
+    print(f"wrote {written}")
+    return written
+
+
+if __name__ == "__main__":
+    main()
