@@ -8,25 +8,12 @@ import torch
 
 from dmgan import ops
 from dmgan.ops import reference
+from dmgan.ops.library import write_argument_shapes
 from tests.conftest import random_pad_mask
 
 
 def make_write_inputs(batch=3, nw=12, nr=8, num_words=5, dtype=torch.float32, requires_grad=False):
-    nm = 2 * nr
-    shapes = dict(
-        words=(batch, nw, num_words),
-        rbar=(batch, nr),
-        A=(1, nw),
-        B=(1, nr),
-        M_w=(nm, nw, 1),
-        M_w_b=(nm,),
-        M_r=(nm, nr, 1),
-        M_r_b=(nm,),
-        key_w=(nr, nm, 1),
-        key_b=(nr,),
-        value_w=(nr, nm, 1),
-        value_b=(nr,),
-    )
+    shapes = write_argument_shapes(batch, nw, nr, num_words)
     return {k: (torch.randn(s, dtype=dtype) * 0.5).requires_grad_(requires_grad) for k, s in shapes.items()}
 
 

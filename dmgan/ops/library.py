@@ -29,6 +29,19 @@ MAX_WORDS = 64  # words per caption the GPU kernels take (their word blocks are 
 KERNEL_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # what the GPU kernels compute from
 
 
+def write_argument_shapes(
+    batch: int, word_dim: int, channels: int, num_words: int
+) -> dict[str, tuple[int, ...]]:
+    """memory_write's arguments and their shapes, in order: words B x N_w x T, r̄ B x N_r, and the
+    stage's layer weights (N_m = 2 N_r)."""
+    nw, nr, nm = word_dim, channels, 2 * channels
+    return {
+        "words": (batch, nw, num_words), "rbar": (batch, nr), "A": (1, nw), "B": (1, nr),
+        "M_w": (nm, nw, 1), "M_w_b": (nm,), "M_r": (nm, nr, 1), "M_r_b": (nm,),
+        "key_w": (nr, nm, 1), "key_b": (nr,), "value_w": (nr, nm, 1), "value_b": (nr,),
+    }  # fmt: skip
+
+
 @dataclass(frozen=True)
 class OpInput:
     """One call of a memory op as the kernels will see it (after autocast)."""

@@ -23,6 +23,7 @@ import torch
 from torch import Tensor
 
 from dmgan import ops
+from dmgan.ops.library import write_argument_shapes
 
 # Normwise tolerances: |a - b| <= tol * (|b| + max|b| + 1e-3) elementwise. The small absolute
 # floor covers gradients that are zero in exact arithmetic (T = 1: the softmax gradient vanishes),
@@ -83,20 +84,7 @@ def read_case(shape: ReadShape, dtype: torch.dtype = torch.float32, device: str 
 def write_case(shape: WriteShape, dtype: torch.dtype = torch.float32, device: str = "cpu") -> dict:
     nw, nr, nm = shape.word_dim, shape.channels, 2 * shape.channels
     g = torch.Generator().manual_seed(zlib.crc32(str(shape).encode()))
-    sizes = dict(
-        words=(shape.batch, nw, shape.num_words),
-        rbar=(shape.batch, nr),
-        A=(1, nw),
-        B=(1, nr),
-        M_w=(nm, nw, 1),
-        M_w_b=(nm,),
-        M_r=(nm, nr, 1),
-        M_r_b=(nm,),
-        key_w=(nr, nm, 1),
-        key_b=(nr,),
-        value_w=(nr, nm, 1),
-        value_b=(nr,),
-    )
+    sizes = write_argument_shapes(shape.batch, nw, nr, shape.num_words)
     fan_in = dict(A=nw, B=nr, M_w=nw, M_r=nr, key_w=nm, value_w=nm)
     return {
         name: (torch.randn(size, generator=g) / fan_in.get(name, 1) ** 0.5).to(device=device, dtype=dtype)
