@@ -45,7 +45,30 @@ inline at::Tensor new_output(at::IntArrayRef sizes, const at::TensorOptions& opt
   return at::empty(sizes, options);
 }
 
-inline at::Tensor new_output_like(const at::Tensor& t) { return new_output(t.sizes(), t.options()); }
+// Like new_output, with t's shape, dtype, device and memory layout (an image's r' and gradient keep
+// the image's layout).
+inline at::Tensor new_output_like(const at::Tensor& t) {
+  at::Tensor out = at::empty_like(t);
+  const char* poison = std::getenv("DMGAN_POISON_OUTPUTS");
+  if (poison != nullptr && std::strcmp(poison, "1") == 0) out.fill_(std::numeric_limits<double>::quiet_NaN());
+  return out;
+}
+
+// Images (img, r', grad_out, the image gradient) are dense in either layout: contiguous
+// (B x C x H x W) or channels-last (B x H x W x C in memory). Element (b, c, n) of a B x C x N view,
+// n = h W + w, lies at b C N + c channel + n pixel. A tensor that is both (one channel or one pixel)
+// counts as contiguous, as in dmgan/ops/library.py.
+struct PixelStrides {
+  int64_t channel, pixel;
+};
+
+inline bool is_channels_last(const at::Tensor& img) {
+  return !img.is_contiguous() && img.is_contiguous(at::MemoryFormat::ChannelsLast);
+}
+
+inline PixelStrides pixel_strides(const at::Tensor& img) {
+  return is_channels_last(img) ? PixelStrides{1, img.size(1)} : PixelStrides{img.size(2) * img.size(3), 1};
+}
 
 // Shapes every implementation checks before launching: named errors instead of crashes.
 inline void check_write_inputs(const at::Tensor& words, const at::Tensor& rbar, at::TensorList weights) {
@@ -90,10 +113,11 @@ inline void check_read_inputs(const at::Tensor& img, const at::Tensor& keys, con
     TORCH_CHECK(t.scalar_type() == img.scalar_type(), "memory_read: every float input must be ",
                 img.scalar_type(), ", got ", t.scalar_type());
   }
-  for (const auto& t : {img, keys, values, pad_mask, gate_w, gate_b}) {
+  TORCH_CHECK(img.is_contiguous() || is_channels_last(img), "memory_read: img must be contiguous or channels-last");
+  for (const auto& t : {keys, values, pad_mask, gate_w, gate_b}) {
     TORCH_CHECK(t.device() == img.device(), "memory_read: every input must be on ", img.device(), ", got ",
                 t.device());
-    TORCH_CHECK(t.is_contiguous(), "memory_read: every input must be contiguous");
+    TORCH_CHECK(t.is_contiguous(), "memory_read: keys, values, pad_mask and the gate must be contiguous");
   }
 }
 
@@ -109,9 +133,12 @@ inline void check_write_grads(const at::Tensor& grad_keys, const at::Tensor& gra
 
 inline void check_read_grad(const at::Tensor& grad_out, const at::Tensor& img) {
   TORCH_CHECK(grad_out.sizes() == img.sizes() && grad_out.scalar_type() == img.scalar_type() &&
-                  grad_out.is_contiguous() && grad_out.device() == img.device(),
-              "memory_read_backward: grad_out must be a contiguous ", img.scalar_type(), " tensor of shape ",
-              img.sizes());
+                  grad_out.device() == img.device(),
+              "memory_read_backward: grad_out must be a ", img.scalar_type(), " tensor of shape ", img.sizes(),
+              " on ", img.device());
+  const bool same_layout = is_channels_last(img) ? is_channels_last(grad_out) : grad_out.is_contiguous();
+  TORCH_CHECK(same_layout, "memory_read_backward: grad_out must be in img's layout (",
+              is_channels_last(img) ? "channels-last" : "contiguous", ")");
 }
 
 }  // namespace dmgan

@@ -91,6 +91,42 @@ std::vector<acc_t> to_acc(const at::Tensor& t) {
 // ---------------------------------------------------------------------------------------------
 // Memory reading
 
+// dst (C x S, S = padded(P)) = pixels [n0, n0 + P) of one sample's image, zeros past P. The loops
+// walk the image's memory in order, whichever its layout.
+template <typename scalar_t, typename acc_t>
+void load_pixels(const scalar_t* img_b, PixelStrides ps, int64_t C, int64_t n0, int64_t P, acc_t* dst) {
+  const int64_t S = padded(P);
+  if (ps.pixel == 1) {
+    for (int64_t c = 0; c < C; ++c) {
+      const scalar_t* src = img_b + c * ps.channel + n0;
+      for (int64_t p = 0; p < S; ++p) dst[c * S + p] = p < P ? static_cast<acc_t>(src[p]) : acc_t(0);
+    }
+    return;
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    const scalar_t* src = img_b + (n0 + p) * ps.pixel;
+    for (int64_t c = 0; c < C; ++c) dst[c * S + p] = static_cast<acc_t>(src[c * ps.channel]);
+  }
+  for (int64_t c = 0; c < C; ++c) std::fill(dst + c * S + P, dst + (c + 1) * S, acc_t(0));
+}
+
+// Pixels [n0, n0 + P) of one sample's image = src (C x S); the inverse of load_pixels.
+template <typename scalar_t, typename acc_t>
+void store_pixels(const acc_t* src, PixelStrides ps, int64_t C, int64_t n0, int64_t P, scalar_t* img_b) {
+  const int64_t S = padded(P);
+  if (ps.pixel == 1) {
+    for (int64_t c = 0; c < C; ++c) {
+      scalar_t* dst = img_b + c * ps.channel + n0;
+      for (int64_t p = 0; p < P; ++p) dst[p] = static_cast<scalar_t>(src[c * S + p]);
+    }
+    return;
+  }
+  for (int64_t p = 0; p < P; ++p) {
+    scalar_t* dst = img_b + (n0 + p) * ps.pixel;
+    for (int64_t c = 0; c < C; ++c) dst[c * ps.channel] = static_cast<scalar_t>(src[c * S + p]);
+  }
+}
+
 template <typename acc_t>
 struct ReadScratch {
   std::vector<acc_t> r, alpha, o, z, aux;
@@ -99,18 +135,15 @@ struct ReadScratch {
 
 // The forward for pixels [n0, n0 + P) of sample b: r (C x P), alpha (T x P), o (C x P), gate in z.
 template <typename scalar_t, typename acc_t>
-void read_tile(const scalar_t* img_b, const acc_t* keys_b, const acc_t* values_b, const bool* mask, int64_t b,
-               int64_t batch, bool legacy, const acc_t* gate_w, acc_t gate_b, int64_t C, int64_t T, int64_t N,
-               int64_t n0, int64_t P, ReadScratch<acc_t>& s) {
+void read_tile(const scalar_t* img_b, PixelStrides ps, const acc_t* keys_b, const acc_t* values_b, const bool* mask,
+               int64_t b, int64_t batch, bool legacy, const acc_t* gate_w, acc_t gate_b, int64_t C, int64_t T,
+               int64_t N, int64_t n0, int64_t P, ReadScratch<acc_t>& s) {
   const int64_t S = padded(P);  // buffer width
   acc_t* r = s.r.data();
   acc_t* alpha = s.alpha.data();
   acc_t* o = s.o.data();
   acc_t* z = s.z.data();
-  for (int64_t c = 0; c < C; ++c) {
-    const scalar_t* src = img_b + c * N + n0;
-    for (int64_t p = 0; p < S; ++p) r[c * S + p] = p < P ? static_cast<acc_t>(src[p]) : acc_t(0);
-  }
+  load_pixels(img_b, ps, C, n0, P, r);
   // Key addressing: scores[t][p] = sum_c k[c][t] r[c][p].
   for (int64_t t = 0; t < T; ++t) combine_rows(keys_b + t, T, r, S, C, S, alpha + t * S, false);
   // Padding: 1 where the word is masked for that pixel. The reference's legacy broadcast gives
@@ -165,6 +198,7 @@ void read_forward_impl(const at::Tensor& img, const at::Tensor& keys, const at::
                        at::Tensor& out, at::Tensor* attention) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = img.size(0), C = img.size(1), N = img.size(2) * img.size(3), T = keys.size(2);
+  const PixelStrides ps = pixel_strides(img);  // out has img's layout
   const ReadOperands<scalar_t> ops(keys, values, gate_w, gate_b);
   const auto &keys_acc = ops.keys, &values_acc = ops.values, &gw = ops.gate_w;
   const acc_t gb = ops.gate_b;
@@ -177,15 +211,16 @@ void read_forward_impl(const at::Tensor& img, const at::Tensor& keys, const at::
     ReadScratch<acc_t> s(C, T);
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / tiles, n0 = (i % tiles) * kTile, P = std::min(kTile, N - n0);
-      read_tile<scalar_t, acc_t>(img_p + b * C * N, keys_acc.data() + b * C * T, values_acc.data() + b * C * T,
-                                 mask, b, batch, legacy, gw.data(), gb, C, T, N, n0, P, s);
+      read_tile<scalar_t, acc_t>(img_p + b * C * N, ps, keys_acc.data() + b * C * T,
+                                 values_acc.data() + b * C * T, mask, b, batch, legacy, gw.data(), gb, C, T, N, n0,
+                                 P, s);
       const int64_t S = padded(P);
-      for (int64_t c = 0; c < C; ++c) {
-        scalar_t* dst = out_p + (b * C + c) * N + n0;
+      for (int64_t c = 0; c < C; ++c) {  // r' = r + (o - r) g, into o
         const acc_t* r = s.r.data() + c * S;
-        const acc_t* o = s.o.data() + c * S;
-        for (int64_t p = 0; p < P; ++p) dst[p] = static_cast<scalar_t>(r[p] + (o[p] - r[p]) * s.z[p]);
+        acc_t* o = s.o.data() + c * S;
+        for (int64_t p = 0; p < S; ++p) o[p] = r[p] + (o[p] - r[p]) * s.z[p];
       }
+      store_pixels(s.o.data(), ps, C, n0, P, out_p + b * C * N);
       if (att_p) {
         for (int64_t t = 0; t < T; ++t) {
           scalar_t* dst = att_p + (b * T + t) * N + n0;
@@ -203,6 +238,7 @@ void read_backward_impl(const at::Tensor& grad_out, const at::Tensor& img, const
                         at::Tensor& grad_values, at::Tensor& grad_gate_w, at::Tensor& grad_gate_b) {
   using acc_t = at::opmath_type<scalar_t>;
   const int64_t batch = img.size(0), C = img.size(1), N = img.size(2) * img.size(3), T = keys.size(2);
+  const PixelStrides ps = pixel_strides(img);  // grad_out and grad_img have img's layout
   const ReadOperands<scalar_t> ops(keys, values, gate_w, gate_b);
   const auto &keys_acc = ops.keys, &values_acc = ops.values, &gw = ops.gate_w;
   const acc_t gb = ops.gate_b;
@@ -226,15 +262,13 @@ void read_backward_impl(const at::Tensor& grad_out, const at::Tensor& img, const
       acc_t* dgb = dgw + 2 * C;
       for (int64_t n0 = chunk * kChunk; n0 < std::min(N, (chunk + 1) * kChunk); n0 += kTile) {
         const int64_t P = std::min(kTile, N - n0), S = padded(P);
-        read_tile<scalar_t, acc_t>(img_p + b * C * N, k, v, mask, b, batch, legacy, gw.data(), gb, C, T, N, n0, P, s);
+        read_tile<scalar_t, acc_t>(img_p + b * C * N, ps, k, v, mask, b, batch, legacy, gw.data(), gb, C, T, N, n0, P,
+                                   s);
         const acc_t* r = s.r.data();
         const acc_t* alpha = s.alpha.data();
         acc_t* o = s.o.data();
         const acc_t* g = s.z.data();
-        for (int64_t c = 0; c < C; ++c) {
-          const scalar_t* src = dy_p + (b * C + c) * N + n0;
-          for (int64_t p = 0; p < S; ++p) dy[c * S + p] = p < P ? static_cast<acc_t>(src[p]) : acc_t(0);
-        }
+        load_pixels(dy_p + b * C * N, ps, C, n0, P, dy.data());
         // Response gate: r' = r + (o - r) g. Padded pixels have dy = 0 and add nothing below.
         std::fill(d_pre_gate.begin(), d_pre_gate.end(), acc_t(0));
         for (int64_t c = 0; c < C; ++c)
@@ -269,10 +303,7 @@ void read_backward_impl(const at::Tensor& grad_out, const at::Tensor& img, const
           combine_rows(k + c * T, 1, d_alpha.data(), S, T, S, dy.data() + c * S, true);
           dot_rows(r + c * S, d_alpha.data(), S, T, dk + c * T, 1);
         }
-        for (int64_t c = 0; c < C; ++c) {
-          scalar_t* dst = dimg_p + (b * C + c) * N + n0;
-          for (int64_t p = 0; p < P; ++p) dst[p] = static_cast<scalar_t>(dy[c * S + p]);
-        }
+        store_pixels(dy.data(), ps, C, n0, P, dimg_p + b * C * N);
       }
     }
   });

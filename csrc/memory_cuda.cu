@@ -2,12 +2,14 @@
 //
 // Reading: one thread per pixel; the sample's keys, values and response-gate weights sit in
 // shared memory as fp32, a pixel's T scores live in registers (T padded to 16, 32 or 64 at
-// compile time), the softmax runs in registers. Backward reductions over pixels (dK, dV, gate)
-// go through fixed-order warp shuffles and per-block partials summed afterwards. The writing's
-// backward stores each word's gradients and its weight gradients come from matrix products
-// after the kernel. No atomics, so gradients are bitwise reproducible. Inputs are float32,
-// float16 or bfloat16, computed in fp32; float64 is refused with an error (the CPU kernels
-// compute it in fp64, and dmgan.ops sends it there or to the eager reference).
+// compile time), the softmax runs in registers. Images may be contiguous or channels-last
+// (PixelStrides); a warp's image loads coalesce only for contiguous ones (the Triton kernels load
+// tiles that coalesce in both). Backward reductions over pixels (dK, dV, gate) go through
+// fixed-order warp shuffles and per-block partials summed afterwards. The writing's backward
+// stores each word's gradients and its weight gradients come from matrix products after the
+// kernel. No atomics, so gradients are bitwise reproducible. Inputs are float32, float16 or
+// bfloat16, computed in fp32; float64 is refused with an error (the CPU kernels compute it in
+// fp64, and dmgan.ops sends it there or to the eager reference).
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <c10/cuda/CUDAGuard.h>
@@ -63,6 +65,7 @@ struct ReadArgs {
   int batch, C, N, T;
   int tiles;  // blocks of kThreads pixels per sample; a flat grid of batch x tiles blocks
   bool legacy;
+  int channel, pixel;  // strides of the images (img, r', grad_out, grad_img): PixelStrides
 };
 
 // Loads keys, values, gate weights of sample b into shared memory.
@@ -85,7 +88,7 @@ __device__ void addressing(const scalar_t* r, const float* k_s, const bool* mask
 #pragma unroll
   for (int t = 0; t < MAX_T; ++t) alpha[t] = 0.f;
   for (int c = 0; c < a.C; ++c) {
-    const float rc = static_cast<float>(r[(size_t)c * a.N]);
+    const float rc = static_cast<float>(r[(size_t)c * a.channel]);
 #pragma unroll
     for (int t = 0; t < MAX_T; ++t)
       if (t < a.T) alpha[t] += rc * k_s[c * a.T + t];
@@ -128,17 +131,17 @@ __global__ void __launch_bounds__(kThreads) read_forward_kernel(const scalar_t* 
   const int b = blockIdx.x / a.tiles, n = (blockIdx.x % a.tiles) * kThreads + threadIdx.x;
   load_sample(keys, values, gate_w, b, a, k_s, v_s, gw_s);
   if (n >= a.N) return;
-  const scalar_t* r = img + (size_t)b * a.C * a.N + n;
+  const scalar_t* r = img + (size_t)b * a.C * a.N + (size_t)n * a.pixel;
   float alpha[MAX_T];
   addressing<scalar_t, MAX_T>(r, k_s, mask, b, n, a, alpha);
   float z = static_cast<float>(gate_b[0]);
   for (int c = 0; c < a.C; ++c)
-    z += gw_s[c] * static_cast<float>(r[(size_t)c * a.N]) + gw_s[a.C + c] * read_value(alpha, v_s, c, a.T);
+    z += gw_s[c] * static_cast<float>(r[(size_t)c * a.channel]) + gw_s[a.C + c] * read_value(alpha, v_s, c, a.T);
   const float g = sigmoidf_(z);
-  scalar_t* dst = out + (size_t)b * a.C * a.N + n;
+  scalar_t* dst = out + (size_t)b * a.C * a.N + (size_t)n * a.pixel;
   for (int c = 0; c < a.C; ++c) {
-    const float rc = static_cast<float>(r[(size_t)c * a.N]);
-    dst[(size_t)c * a.N] = static_cast<scalar_t>(rc + (read_value(alpha, v_s, c, a.T) - rc) * g);
+    const float rc = static_cast<float>(r[(size_t)c * a.channel]);
+    dst[(size_t)c * a.channel] = static_cast<scalar_t>(rc + (read_value(alpha, v_s, c, a.T) - rc) * g);
   }
   if (attention != nullptr) {
 #pragma unroll
@@ -186,20 +189,20 @@ __global__ void __launch_bounds__(kThreads) read_backward_kernel(const scalar_t*
     __syncthreads();
   };
 
-  const size_t offset = (size_t)b * a.C * a.N + (active ? n : 0);
+  const size_t offset = (size_t)b * a.C * a.N + (size_t)(active ? n : 0) * a.pixel;
   const scalar_t* r = img + offset;
   const scalar_t* dy = grad_out + offset;
   float alpha[MAX_T];
   addressing<scalar_t, MAX_T>(r, k_s, mask, b, active ? n : 0, a, alpha);
   float z = static_cast<float>(gate_b[0]);
   for (int c = 0; c < a.C; ++c)
-    z += gw_s[c] * static_cast<float>(r[(size_t)c * a.N]) + gw_s[a.C + c] * read_value(alpha, v_s, c, a.T);
+    z += gw_s[c] * static_cast<float>(r[(size_t)c * a.channel]) + gw_s[a.C + c] * read_value(alpha, v_s, c, a.T);
   const float g = sigmoidf_(z);
   // Response gate r' = r + (o - r) g. Inactive threads carry dy = 0 and add nothing.
   float d_pre_gate = 0.f;
   for (int c = 0; c < a.C; ++c) {
-    const float dyc = active ? static_cast<float>(dy[(size_t)c * a.N]) : 0.f;
-    d_pre_gate += dyc * (read_value(alpha, v_s, c, a.T) - static_cast<float>(r[(size_t)c * a.N]));
+    const float dyc = active ? static_cast<float>(dy[(size_t)c * a.channel]) : 0.f;
+    d_pre_gate += dyc * (read_value(alpha, v_s, c, a.T) - static_cast<float>(r[(size_t)c * a.channel]));
   }
   d_pre_gate *= g * (1.f - g);
   const float dgb = block_sum(d_pre_gate, scratch);
@@ -209,9 +212,9 @@ __global__ void __launch_bounds__(kThreads) read_backward_kernel(const scalar_t*
 #pragma unroll
   for (int t = 0; t < MAX_T; ++t) d_alpha[t] = 0.f;
   for (int c = 0; c < a.C; ++c) {
-    const float rc = static_cast<float>(r[(size_t)c * a.N]);
+    const float rc = static_cast<float>(r[(size_t)c * a.channel]);
     const float oc = read_value(alpha, v_s, c, a.T);
-    const float dyc = active ? static_cast<float>(dy[(size_t)c * a.N]) : 0.f;
+    const float dyc = active ? static_cast<float>(dy[(size_t)c * a.channel]) : 0.f;
     const float doc = dyc * g + gw_s[a.C + c] * d_pre_gate;
     const float sr = block_sum(rc * d_pre_gate, scratch), so = block_sum(oc * d_pre_gate, scratch);
     if (threadIdx.x == 0) {
@@ -233,15 +236,15 @@ __global__ void __launch_bounds__(kThreads) read_backward_kernel(const scalar_t*
   for (int t = 0; t < MAX_T; ++t) d_alpha[t] = alpha[t] * (d_alpha[t] - dot);
   // Key addressing s = r^T K: dr and dK.
   for (int c = 0; c < a.C; ++c) {
-    const float rc = active ? static_cast<float>(r[(size_t)c * a.N]) : 0.f;
-    const float dyc = active ? static_cast<float>(dy[(size_t)c * a.N]) : 0.f;
+    const float rc = active ? static_cast<float>(r[(size_t)c * a.channel]) : 0.f;
+    const float dyc = active ? static_cast<float>(dy[(size_t)c * a.channel]) : 0.f;
     float dr = dyc * (1.f - g) + gw_s[c] * d_pre_gate;
 #pragma unroll
     for (int t = 0; t < MAX_T; ++t) {
       dr += (t < a.T ? k_s[c * a.T + t] : 0.f) * d_alpha[t];
       contrib[t] = rc * d_alpha[t];
     }
-    if (active) grad_img[offset + (size_t)c * a.N] = static_cast<scalar_t>(dr);
+    if (active) grad_img[offset + (size_t)c * a.channel] = static_cast<scalar_t>(dr);
     block_vector_sum(contrib, dk_part + c * a.T);
   }
 }
@@ -271,7 +274,9 @@ ReadArgs read_args(const at::Tensor& img, const at::Tensor& keys, bool legacy_ma
   TORCH_CHECK(img.numel() < (1LL << 31) && img.size(0) * keys.size(2) * pixels < (1LL << 31) &&
                   img.size(0) * tiles < (1LL << 31),
               op, " (cuda kernel): tensors must have fewer than 2^31 elements");
-  return ReadArgs{(int)img.size(0), (int)img.size(1), (int)pixels, (int)keys.size(2), (int)tiles, legacy_mask};
+  const PixelStrides strides = pixel_strides(img);
+  return ReadArgs{(int)img.size(0), (int)img.size(1), (int)pixels, (int)keys.size(2), (int)tiles, legacy_mask,
+                  (int)strides.channel, (int)strides.pixel};
 }
 
 std::tuple<at::Tensor, at::Tensor> memory_read_cuda(const at::Tensor& img, const at::Tensor& keys,

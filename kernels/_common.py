@@ -28,6 +28,11 @@ def alloc(shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> t
     return torch.empty(shape, dtype=dtype, device=device)
 
 
+def alloc_like(t: torch.Tensor) -> torch.Tensor:
+    """A buffer of ``t``'s shape, dtype, device and memory layout."""
+    return torch.full_like(t, float("nan")) if POISON_OUTPUTS else torch.empty_like(t)
+
+
 def word_block(num_words: int) -> int:
     """Words padded to a power of two of at least 16 (tl.dot needs K >= 16 for 16-bit inputs)."""
     return max(16, triton.next_power_of_2(num_words))
@@ -73,8 +78,8 @@ def dot(a, b, DTYPE: tl.constexpr, DOT_FP32: tl.constexpr):
 
 
 @triton.jit
-def load_tile(ptr, offs_c, offs_x, size_x, x_ok):
-    """C x X tile of a row-major C x size_x matrix, as fp32 (0 outside)."""
-    return tl.load(ptr + offs_c[:, None] * size_x + offs_x[None, :], mask=x_ok[None, :], other=0.0).to(
-        tl.float32
-    )
+def load_tile(ptr, offs_c, offs_x, stride_c, stride_x, x_ok):
+    """C x X tile of a strided C x X matrix, as fp32 (0 outside)."""
+    return tl.load(
+        ptr + offs_c[:, None] * stride_c + offs_x[None, :] * stride_x, mask=x_ok[None, :], other=0.0
+    ).to(tl.float32)

@@ -66,8 +66,8 @@ class Result:
 
 def plans(dtype_name: str, channels: int, words: int, num_stages: int | None = None) -> list:
     """The launches of the four ops (read forward in its training and its legacy-mask + attention
-    variants, the read backward in both masks, the write forward and backward) as planned for
-    CPU stand-ins of the real tensors."""
+    variants, the read backward in both masks, both again for channels-last images, the write
+    forward and backward) as planned for CPU stand-ins of the real tensors."""
     import torch
 
     from dmgan.kernels import memory_read, memory_write
@@ -83,13 +83,19 @@ def plans(dtype_name: str, channels: int, words: int, num_stages: int | None = N
         torch.empty(0),
     )
     launches = []
+    programs = memory_read.backward_programs(
+        BATCH, channels, HEIGHT * WIDTH, words, dtype, H200_MULTIPROCESSORS
+    )
     for legacy, attn in ((False, empty), (True, attention.to(dtype))):
         launches.append(memory_read.plan_forward(*read.values(), out, attn, legacy))
-        programs = memory_read.backward_programs(
-            BATCH, channels, HEIGHT * WIDTH, words, dtype, H200_MULTIPROCESSORS
-        )
         buffers = memory_read.backward_buffers(read["img"], words, programs)
         launches.append(memory_read.plan_backward(read["img"], *read.values(), buffers, legacy))
+    # A channels-last model's launches: the same kernels with the pixel stride, not the channel
+    # stride, a runtime value (the JIT specialises a stride of 1).
+    nhwc = {**read, "img": read["img"].contiguous(memory_format=torch.channels_last)}
+    launches.append(memory_read.plan_forward(*nhwc.values(), torch.empty_like(nhwc["img"]), empty, False))
+    buffers = memory_read.backward_buffers(nhwc["img"], words, programs)
+    launches.append(memory_read.plan_backward(nhwc["img"], *nhwc.values(), buffers, False))
     keys = torch.empty(BATCH, channels, words, dtype=dtype)
     launches.append(memory_write.plan_forward(write["words"], write["rbar"], weights, keys, keys.clone()))
     buffers = memory_write.backward_buffers(write["words"], write["rbar"], weights)
@@ -150,10 +156,14 @@ def compile_one(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
+    from dmgan.ops.library import is_channels_last
+
     launch = plans(dtype, channels, words, num_stages)[index]
     constexprs = {k: v for k, v in launch.options.items() if not k.startswith("num_")}
     config = ",".join(f"{k}={v}" for k, v in constexprs.items())
     config += f",warps={launch.options['num_warps']},stages={launch.options['num_stages']}"
+    if is_channels_last(launch.args[0]):
+        config += ",channels-last"
     result = Result(launch.kernel.__name__, arch, dtype, channels, words, config)
     result.shared_limit = SHARED_MEMORY_PER_BLOCK[arch]
     start = time.perf_counter()

@@ -9,10 +9,12 @@ registers with the padding mask)::
     g = σ(w_rᵀ r + w_oᵀ o + b)     BLOCK_N
     r' = r + (o - r) g        C x BLOCK_N   (= r (1 - g) + o g)
 
-The forward runs one program per tile. The backward recomputes α instead of storing it and runs a
-few persistent programs per sample, each looping over a fixed set of its tiles with dK, dV and the
-gate gradients accumulated in registers; each program stores its sums once (C x T, not the padded
-width) and a fixed-order sum over a sample's programs finishes them: deterministic, no atomics.
+Images are addressed through (channel, pixel) strides, so they come contiguous or channels-last
+(:func:`dmgan.ops.library.pixel_strides`) and r' and dr keep the layout. The forward runs one
+program per tile. The backward recomputes α instead of storing it and runs a few persistent
+programs per sample, each looping over a fixed set of its tiles with dK, dV and the gate gradients
+accumulated in registers; each program stores its sums once (C x T, not the padded width) and a
+fixed-order sum over a sample's programs finishes them: deterministic, no atomics.
 Registered as ``torch.ops.dmgan_triton.memory_read`` (+ ``memory_read_backward``); fake shapes and
 autograd come from :mod:`dmgan.ops.library`.
 """
@@ -26,7 +28,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dmgan.kernels._common import Launch, alloc, dot, dot_in_fp32, load_tile, word_block
+from dmgan.kernels._common import Launch, alloc, alloc_like, dot, dot_in_fp32, load_tile, word_block
 from dmgan.ops import library
 
 
@@ -128,6 +130,8 @@ def memory_read_forward_kernel(
     T,
     B,
     num_tiles,
+    stride_c,
+    stride_n,
     C: tl.constexpr,
     T_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -145,9 +149,10 @@ def memory_read_forward_kernel(
     n_ok = offs_n < N
     t_ok = offs_t < T
 
-    r = load_tile(img_ptr + b * C * N, offs_c, offs_n, N, n_ok)  # C x BLOCK_N
-    keys = load_tile(keys_ptr + b * C * T, offs_c, offs_t, T, t_ok)  # C x T_PAD
-    values = load_tile(values_ptr + b * C * T, offs_c, offs_t, T, t_ok)
+    pixel_offs = offs_c[:, None] * stride_c + offs_n[None, :] * stride_n  # C x BLOCK_N, either layout
+    r = load_tile(img_ptr + b * C * N, offs_c, offs_n, stride_c, stride_n, n_ok)  # C x BLOCK_N
+    keys = load_tile(keys_ptr + b * C * T, offs_c, offs_t, T, 1, t_ok)  # C x T_PAD
+    values = load_tile(values_ptr + b * C * T, offs_c, offs_t, T, 1, t_ok)
     alpha = _key_addressing(r, keys, mask_ptr, b, offs_n, n_ok, offs_t, N, T, B, DTYPE, DOT_FP32, LEGACY_MASK)
     o = dot(values, tl.trans(alpha), DTYPE, DOT_FP32)  # C x BLOCK_N
 
@@ -155,8 +160,7 @@ def memory_read_forward_kernel(
     w_o = tl.load(gate_w_ptr + C + offs_c).to(tl.float32)
     gate = _response_gate(r, o, w_r, w_o, tl.load(gate_b_ptr).to(tl.float32))
     out = r + (o - r) * gate[None, :]
-    out_offs = offs_c[:, None] * N + offs_n[None, :]
-    tl.store(out_ptr + b * C * N + out_offs, out.to(DTYPE), mask=n_ok[None, :])
+    tl.store(out_ptr + b * C * N + pixel_offs, out.to(DTYPE), mask=n_ok[None, :])
     if WRITE_ATTENTION:
         attn_offs = offs_t[None, :] * N + offs_n[:, None]
         tl.store(attn_ptr + b * T * N + attn_offs, alpha.to(DTYPE), mask=n_ok[:, None] & t_ok[None, :])
@@ -180,6 +184,8 @@ def memory_read_backward_kernel(
     B,
     num_tiles,
     programs,
+    stride_c,
+    stride_n,
     C: tl.constexpr,
     T_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -194,8 +200,8 @@ def memory_read_backward_kernel(
     offs_c = tl.arange(0, C)
     offs_t = tl.arange(0, T_PAD)
     t_ok = offs_t < T
-    keys = load_tile(keys_ptr + b * C * T, offs_c, offs_t, T, t_ok)
-    values = load_tile(values_ptr + b * C * T, offs_c, offs_t, T, t_ok)
+    keys = load_tile(keys_ptr + b * C * T, offs_c, offs_t, T, 1, t_ok)
+    values = load_tile(values_ptr + b * C * T, offs_c, offs_t, T, 1, t_ok)
     w_r = tl.load(gate_w_ptr + offs_c).to(tl.float32)
     w_o = tl.load(gate_w_ptr + C + offs_c).to(tl.float32)
     bias = tl.load(gate_b_ptr).to(tl.float32)
@@ -207,19 +213,19 @@ def memory_read_backward_kernel(
 
     for tile in range(part % programs, num_tiles, programs):
         if not RESIDENT_KV:  # fetched again for each tile (from cache) to free their registers
-            keys = load_tile(keys_ptr + b * C * T, offs_c, offs_t, T, t_ok)
-            values = load_tile(values_ptr + b * C * T, offs_c, offs_t, T, t_ok)
+            keys = load_tile(keys_ptr + b * C * T, offs_c, offs_t, T, 1, t_ok)
+            values = load_tile(values_ptr + b * C * T, offs_c, offs_t, T, 1, t_ok)
         offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
         n_ok = offs_n < N
         # Recompute the forward for this tile.
-        r = load_tile(img_ptr + b * C * N, offs_c, offs_n, N, n_ok)
+        r = load_tile(img_ptr + b * C * N, offs_c, offs_n, stride_c, stride_n, n_ok)
         alpha = _key_addressing(
             r, keys, mask_ptr, b, offs_n, n_ok, offs_t, N, T, B, DTYPE, DOT_FP32, LEGACY_MASK
         )
         o = dot(values, tl.trans(alpha), DTYPE, DOT_FP32)
         gate = _response_gate(r, o, w_r, w_o, bias)
         # Response gate: r' = r + (o - r) g. Pixels past N have dy = 0, so they add nothing below.
-        dy = load_tile(grad_out_ptr + b * C * N, offs_c, offs_n, N, n_ok)
+        dy = load_tile(grad_out_ptr + b * C * N, offs_c, offs_n, stride_c, stride_n, n_ok)
         d_pre_gate = tl.sum(dy * (o - r), axis=0) * gate * (1.0 - gate)  # BLOCK_N
         dr = dy * (1.0 - gate)[None, :] + w_r[:, None] * d_pre_gate[None, :]
         do = dy * gate[None, :] + w_o[:, None] * d_pre_gate[None, :]
@@ -230,9 +236,8 @@ def memory_read_backward_kernel(
         # Key addressing s = rᵀ K.
         dr += dot(keys, tl.trans(d_scores), DTYPE, DOT_FP32)  # C x BLOCK_N
         d_keys += dot(r, d_scores, DTYPE, DOT_FP32)  # C x T_PAD
-        tl.store(
-            grad_img_ptr + b * C * N + offs_c[:, None] * N + offs_n[None, :], dr.to(DTYPE), mask=n_ok[None, :]
-        )
+        pixel_offs = offs_c[:, None] * stride_c + offs_n[None, :] * stride_n
+        tl.store(grad_img_ptr + b * C * N + pixel_offs, dr.to(DTYPE), mask=n_ok[None, :])
         d_w_r += tl.sum(r * d_pre_gate[None, :], axis=1)
         d_w_o += tl.sum(o * d_pre_gate[None, :], axis=1)
         d_bias += d_pre_gate
@@ -249,7 +254,7 @@ def memory_read_backward_kernel(
 def _prepare(img: Tensor, keys: Tensor, values: Tensor, pad_mask: Tensor, gate_w: Tensor, gate_b: Tensor):
     mask = pad_mask.to(torch.uint8).contiguous()
     gate_w, gate_b = gate_w.reshape(-1).contiguous(), gate_b.reshape(-1).contiguous()
-    return img.contiguous(), keys.contiguous(), values.contiguous(), mask, gate_w, gate_b
+    return library.dense_image(img), keys.contiguous(), values.contiguous(), mask, gate_w, gate_b
 
 
 def _tiling(img: Tensor, num_words: int, backward: bool) -> tuple[dict[str, object], int]:
@@ -266,7 +271,7 @@ def plan_forward(img, keys, values, pad_mask, gate_w, gate_b, out, attention, le
     options, num_tiles = _tiling(img, num_words, backward=False)
     options.update(LEGACY_MASK=legacy_mask, WRITE_ATTENTION=attention.numel() > 0)
     inputs = _prepare(img, keys, values, pad_mask, gate_w, gate_b)
-    sizes = (height * width, num_words, batch, num_tiles)
+    sizes = (height * width, num_words, batch, num_tiles, *library.pixel_strides(inputs[0]))
     return Launch(
         memory_read_forward_kernel, (num_tiles * batch,), (*inputs, out, attention, *sizes), options
     )
@@ -276,7 +281,7 @@ def backward_buffers(img: Tensor, num_words: int, programs: int) -> dict[str, Te
     """grad_img and the fp32 partial sums of the backward (one slot per persistent program)."""
     batch, channels = img.shape[:2]
     return dict(
-        grad_img=alloc(img.shape, img.dtype, img.device),
+        grad_img=alloc_like(img),
         keys=alloc((batch, programs, channels, num_words), torch.float32, img.device),
         values=alloc((batch, programs, channels, num_words), torch.float32, img.device),
         gate=alloc((batch * programs, 2 * channels + 1), torch.float32, img.device),
@@ -290,8 +295,8 @@ def plan_backward(grad_out, img, keys, values, pad_mask, gate_w, gate_b, buffers
     options.update(LEGACY_MASK=legacy_mask)
     inputs = _prepare(img, keys, values, pad_mask, gate_w, gate_b)
     outputs = (buffers["grad_img"], buffers["keys"], buffers["values"], buffers["gate"])
-    sizes = (height * width, num_words, batch, num_tiles, programs)
-    args = (*inputs, grad_out.contiguous(), *outputs, *sizes)
+    sizes = (height * width, num_words, batch, num_tiles, programs, *library.pixel_strides(inputs[0]))
+    args = (*inputs, library.like_image(grad_out, inputs[0]), *outputs, *sizes)
     return Launch(memory_read_backward_kernel, (batch * programs,), args, options)
 
 
@@ -308,7 +313,8 @@ def memory_read(
 ) -> tuple[Tensor, Tensor]:
     """(r' B x C x H x W, α B x T x H x W or an empty tensor). All float inputs share one dtype."""
     batch, _, height, width = img.shape
-    out = alloc(img.shape, img.dtype, img.device)
+    img = library.dense_image(img)
+    out = alloc_like(img)
     attention_shape = (batch, keys.shape[2], height, width) if return_attention else (0,)
     attention = alloc(attention_shape, img.dtype, img.device)
     plan_forward(img, keys, values, pad_mask, gate_w, gate_b, out, attention, legacy_mask)()
@@ -328,6 +334,7 @@ def memory_read_backward(
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients for (img, keys, values, gate_w, gate_b), each in its input's dtype and shape."""
     batch, channels, height, width = img.shape
+    img = library.dense_image(img)
     num_words = keys.shape[2]
     programs = backward_programs(
         batch, channels, height * width, num_words, img.dtype, _multiprocessors(img.device)

@@ -152,8 +152,13 @@ def test_the_cuda_kernels_are_built_for_every_default_architecture():
 
 def test_backward_ops_check_the_output_gradients():
     case = read_case(ReadShape(2, 32, 3, 5, (4, 2)), torch.float32)
-    with pytest.raises(RuntimeError, match="grad_out must be a contiguous Float tensor of shape"):
+    with pytest.raises(RuntimeError, match="grad_out must be a Float tensor of shape"):
         torch.ops.dmgan.memory_read_backward(case["img"][:, :, :2].contiguous(), *case.values(), False)
+    nhwc = case["img"].contiguous(memory_format=torch.channels_last)
+    with pytest.raises(RuntimeError, match=r"grad_out must be in img's layout \(contiguous\)"):
+        torch.ops.dmgan.memory_read_backward(nhwc, *case.values(), False)
+    with pytest.raises(RuntimeError, match="img must be contiguous or channels-last"):
+        torch.ops.dmgan.memory_read(case["img"].transpose(2, 3), *list(case.values())[1:], False, False)
     write = write_case(WriteShape(2, 24, 32, 3), torch.float32)
     grad = torch.zeros(2, 32, 4)  # T = 4, the words have 3
     with pytest.raises(RuntimeError, match="output gradients must be contiguous B x N_r x T"):

@@ -16,6 +16,7 @@ from dmgan import ops
 from dmgan.models import NEXT_STAGE_G
 from dmgan.ops.library import OpInput
 from dmgan.ops.parity import (
+    CHANNELS_LAST_SHAPES,
     READ_SHAPES,
     WRITE_SHAPES,
     ReadShape,
@@ -44,6 +45,57 @@ ids = [f"{b}-{str(d).removeprefix('torch.')}" for b, d in CASES]
 @pytest.mark.parametrize("legacy_mask", [False, True], ids=["mask", "legacy"])
 def test_memory_read_matches_reference(backend, dtype, shape, legacy_mask):
     check_memory_read(backend, dtype, shape, legacy_mask, DEVICE)
+
+
+@pytest.mark.parametrize(("backend", "dtype"), CASES, ids=ids)
+@pytest.mark.parametrize("shape", CHANNELS_LAST_SHAPES, ids=str)
+def test_memory_read_of_channels_last_images_matches_reference(backend, dtype, shape):
+    check_memory_read(backend, dtype, shape, False, DEVICE, channels_last=True)
+
+
+IMAGE_SIZED_COPIES = ("aten::copy_", "aten::clone", "aten::contiguous", "aten::_to_copy")
+
+
+@pytest.mark.parametrize("channels_last", [False, True], ids=["contiguous", "channels-last"])
+@pytest.mark.parametrize("backend", FUSED)
+def test_memory_read_copies_no_image_in_either_layout(backend, channels_last):
+    """A channels-last model hands the op channels-last images and output gradients: the op must
+    read and write them where they are, forward and backward, not copy them into another layout
+    on each call. The profiler lists every aten op run (the launchers' included) with its inputs'
+    shapes; no copy may take an image-sized tensor."""
+    shape = ReadShape(2, 32, 9, 7, (6, 3))
+    case = read_case(shape, torch.float32, DEVICE)
+    layout = torch.channels_last if channels_last else torch.contiguous_format
+    img = case.pop("img").contiguous(memory_format=layout).requires_grad_()
+    image_shape = list(img.shape)
+    with torch.profiler.profile(record_shapes=True) as prof:
+        r_new, _ = ops.memory_read(img, **case, backend=backend)
+        r_new.backward(torch.ones_like(r_new))
+    copies = [e.name for e in prof.events() if e.name in IMAGE_SIZED_COPIES and image_shape in e.input_shapes]
+    assert not copies, f"image-sized copies per call: {copies}"
+    assert r_new.is_contiguous(memory_format=layout) and img.grad.is_contiguous(memory_format=layout)
+    want, _ = ops.memory_read(img.detach().contiguous(), **case, backend="eager")
+    torch.testing.assert_close(r_new, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_memory_read_backward_takes_an_output_gradient_of_the_other_layout(backend):
+    """Autograd may hand back a contiguous gradient for a channels-last r' (or the reverse): the
+    backward converts it once to the image's layout and gives the eager reference's gradients."""
+    case = read_case(ReadShape(2, 32, 5, 7, (6, 3)), torch.float32, DEVICE)
+    for layout, other in (
+        (torch.channels_last, torch.contiguous_format),
+        (torch.contiguous_format, torch.channels_last),
+    ):
+        img = case["img"].contiguous(memory_format=layout).requires_grad_()
+        rest = {k: v for k, v in case.items() if k != "img"}
+        r_new, _ = ops.memory_read(img, **rest, backend=backend)
+        grad = torch.randn(r_new.shape, generator=torch.Generator().manual_seed(3)).to(r_new)
+        (got,) = torch.autograd.grad(r_new, img, grad.contiguous(memory_format=other))
+        eager_img = case["img"].clone().requires_grad_()
+        want_out, _ = ops.memory_read(eager_img, **rest, backend="eager")
+        (want,) = torch.autograd.grad(want_out, eager_img, grad)
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 @pytest.mark.parametrize(("backend", "dtype"), CASES, ids=ids)

@@ -11,6 +11,7 @@ import torch
 
 from dmgan import ops
 from dmgan.ops.parity import (
+    CHANNELS_LAST_SHAPES,
     READ_SHAPES,
     WRITE_SHAPES,
     ReadShape,
@@ -40,6 +41,12 @@ def _emulated_backend():
 @pytest.mark.parametrize("legacy_mask", [False, True], ids=["mask", "legacy"])
 def test_memory_read_matches_reference(dtype, shape, legacy_mask):
     check_memory_read(BACKEND, dtype, shape, legacy_mask)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)
+@pytest.mark.parametrize("shape", CHANNELS_LAST_SHAPES, ids=str)
+def test_memory_read_of_channels_last_images_matches_reference(dtype, shape):
+    check_memory_read(BACKEND, dtype, shape, False, channels_last=True)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_ids)

@@ -24,7 +24,7 @@ from torch import Tensor
 
 from dmgan.checks import ShapeChecker
 from dmgan.ops import reference
-from dmgan.ops.library import OpInput
+from dmgan.ops.library import OpInput, dense_image
 
 # Backend name -> module with memory_write / memory_read (the reference's signatures, positional
 # arguments; attention may come back as an empty tensor when not asked for), and optionally
@@ -121,6 +121,12 @@ def _fused_inputs(impl: ModuleType, dtype: torch.dtype, tensors: tuple[Tensor, .
     return tuple(t.to(dtype).contiguous() for t in tensors)
 
 
+def _fused_image(impl: ModuleType, dtype: torch.dtype, img: Tensor) -> Tensor:
+    """memory_read's image for a fused backend: in its dtype, and in its own layout when that is
+    contiguous or channels-last (a channels-last model's images are not copied per call)."""
+    return img if impl is reference else dense_image(img.to(dtype))
+
+
 def _eager_read_dtypes(img: Tensor, dtype: torch.dtype) -> tuple[torch.dtype, torch.dtype]:
     """The dtypes of (r', attention) that the eager reference returns for kernels run in ``dtype``,
     so that no backend changes them. Under autocast r' = r (1 - g) + o g promotes the image's own
@@ -212,9 +218,16 @@ def memory_read(
         "memory_read", img.device, dtype, batch, channels, keys.shape[2], num_pixels=height * width
     )
     impl = _resolve(backend, call)
-    tensors = _fused_inputs(impl, dtype, (img, keys, values, gate_w, gate_b))
+    keys, values, gate_w, gate_b = _fused_inputs(impl, dtype, (keys, values, gate_w, gate_b))
     r_new, attention = impl.memory_read(
-        *tensors[:3], pad_mask.contiguous(), *tensors[3:], return_attention, legacy_mask
+        _fused_image(impl, dtype, img),
+        keys,
+        values,
+        pad_mask.contiguous(),
+        gate_w,
+        gate_b,
+        return_attention,
+        legacy_mask,
     )
     if impl is not reference:
         out_dtype, attention_dtype = _eager_read_dtypes(img, dtype)

@@ -11,6 +11,11 @@ C++ schemas of ``csrc/memory_cpu.cpp``)::
     memory_read_backward(grad_out, img, keys, values, pad_mask, gate_w, gate_b, legacy_mask)
         -> gradients of (img, keys, values, gate_w, gate_b)
 
+Images (``img``, r', ``grad_out``, the image gradient) come in either dense layout, contiguous
+(B x C x H x W) or channels-last (B x H x W x C in memory), and every kernel addresses their
+elements through :func:`pixel_strides`; r' and the image gradient keep ``img``'s layout, so a
+channels-last model pays no conversion per call. Keys, values and the rest are contiguous.
+
 The Triton ops (``dmgan.kernels``), the C++ / CUDA ops (``dmgan._C``) and the CUDA kernels
 emulated on the CPU in the tests register their fake shapes and autograd here, once for their
 namespace (:func:`register_memory_ops`, or one op at a time), so ``torch.compile`` traces them
@@ -40,6 +45,30 @@ def write_argument_shapes(
         "M_w": (nm, nw, 1), "M_w_b": (nm,), "M_r": (nm, nr, 1), "M_r_b": (nm,),
         "key_w": (nr, nm, 1), "key_b": (nr,), "value_w": (nr, nm, 1), "value_b": (nr,),
     }  # fmt: skip
+
+
+def is_channels_last(img: Tensor) -> bool:
+    """True for a B x C x H x W tensor laid out B x H x W x C that is not also contiguous (a
+    tensor with one channel or one pixel is both; it counts as contiguous)."""
+    return not img.is_contiguous() and img.is_contiguous(memory_format=torch.channels_last)
+
+
+def dense_image(img: Tensor) -> Tensor:
+    """``img`` itself when contiguous or channels-last, else a contiguous copy."""
+    return img if is_channels_last(img) else img.contiguous()
+
+
+def pixel_strides(img: Tensor) -> tuple[int, int]:
+    """(channel stride, pixel stride) of a dense image, pixel n = h W + w: (H W, 1) contiguous,
+    (1, C) channels-last. Sample b starts at b C H W in both."""
+    return (1, img.shape[1]) if is_channels_last(img) else (img.shape[2] * img.shape[3], 1)
+
+
+def like_image(grad: Tensor, img: Tensor) -> Tensor:
+    """``grad`` in ``img``'s dense layout, as the kernels take them together (a copy only when
+    autograd hands over the other layout)."""
+    layout = torch.channels_last if is_channels_last(img) else torch.contiguous_format
+    return grad.contiguous(memory_format=layout)
 
 
 @dataclass(frozen=True)
@@ -76,11 +105,11 @@ def _write_backward_fake(grad_keys, grad_values, words, rbar, *weights):
 def _read_fake(img, keys, values, pad_mask, gate_w, gate_b, return_attention, legacy_mask):
     batch, _, height, width = img.shape
     attention_shape = (batch, keys.shape[2], height, width) if return_attention else (0,)
-    return img.new_empty(img.shape), img.new_empty(attention_shape)
+    return torch.empty_like(img), img.new_empty(attention_shape)  # r' in img's layout
 
 
 def _read_backward_fake(grad_out, img, keys, values, pad_mask, gate_w, gate_b, legacy_mask):
-    return tuple(t.new_empty(t.shape) for t in (img, keys, values, gate_w, gate_b))
+    return (torch.empty_like(img), *(t.new_empty(t.shape) for t in (keys, values, gate_w, gate_b)))
 
 
 def _save_write_inputs(ctx, inputs, output) -> None:
@@ -122,7 +151,7 @@ def register_memory_read(namespace: str) -> None:
     def backward(ctx, grad_out: Tensor, _grad_attention: Tensor):
         img, keys, values, pad_mask, gate_w, gate_b = ctx.saved_tensors
         grads = ops.memory_read_backward(
-            grad_out.contiguous(), img, keys, values, pad_mask, gate_w, gate_b, ctx.legacy_mask
+            like_image(grad_out, img), img, keys, values, pad_mask, gate_w, gate_b, ctx.legacy_mask
         )
         grad_img, grad_keys, grad_values, grad_gate_w, grad_gate_b = grads
         return grad_img, grad_keys, grad_values, None, grad_gate_w, grad_gate_b, None, None

@@ -6,8 +6,8 @@ random output gradient. Fused backends are compared against the eager reference 
 float64 (fp32 backends) or in float32 from the same 16-bit inputs (16-bit backends), with every
 buffer the kernels allocate poisoned with NaN (:func:`poisoned_outputs`), so an element a kernel
 forgets to write fails the comparison. The tests of every backend (``tests/test_ops_*.py``) run
-:data:`READ_SHAPES` and :data:`WRITE_SHAPES` through :func:`check_memory_read` and
-:func:`check_memory_write`; the benchmarks build their inputs with the same builders, so what is
+:data:`READ_SHAPES` (contiguous images, and :data:`CHANNELS_LAST_SHAPES` channels-last) and
+:data:`WRITE_SHAPES` through :func:`check_memory_read` and :func:`check_memory_write`; the benchmarks build their inputs with the same builders, so what is
 timed is what is tested.
 """
 
@@ -100,9 +100,10 @@ def run(op_name: str, case: dict, backend: str, grad_seed: int = 1, **options) -
     outputs = getattr(ops, op_name)(**inputs, backend=backend, **options)
     outputs = [o for o in outputs if o is not None]
     g = torch.Generator().manual_seed(grad_seed)
-    # Only the differentiable outputs get a gradient (the attention map is for looking at).
+    # Only the differentiable outputs get a gradient (the attention map is for looking at), in
+    # the output's own memory layout, as a network's next layer would hand it back.
     differentiable = outputs if op_name == "memory_write" else outputs[:1]
-    grads_out = [torch.randn(o.shape, generator=g).to(o) for o in differentiable]
+    grads_out = [torch.empty_like(o).copy_(torch.randn(o.shape, generator=g)) for o in differentiable]
     float_inputs = {k: v for k, v in inputs.items() if v.is_floating_point()}
     grads = torch.autograd.grad(differentiable, list(float_inputs.values()), grads_out)
     result = {f"out{i}": o.detach() for i, o in enumerate(outputs)}
@@ -148,6 +149,8 @@ READ_SHAPES = [
     ReadShape(0, 32, 3, 3, (), num_words=4),  # no sample
     ReadShape(2, 32, 0, 3, (4, 2)),  # no pixel
 ]
+# Channels-last images (every backend addresses both layouts): several tiles and blocks, the widest.
+CHANNELS_LAST_SHAPES = [READ_SHAPES[0], READ_SHAPES[2], READ_SHAPES[4], READ_SHAPES[6]]
 WRITE_SHAPES = [
     WriteShape(2, 40, 32, 6),  # N_w not a multiple of the chunk
     WriteShape(1, 32, 32, 1),
@@ -182,14 +185,26 @@ def poisoned_outputs() -> Iterator[None]:
 
 
 def check_memory_read(
-    backend: str, dtype: torch.dtype, shape: ReadShape, legacy_mask: bool, device: str = "cpu"
+    backend: str,
+    dtype: torch.dtype,
+    shape: ReadShape,
+    legacy_mask: bool,
+    device: str = "cpu",
+    channels_last: bool = False,
 ) -> None:
-    """``backend``'s memory_read (outputs, attention, every input gradient) matches the reference."""
+    """``backend``'s memory_read (outputs, attention, every input gradient) matches the reference.
+    With ``channels_last`` the image (and the output gradient) come channels-last, and r' and the
+    image gradient must keep that layout."""
     case = read_case(shape, dtype, device)
+    if channels_last:
+        case["img"] = case["img"].contiguous(memory_format=torch.channels_last)
     options = dict(return_attention=True, legacy_mask=legacy_mask)
     with poisoned_outputs():
         got = run("memory_read", case, backend, **options)
     assert got["out0"].dtype == got["out1"].dtype == dtype
+    if channels_last:
+        for name in ("out0", "grad_img"):
+            assert got[name].is_contiguous(memory_format=torch.channels_last), f"{name} lost the layout"
     assert_matches(got, reference_for("memory_read", case, dtype, **options), dtype)
 
 
