@@ -7,8 +7,9 @@ kernels only), then times the shapes preset's step (synthetic batches, as
 ``benchmarks/test_bench_train_step.py``) in alternating rounds: each round runs every variant in
 a fresh process for ``--steps`` steps after two warm-up steps, so a noisy machine slows all
 variants alike. Variants: the reference commit with its defaults, this checkout with its
-defaults, and this checkout with each of ``--amp off`` and ``--amp bf16``. Prints a table of
-median images/s and the ratios to the reference; ``--json`` keeps every round.
+defaults, with each of ``--amp off`` and ``--amp bf16``, and with ``--channels-last on``
+(``--variants`` picks some). Prints a table of median images/s and the ratios to the reference;
+``--json`` keeps every round.
 """
 
 from __future__ import annotations
@@ -33,11 +34,11 @@ try:
 except ImportError:  # before dmgan/trainer.py (eb8452b and older)
     from dmgan.train import GAN, default_amp as pick_amp, synthetic_batch
 from dmgan.config import get_preset
-amp, steps = sys.argv[1], int(sys.argv[2])
+amp, steps, options = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 torch.manual_seed(0)
 cfg = get_preset("shapes")
 amp = pick_amp(torch.device("cpu")) if amp == "default" else amp
-gan = GAN.build(cfg, 100, "cpu", amp=amp)
+gan = GAN.build(cfg, 100, "cpu", amp=amp, **options)
 batch = synthetic_batch(cfg, 100, cfg.train.batch_size, "cpu")
 for _ in range(2):
     gan.step(batch)
@@ -50,6 +51,15 @@ print(json.dumps({"amp": amp, "seconds_per_step": seconds, "images_per_s": cfg.t
 """
 
 
+# This checkout's variants: (label suffix, amp, GAN.build options).
+VARIANTS = {
+    "defaults": (" (its defaults)", "default", {}),
+    "amp-off": (", --amp off", "off", {}),
+    "amp-bf16": (", --amp bf16", "bf16", {}),
+    "channels-last": (", --channels-last on", "default", {"channels_last": True}),
+}
+
+
 def worktree(ref: str) -> Path:
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"dmgan-{ref}"
     if not path.exists():
@@ -57,14 +67,18 @@ def worktree(ref: str) -> Path:
     return path
 
 
-def time_variant(checkout: Path, amp: str, steps: int, threads: int | None) -> dict:
+def time_variant(checkout: Path, amp: str, options: dict, steps: int, threads: int | None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(checkout), "DMGAN_SKIP_CUDA": "1"}
     env["TORCH_EXTENSIONS_DIR"] = str(Path(env.get("TMPDIR", "/tmp")) / f"torch-extensions-{checkout.name}")
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     env.pop("TRITON_INTERPRET", None)
     result = subprocess.run(
-        [sys.executable, "-c", CHILD, amp, str(steps)], cwd=checkout, env=env, capture_output=True, text=True
+        [sys.executable, "-c", CHILD, amp, str(steps), json.dumps(options)],
+        cwd=checkout,
+        env=env,
+        capture_output=True,
+        text=True,
     )
     if result.returncode != 0:
         raise RuntimeError(f"{checkout} --amp {amp} failed:\n{result.stderr[-3000:]}")
@@ -78,17 +92,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=10, help="timed steps per variant and round")
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--json", type=Path, help="write every round here")
+    parser.add_argument(
+        "--variants",
+        nargs="+",
+        choices=list(VARIANTS),
+        default=list(VARIANTS),
+        help="this checkout's variants",
+    )
     args = parser.parse_args(argv)
-    variants = {
-        f"{args.ref} (its defaults)": (worktree(args.ref), "default"),
-        "this checkout (its defaults)": (ROOT, "default"),
-        "this checkout, --amp off": (ROOT, "off"),
-        "this checkout, --amp bf16": (ROOT, "bf16"),
-    }
+    variants = {f"{args.ref} (its defaults)": (worktree(args.ref), "default", {})}
+    variants.update({f"this checkout{VARIANTS[v][0]}": (ROOT, *VARIANTS[v][1:]) for v in args.variants})
     rounds: dict[str, list[dict]] = {name: [] for name in variants}
     for r in range(args.rounds):
-        for name, (checkout, amp) in variants.items():
-            rounds[name].append(time_variant(checkout, amp, args.steps, args.threads))
+        for name, (checkout, amp, options) in variants.items():
+            rounds[name].append(time_variant(checkout, amp, options, args.steps, args.threads))
             print(f"round {r + 1}: {name:32s} {rounds[name][-1]['images_per_s']:7.1f} images/s", flush=True)
     medians = {name: statistics.median(x["images_per_s"] for x in runs) for name, runs in rounds.items()}
     reference = medians[f"{args.ref} (its defaults)"]

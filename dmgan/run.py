@@ -40,6 +40,7 @@ AMP_MODES = tuple(AMP_DTYPES)
 # preset (the CPU default run's 15 minutes) an evaluation with FID would cost minutes.
 DEFAULT_EVAL_EVERY = {"bird": 5000, "coco": 5000}
 STAGES = ("all", "damsm", "gan", "eval")
+ONOFF = ("on", "off")
 
 
 def _option(default: Any, help: str, **cli: Any) -> Any:
@@ -76,6 +77,12 @@ class RunOptions:
     compile: bool = _option(
         False, "torch.compile G, the Ds and the DAMSM image encoder (the first steps pay the compile time)"
     )
+    channels_last: str | None = _option(
+        None,
+        "channels-last memory format for G, the Ds, the DAMSM image encoder and the images "
+        "(default: on on GPUs, off on CPUs, where it was slower)",
+        choices=ONOFF,
+    )
     eval_every: int | None = _option(
         None,
         "GAN steps between evaluations while training (FID on a fixed sample, R-precision, caption accuracy); "
@@ -102,7 +109,10 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "overrides", dict(self.overrides or {}))
-        for name, allowed in (("preset", PRESETS), ("stage", STAGES), ("amp", (None, *AMP_MODES))):
+        choices = (
+            ("preset", PRESETS), ("stage", STAGES), ("amp", (None, *AMP_MODES)), ("channels_last", (None, *ONOFF))
+        )  # fmt: skip
+        for name, allowed in choices:
             if getattr(self, name) not in allowed:
                 raise ValueError(
                     f"{name} must be one of {sorted(a for a in allowed if a)}, got {getattr(self, name)!r}"
@@ -120,6 +130,7 @@ class RunOptions:
             self,
             out=self.out or os.path.join("runs", self.config().name),
             amp=amp,
+            channels_last=self.channels_last or default_channels_last(device),
             device=str(device),
             workers=self.workers if self.workers is not None else (4 if device.type == "cuda" else 0),
             resume=self.resume or self.stage == "eval",  # evaluation reads the trained checkpoint
@@ -145,6 +156,12 @@ def default_amp(device: torch.device) -> tuple[str, str]:
     if cpu_has_bf16_matrix_instructions():
         return "bf16", "the default: this CPU has AMX or AVX-512 BF16 instructions"
     return "off", "the default: this CPU has no AMX or AVX-512 BF16, where bf16 is slower than fp32"
+
+
+def default_channels_last(device: torch.device) -> str:
+    """Channels-last where convolutions are fastest in it: GPUs (tensor-core convolutions take
+    NHWC); on the CPU the shapes preset's step was slower in it (benchmarks/RESULTS.md)."""
+    return "on" if device.type == "cuda" else "off"
 
 
 def describe(options: RunOptions, cfg: Config) -> dict[str, Any]:

@@ -158,6 +158,7 @@ class GAN:
     ema: ParameterEMA
     amp: str = "off"
     accumulate: int = 1  # micro-batches a batch is split into, their gradients summed per update
+    channels_last: bool = False  # the networks' weights, activations and the real images NHWC
     scalerG: torch.amp.GradScaler = field(default=None)  # type: ignore[assignment]
     scalersD: list[torch.amp.GradScaler] = field(default_factory=list)
 
@@ -181,6 +182,7 @@ class GAN:
         image_encoder: nn.Module | None = None,
         accumulate: int = 1,
         compile: bool = False,
+        channels_last: bool = False,
     ) -> GAN:
         netG = G_NET(cfg.model).to(device)
         netsD = [d.to(device) for d in build_discriminators(cfg.model)]
@@ -188,6 +190,9 @@ class GAN:
         image_encoder = image_encoder or build_image_encoder(cfg.model.image_encoder, cfg.model.embedding_dim)
         for encoder in (text_encoder, image_encoder):  # frozen during GAN training
             encoder.to(device).eval().requires_grad_(False)
+        if channels_last:  # before the optimizers and the EMA copy the parameters' layout
+            for module in (netG, *netsD, image_encoder):
+                module.to(memory_format=torch.channels_last)
         if compile:  # in place: the state dicts keep their names; the fused ops are graph nodes
             for module in (netG, *netsD, image_encoder):
                 module.compile()
@@ -203,6 +208,7 @@ class GAN:
             ema=ParameterEMA(netG, t.ema_decay),
             amp=amp,
             accumulate=accumulate,
+            channels_last=channels_last,
         )
 
     def autocast(self, device_type: str) -> contextlib.AbstractContextManager:
@@ -221,6 +227,9 @@ class GAN:
         tensors, and ``nonfinite``: 1.0 when a loss was NaN/Inf. From the first non-finite loss
         on, no update of the iteration takes effect (the optimizers and the EMA skip it on the
         device), as if the iteration had stopped there."""
+        if self.channels_last:
+            images = [image.contiguous(memory_format=torch.channels_last) for image in batch.images]
+            batch = dataclasses.replace(batch, images=images)
         if self.accumulate > 1:
             return self._accumulated_step(batch)
         t = self.cfg.train
@@ -565,6 +574,7 @@ def train_gan(run: Run, root: Path) -> GAN:
         image_encoder,
         opts.accumulate,
         opts.compile,
+        opts.channels_last == "on",
     )
     ckpt_path = run.out / "checkpoints" / "latest.pt"
     step = position = 0  # G updates; batches drawn (a skipped step draws a batch, updates nothing)
@@ -731,7 +741,7 @@ def train(options: RunOptions) -> tuple[dict[str, Any], GAN | None]:
             print(
                 f"dmgan: preset {cfg.name}, stages {cfg.model.image_sizes}, device {rt.device} x "
                 f"{rt.world_size}, amp {opts.amp} ({'asked for' if options.amp else default_amp(rt.device)[1]}), "
-                f"output {run.out}",
+                f"channels-last {opts.channels_last}, output {run.out}",
                 flush=True,
             )
         with run.stop.installed():

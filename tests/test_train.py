@@ -249,6 +249,64 @@ def test_a_compiled_step_equals_an_eager_step(monkeypatch):
     assert all(torch.isfinite(s).all() for s in stages)
 
 
+def test_a_channels_last_step_equals_a_contiguous_step(monkeypatch):
+    """--channels-last on: the networks' weights, their activations and the real images NHWC, the
+    memory op reading the images where they lie; the same losses and gradients as the contiguous
+    step within fp32 tolerance (the convolutions sum in another order), and state dicts that load
+    into a contiguous model."""
+    import dmgan.trainer as trainer
+    from dmgan import ops
+
+    grads: list[torch.Tensor] = []
+    real_apply = trainer.apply_update
+
+    def recording_apply(optimizer, scaler, skip):
+        params = [p for group in optimizer.param_groups for p in group["params"] if p.grad is not None]
+        grads.append(torch.cat([p.grad.flatten() for p in params]))
+        real_apply(optimizer, scaler, skip)
+
+    layouts: list[bool] = []
+    real_read = ops.memory_read
+
+    def recording_read(img, *args, **kwargs):
+        layouts.append(img.is_contiguous(memory_format=torch.channels_last) and not img.is_contiguous())
+        return real_read(img, *args, **kwargs)
+
+    monkeypatch.setattr(trainer, "apply_update", recording_apply)
+    monkeypatch.setattr(ops, "memory_read", recording_read)
+    cfg = tiny_config()
+    batch = synthetic_batch(cfg, 20, batch_size=4, device="cpu").to("cpu")
+    runs = []
+    for channels_last in (False, True):
+        torch.manual_seed(0)
+        gan = GAN.build(cfg, vocab_size=20, channels_last=channels_last)
+        torch.manual_seed(1)
+        grads.clear(), layouts.clear()
+        logs = gan.step(batch)
+        assert layouts and all(layouts) == channels_last and any(layouts) == channels_last
+        runs.append((gan, logs, list(grads)))
+    (plain, plain_logs, plain_grads), (nhwc, nhwc_logs, nhwc_grads) = runs
+    for net in (nhwc.netG, *nhwc.netsD, nhwc.image_encoder):
+        kernel = next(p for p in net.parameters() if p.dim() == 4 and p.shape[1] > 1 and p.shape[2] > 1)
+        assert kernel.is_contiguous(memory_format=torch.channels_last) and not kernel.is_contiguous()
+    for key in plain_logs:
+        torch.testing.assert_close(nhwc_logs[key], plain_logs[key], rtol=1e-4, atol=1e-5)
+    for a, b in zip(plain_grads, nhwc_grads, strict=True):
+        assert (a - b).norm() <= 1e-4 * a.norm(), float((a - b).norm() / a.norm())
+    plain.load_state_dict(nhwc.state_dict())
+    assert all(torch.equal(p, q) for p, q in zip(plain.netG.parameters(), nhwc.netG.parameters()))
+
+
+def test_channels_last_is_on_for_gpus_and_off_for_cpus_unless_asked():
+    from dmgan.run import RunOptions
+
+    assert RunOptions().resolved(torch.device("cpu")).channels_last == "off"
+    assert RunOptions().resolved(torch.device("cuda")).channels_last == "on"
+    assert RunOptions(channels_last="on").resolved(torch.device("cpu")).channels_last == "on"
+    with pytest.raises(ValueError, match="channels_last must be one of"):
+        RunOptions(channels_last="yes")
+
+
 def test_evaluation_while_training_is_on_for_the_paper_presets_and_off_for_shapes():
     from dmgan.run import RunOptions
 
