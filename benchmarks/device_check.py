@@ -22,15 +22,21 @@ memory-bench the memory ops at the bird shapes, every implementation side by sid
 train-step   the whole training step at the bird preset on synthetic data: eager vs     ~50 s
              fused memory op, AMP off vs bf16, images/s
 profile      a few profiled training steps with NVML readings                           ~25 s
+train-options the training options at the bird preset (bf16, fused ops), side by side: ~120 s
+             as built, channels-last, --accumulate 2, --compile with channels-last,
+             --compile alone; images/s and the first steps' time (the compile cost)
 ============ ========================================================================== ========
 
 The expected times are estimates from this project's CPU measurements and published H200
 figures; the first GPU run replaces them with measured ones (summary.json).
 
-OUT_DIR receives, as it goes: ``summary.json`` (every stage's status, time and results),
-``summary.md`` (the same as tables), ``log.txt`` (every stage's output), ``tests.xml`` (JUnit),
-``memory_bench.json`` and ``train_step.json`` (pytest-benchmark) and ``profile.json``: at most
-eight files, flat, as the device tool brings back.
+The stages share one deadline (``--total-budget``, 560 s): a stage gets at most what is left of
+it, and one that would start with under 10 s left is skipped, so the whole fits a device call of
+ten minutes. OUT_DIR receives, as it goes: ``summary.json`` (every stage's status, time and
+results), ``summary.md`` (the same as tables), ``log.txt`` (every stage's output), ``tests.xml``
+(JUnit), ``memory_bench.json`` and ``train_step.json`` (pytest-benchmark), ``profile.json`` and
+``train_options.json`` (rewritten after each variant): eight files, flat, as the device tool
+brings back.
 """
 
 from __future__ import annotations
@@ -65,7 +71,9 @@ STAGES = [
     Stage("memory-bench", 130, 120),
     Stage("train-step", 60, 50),
     Stage("profile", 40, 25),
-]  # expected about 7 minutes in all; the budgets cap it at 9.5 (a device call may take 10)
+    Stage("train-options", 150, 120),
+]  # expected about 9 minutes in all; the shared deadline (TOTAL_BUDGET_S) caps it
+TOTAL_BUDGET_S = 560  # a device call may take 600 s
 
 
 def _report(result: dict) -> None:
@@ -289,6 +297,64 @@ def stage_profile(out: Path, dry_run: bool) -> None:
     _report({"images_per_s": summary["images_per_s"], "nvml": summary["nvml"].get("available")})
 
 
+# The variants of the train-options stage: GAN.build's options, as the CLI flags name them.
+TRAIN_OPTIONS = {
+    "as built": {},
+    "--channels-last on": {"channels_last": True},
+    "--accumulate 2": {"accumulate": 2},
+    "--compile --channels-last on": {"compile": True, "channels_last": True},
+    "--compile": {"compile": True},
+}
+
+
+def stage_train_options(out: Path, dry_run: bool) -> None:
+    """Each training option at the bird preset on synthetic batches (fused ops, bf16 on a GPU),
+    one after another in this process: the first two steps' time (which holds the compile) and
+    the images/s of the steps after them."""
+    import torch
+
+    from dmgan.config import TINY_OVERRIDES, get_preset, override
+    from dmgan.trainer import GAN, synthetic_batch
+
+    on_gpu = torch.cuda.is_available()
+    device, amp = ("cuda", "bf16") if on_gpu else ("cpu", "off")
+    cfg = get_preset("bird") if not dry_run else override(get_preset("shapes"), **TINY_OVERRIDES)
+    steps = 2 if dry_run else 10
+    sync = torch.cuda.synchronize if on_gpu else (lambda: None)
+    rows: list[dict] = []
+    for name, options in TRAIN_OPTIONS.items():
+        if dry_run and options.get("compile"):
+            continue  # a cold inductor compile takes minutes on two CPU cores
+        torch.manual_seed(0)
+        torch._dynamo.reset()
+        gan = GAN.build(cfg, 100, device, amp=amp, **options)
+        batch = synthetic_batch(cfg, 100, cfg.train.batch_size, device)
+        start = time.perf_counter()
+        for _ in range(2):
+            gan.step(batch)
+        sync()
+        first = time.perf_counter() - start
+        start = time.perf_counter()
+        for _ in range(steps):
+            logs = gan.step(batch)
+        sync()
+        seconds = (time.perf_counter() - start) / steps
+        rows.append(
+            {
+                "variant": name,
+                "preset": cfg.name,
+                "amp": amp,
+                "first_two_steps_s": round(first, 2),
+                "images_per_s": round(cfg.train.batch_size / seconds, 2),
+                "finite": bool(all(torch.isfinite(v).all() for v in logs.values())),
+            }
+        )
+        (out / "train_options.json").write_text(json.dumps(rows, indent=2) + "\n")
+        print(json.dumps(rows[-1]), flush=True)
+        del gan
+    _report({"variants": rows})
+
+
 STAGE_FUNCTIONS = {
     "environment": stage_environment,
     "build": stage_build,
@@ -297,20 +363,21 @@ STAGE_FUNCTIONS = {
     "memory-bench": stage_memory_bench,
     "train-step": stage_train_step,
     "profile": stage_profile,
+    "train-options": stage_train_options,
 }
 
 
 # --- the driver
 
 
-def _run_stage(stage: Stage, out: Path, dry_run: bool, log) -> dict:
+def _run_stage(stage: Stage, out: Path, dry_run: bool, log, budget_s: int) -> dict:
     command = [sys.executable, "-m", "benchmarks.device_check", str(out), "--stage", stage.name]
     if dry_run:
         command.append("--dry-run")
-    log.write(f"\n===== {stage.name} (budget {stage.budget_s} s) =====\n$ {' '.join(command)}\n")
+    log.write(f"\n===== {stage.name} (budget {budget_s} s) =====\n$ {' '.join(command)}\n")
     log.flush()
     start = time.perf_counter()
-    record: dict = {"stage": stage.name, "budget_s": stage.budget_s, "expected_s": stage.expected_s}
+    record: dict = {"stage": stage.name, "budget_s": budget_s, "expected_s": stage.expected_s}
     env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         command,
@@ -323,14 +390,14 @@ def _run_stage(stage: Stage, out: Path, dry_run: bool, log) -> dict:
     )
     lines: list[str] = []
     try:
-        output, _ = process.communicate(timeout=None if dry_run else stage.budget_s)
+        output, _ = process.communicate(timeout=None if dry_run else budget_s)
         lines = output.splitlines()
         record["status"] = "passed" if process.returncode == 0 else f"failed (exit {process.returncode})"
     except subprocess.TimeoutExpired:
         os.killpg(process.pid, 9)  # the stage and every process it started
         output, _ = process.communicate()
         lines = (output or "").splitlines()
-        record["status"] = f"stopped after its {stage.budget_s} s budget"
+        record["status"] = f"stopped after its {budget_s} s budget"
     record["seconds"] = round(time.perf_counter() - start, 1)
     for line in lines:
         if line.startswith(RESULT_PREFIX):
@@ -365,6 +432,16 @@ def _markdown(records: list[dict]) -> str:
                 f"| {s['preset']} {s['memory_backend']} | {s['amp']} | {s['images_per_s']:.1f} |"
                 for s in result["steps"]
             ]
+        if record["stage"] == "train-options" and result.get("variants"):
+            lines += [
+                "",
+                "| training option | preset | AMP | first two steps | images/s |",
+                "|---|---|---|---:|---:|",
+            ]
+            lines += [
+                f"| {v['variant']} | {v['preset']} | {v['amp']} | {v['first_two_steps_s']} s | {v['images_per_s']:.1f} |"
+                for v in result["variants"]
+            ]
     return "\n".join(lines) + "\n"
 
 
@@ -376,6 +453,9 @@ def main(argv: list[str] | None = None) -> int:
         "--stage", choices=list(STAGE_FUNCTIONS), help=argparse.SUPPRESS
     )  # one stage, in-process
     parser.add_argument("--only", nargs="+", choices=list(STAGE_FUNCTIONS), help="run only these stages")
+    parser.add_argument(
+        "--total-budget", type=int, default=TOTAL_BUDGET_S, help="seconds for all stages together"
+    )
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out.resolve()
@@ -385,11 +465,17 @@ def main(argv: list[str] | None = None) -> int:
 
     records: list[dict] = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
+    deadline = time.perf_counter() + args.total_budget
     with open(out / "log.txt", "w") as log:
         for stage in STAGES:
             if args.only and stage.name not in args.only:
                 continue
-            records.append(_run_stage(stage, out, args.dry_run, log))
+            left = int(deadline - time.perf_counter())
+            if left < 10 and not args.dry_run:
+                record = {"stage": stage.name, "budget_s": 0, "expected_s": stage.expected_s, "seconds": 0.0}
+                records.append({**record, "status": "skipped: the shared deadline had passed"})
+            else:
+                records.append(_run_stage(stage, out, args.dry_run, log, min(stage.budget_s, left)))
             record = records[-1]
             print(f"{record['stage']:13s} {record['status']:35s} {record['seconds']:7.1f} s", flush=True)
             summary = {"started": started, "dry_run": args.dry_run, "stages": records}
