@@ -2,18 +2,22 @@
 //
 // Reading works on tiles of kTile pixels of one sample: their C x kTile features, the T x kTile
 // scores and the C x kTile memory output stay in L1, and every inner loop runs over contiguous
-// pixels so the compiler vectorises it. Work is split over (sample, pixel chunk) with
-// at::parallel_for (OpenMP). Backward reductions (dK, dV, gate, weight gradients) go through
-// per-chunk partials with a split that does not depend on the thread count, summed in a fixed
-// order: gradients are bitwise reproducible (`omp simd` reductions fix their order at compile
-// time, so they are too).
+// pixels, on 64-byte vector values (GCC / Clang vector extensions) that stay in registers: up to
+// four accumulators of 16 pixels for the products over channels or words, per-lane partial sums
+// for the products over pixels, and an exponential without a call. Work is split over (sample,
+// pixel chunk) with at::parallel_for (OpenMP). Backward reductions (dK, dV, gate, weight
+// gradients) go through per-chunk partials with a split that does not depend on the thread count,
+// summed in a fixed order: gradients are bitwise reproducible.
 #include <ATen/Dispatch.h>
 #include <ATen/OpMathType.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <algorithm>
+#include <bit>
+#include <cstdint>
 #include <cmath>
+#include <cstring>
 #include <limits>
 #include <vector>
 
@@ -23,59 +27,126 @@ namespace dmgan {
 namespace {
 
 constexpr int64_t kTile = 64;    // pixels computed together
-constexpr int64_t kVec = 16;     // pixels per register accumulator (two AVX2 vectors)
+constexpr int64_t kVec = 16;     // pixels a buffer row is padded to (a multiple of every Vec's lanes)
 constexpr int64_t kChunk = 1024; // pixels per partial-sum slot in the backward (a multiple of kTile)
 
 // Width of a tile's buffers: P pixels rounded up to kVec. Pixels past P are zero-filled on load,
 // so they add nothing to any sum, and are never stored.
 inline int64_t padded(int64_t P) { return (P + kVec - 1) / kVec * kVec; }
 
+// 64 bytes of acc_t (16 floats, 8 doubles) as one value: the compiler keeps these in vector
+// registers (zmm, or pairs of ymm without AVX-512), where an array of acc_t under `omp simd` went
+// through the stack on every multiply-add.
+// (GCC ignores vector_size on a dependent type, hence one typedef per accumulation type.)
+typedef float VecFloat __attribute__((vector_size(64)));
+typedef double VecDouble __attribute__((vector_size(64)));
+template <typename acc_t>
+struct VecOf;
+template <>
+struct VecOf<float> {
+  using type = VecFloat;
+};
+template <>
+struct VecOf<double> {
+  using type = VecDouble;
+};
+template <typename acc_t>
+using Vec = typename VecOf<acc_t>::type;
+template <typename acc_t>
+constexpr int64_t kLanes = sizeof(Vec<acc_t>) / sizeof(acc_t);
+static_assert(kLanes<float> == 16 && kLanes<double> == 8 && kVec % kLanes<float> == 0);
+
+template <typename acc_t>
+inline Vec<acc_t> load_vec(const acc_t* p) {
+  Vec<acc_t> v;
+  std::memcpy(&v, p, sizeof v);
+  return v;
+}
+
+template <typename acc_t>
+inline void store_vec(acc_t* p, Vec<acc_t> v) {
+  std::memcpy(p, &v, sizeof v);
+}
+
+// out[j] (+)= sum_i coef[i * coef_stride] * rows[i * row_stride + j] for j < kBlock lanes-wide
+// vectors: kBlock independent accumulators in registers, the reduction index outside.
+template <int kBlock, typename acc_t>
+inline void combine_block(const acc_t* coef, int64_t coef_stride, const acc_t* rows, int64_t row_stride,
+                          int64_t count, acc_t* out, bool accumulate) {
+  constexpr int64_t L = kLanes<acc_t>;
+  Vec<acc_t> acc[kBlock];
+#pragma GCC unroll 4
+  for (int b = 0; b < kBlock; ++b) acc[b] = accumulate ? load_vec(out + b * L) : Vec<acc_t>{};
+  for (int64_t i = 0; i < count; ++i) {
+    const acc_t w = coef[i * coef_stride];
+    const acc_t* row = rows + i * row_stride;
+#pragma GCC unroll 4
+    for (int b = 0; b < kBlock; ++b) acc[b] += w * load_vec(row + b * L);
+  }
+#pragma GCC unroll 4
+  for (int b = 0; b < kBlock; ++b) store_vec(out + b * L, acc[b]);
+}
+
 // out[j] (+)= sum_i coef[i * coef_stride] * rows[i * row_stride + j] for j < width (a multiple
-// of kVec): the reduction index i outside, kVec accumulators in registers inside.
+// of kVec): up to four vectors of j at a time.
 template <typename acc_t>
 inline void combine_rows(const acc_t* coef, int64_t coef_stride, const acc_t* rows, int64_t row_stride,
                          int64_t count, int64_t width, acc_t* out, bool accumulate) {
-  for (int64_t j0 = 0; j0 < width; j0 += kVec) {
-    acc_t acc[kVec];
-    for (int64_t j = 0; j < kVec; ++j) acc[j] = accumulate ? out[j0 + j] : acc_t(0);
-    for (int64_t i = 0; i < count; ++i) {
-      const acc_t w = coef[i * coef_stride];
-      const acc_t* row = rows + i * row_stride + j0;
-#pragma omp simd
-      for (int64_t j = 0; j < kVec; ++j) acc[j] += w * row[j];
-    }
-    for (int64_t j = 0; j < kVec; ++j) out[j0 + j] = acc[j];
+  constexpr int64_t L = kLanes<acc_t>;
+  int64_t j = 0;
+  for (; j + 4 * L <= width; j += 4 * L)
+    combine_block<4>(coef, coef_stride, rows + j, row_stride, count, out + j, accumulate);
+  switch ((width - j) / L) {
+    case 3: combine_block<3>(coef, coef_stride, rows + j, row_stride, count, out + j, accumulate); break;
+    case 2: combine_block<2>(coef, coef_stride, rows + j, row_stride, count, out + j, accumulate); break;
+    case 1: combine_block<1>(coef, coef_stride, rows + j, row_stride, count, out + j, accumulate); break;
+    default: break;
   }
 }
 
-// out[t * out_stride] += sum_j x[j] * rows[t * width + j] for t < count: four rows per pass, so
-// each x vector loaded serves four products.
+// lanes[t] += x[j] * rows[t * width + j] lane by lane over the width / L vectors j, for t < count:
+// dot products over pixels kept as per-lane partial sums, so that a chunk of tiles adds into them
+// and sums across lanes (lane_sum) once at its end, not once per tile.
 template <typename acc_t>
-inline void dot_rows(const acc_t* x, const acc_t* rows, int64_t width, int64_t count, acc_t* out, int64_t out_stride) {
-  int64_t t = 0;
-  for (; t + 4 <= count; t += 4) {
-    const acc_t *r0 = rows + t * width, *r1 = r0 + width, *r2 = r1 + width, *r3 = r2 + width;
-    acc_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
-#pragma omp simd reduction(+ : s0, s1, s2, s3)
-    for (int64_t j = 0; j < width; ++j) {
-      s0 += x[j] * r0[j];
-      s1 += x[j] * r1[j];
-      s2 += x[j] * r2[j];
-      s3 += x[j] * r3[j];
-    }
-    out[t * out_stride] += s0;
-    out[(t + 1) * out_stride] += s1;
-    out[(t + 2) * out_stride] += s2;
-    out[(t + 3) * out_stride] += s3;
-  }
-  for (; t < count; ++t) {
+inline void dot_rows_lanes(const acc_t* x, const acc_t* rows, int64_t width, int64_t count, Vec<acc_t>* lanes) {
+  constexpr int64_t L = kLanes<acc_t>;
+  for (int64_t t = 0; t < count; ++t) {
     const acc_t* row = rows + t * width;
-    acc_t sum = 0;
-#pragma omp simd reduction(+ : sum)
-    for (int64_t j = 0; j < width; ++j) sum += x[j] * row[j];
-    out[t * out_stride] += sum;
+    Vec<acc_t> acc = lanes[t];
+    for (int64_t j = 0; j < width; j += L) acc += load_vec(x + j) * load_vec(row + j);
+    lanes[t] = acc;
   }
 }
+
+template <typename acc_t>
+inline acc_t lane_sum(const Vec<acc_t>& v) {
+  acc_t sum = 0;
+  for (int64_t l = 0; l < kLanes<acc_t>; ++l) sum += v[l];
+  return sum;
+}
+
+// e^x the compiler can vectorise (no call, no branch) for the softmax's T x kTile exponentials,
+// which a call to expf per element would dominate: x = n ln2 + r with |r| <= ln2 / 2, e^r from
+// Cephes' degree-6 polynomial, 2^n from exponent bits; within 2 ulp of expf. Inputs are clamped
+// to where 2^n is a normal float: below -87.3 (e^x < 1.2e-38) it gives about 1e-38, not 0, which
+// no softmax term or sum can tell apart. Double keeps std::exp.
+inline float exp_vectorisable(float x) {
+  x = std::min(std::max(x, -87.3f), 88.7f);
+  const float shifter = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
+  const float n = (x * 1.44269504088896341f + shifter) - shifter;
+  float r = x - n * 0.693359375f;  // ln 2 in two parts (Cody-Waite), so r is exact
+  r = r + n * 2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+}
+
+inline double exp_vectorisable(double x) { return std::exp(x); }
 
 template <typename T>
 inline T sigmoid(T x) {
@@ -99,7 +170,9 @@ void load_pixels(const scalar_t* img_b, PixelStrides ps, int64_t C, int64_t n0, 
   if (ps.pixel == 1) {
     for (int64_t c = 0; c < C; ++c) {
       const scalar_t* src = img_b + c * ps.channel + n0;
-      for (int64_t p = 0; p < S; ++p) dst[c * S + p] = p < P ? static_cast<acc_t>(src[p]) : acc_t(0);
+      acc_t* row = dst + c * S;
+      for (int64_t p = 0; p < P; ++p) row[p] = static_cast<acc_t>(src[p]);
+      for (int64_t p = P; p < S; ++p) row[p] = acc_t(0);
     }
     return;
   }
@@ -149,9 +222,13 @@ void read_tile(const scalar_t* img_b, PixelStrides ps, const acc_t* keys_b, cons
   // Padding: 1 where the word is masked for that pixel. The reference's legacy broadcast gives
   // batch-major row b N + q the mask of sample (b N + q) mod B.
   acc_t* masked = s.aux.data();
-  for (int64_t p = 0; p < S; ++p) {
-    const bool* row = mask + (legacy ? ((b * N + n0 + p) % batch) : b) * T;
-    for (int64_t t = 0; t < T; ++t) masked[t * S + p] = row[t] ? acc_t(1) : acc_t(0);
+  if (legacy) {
+    for (int64_t p = 0; p < S; ++p) {
+      const bool* row = mask + ((b * N + n0 + p) % batch) * T;
+      for (int64_t t = 0; t < T; ++t) masked[t * S + p] = row[t] ? acc_t(1) : acc_t(0);
+    }
+  } else {  // one mask for the sample's every pixel
+    for (int64_t t = 0; t < T; ++t) std::fill(masked + t * S, masked + (t + 1) * S, mask[b * T + t] ? acc_t(1) : acc_t(0));
   }
   // Softmax over words; a pixel with every word masked reads nothing (alpha = 0).
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();
@@ -163,7 +240,7 @@ void read_tile(const scalar_t* img_b, PixelStrides ps, const acc_t* keys_b, cons
   std::fill(total, total + S, acc_t(0));
   for (int64_t t = 0; t < T; ++t) {
     for (int64_t p = 0; p < S; ++p) {
-      const acc_t e = masked[t * S + p] != acc_t(0) ? acc_t(0) : std::exp(alpha[t * S + p] - z[p]);
+      const acc_t e = masked[t * S + p] != acc_t(0) ? acc_t(0) : exp_vectorisable(alpha[t * S + p] - z[p]);
       alpha[t * S + p] = e;
       total[p] += e;
     }
@@ -252,14 +329,16 @@ void read_backward_impl(const at::Tensor& grad_out, const at::Tensor& img, const
   at::parallel_for(0, batch * chunks, 1, [&](int64_t begin, int64_t end) {
     ReadScratch<acc_t> s(C, T);
     std::vector<acc_t> dy(C * kTile), d_alpha(T * kTile), d_pre_gate(kTile);
+    std::vector<Vec<acc_t>> lanes(slot - 1);  // the chunk's dK, dV, d gate_w as per-lane sums
     for (int64_t i = begin; i < end; ++i) {
       const int64_t b = i / chunks, chunk = i % chunks;
       const acc_t* k = keys_acc.data() + b * C * T;
       const acc_t* v = values_acc.data() + b * C * T;
-      acc_t* dk = partials.data() + i * slot;
-      acc_t* dv = dk + C * T;
-      acc_t* dgw = dv + C * T;
-      acc_t* dgb = dgw + 2 * C;
+      std::fill(lanes.begin(), lanes.end(), Vec<acc_t>{});
+      Vec<acc_t>* dk = lanes.data();
+      Vec<acc_t>* dv = dk + C * T;
+      Vec<acc_t>* dgw = dv + C * T;
+      acc_t* dgb = partials.data() + i * slot + slot - 1;
       for (int64_t n0 = chunk * kChunk; n0 < std::min(N, (chunk + 1) * kChunk); n0 += kTile) {
         const int64_t P = std::min(kTile, N - n0), S = padded(P);
         read_tile<scalar_t, acc_t>(img_p + b * C * N, ps, k, v, mask, b, batch, legacy, gw.data(), gb, C, T, N, n0, P,
@@ -277,8 +356,8 @@ void read_backward_impl(const at::Tensor& grad_out, const at::Tensor& img, const
           d_pre_gate[p] *= g[p] * (acc_t(1) - g[p]);
           *dgb += d_pre_gate[p];
         }
-        dot_rows(d_pre_gate.data(), r, S, C, dgw, 1);
-        dot_rows(d_pre_gate.data(), o, S, C, dgw + C, 1);
+        dot_rows_lanes(d_pre_gate.data(), r, S, C, dgw);
+        dot_rows_lanes(d_pre_gate.data(), o, S, C, dgw + C);
         // dr (kept in dy) and do (kept in o).
         for (int64_t c = 0; c < C; ++c) {
           const acc_t wr = gw[c], wo = gw[C + c];
@@ -289,7 +368,7 @@ void read_backward_impl(const at::Tensor& grad_out, const at::Tensor& img, const
           }
         }
         // Value reading o = V alpha^T: dV[c][t] = sum_p do[c][p] alpha[t][p], d_alpha = V^T do.
-        for (int64_t c = 0; c < C; ++c) dot_rows(o + c * S, alpha, S, T, dv + c * T, 1);
+        for (int64_t c = 0; c < C; ++c) dot_rows_lanes(o + c * S, alpha, S, T, dv + c * T);
         for (int64_t t = 0; t < T; ++t) combine_rows(v + t, T, o, S, C, S, d_alpha.data() + t * S, false);
         // Softmax: d_scores = alpha (d_alpha - sum_t alpha d_alpha), into d_alpha.
         acc_t* dot = s.z.data();  // the gate is no longer needed
@@ -301,10 +380,12 @@ void read_backward_impl(const at::Tensor& grad_out, const at::Tensor& img, const
         // Key addressing s = r^T K: dr += K ds, dK[c][t] = sum_p r[c][p] ds[t][p].
         for (int64_t c = 0; c < C; ++c) {
           combine_rows(k + c * T, 1, d_alpha.data(), S, T, S, dy.data() + c * S, true);
-          dot_rows(r + c * S, d_alpha.data(), S, T, dk + c * T, 1);
+          dot_rows_lanes(r + c * S, d_alpha.data(), S, T, dk + c * T);
         }
         store_pixels(dy.data(), ps, C, n0, P, dimg_p + b * C * N);
       }
+      acc_t* part = partials.data() + i * slot;
+      for (int64_t j = 0; j < slot - 1; ++j) part[j] = lane_sum<acc_t>(lanes[j]);
     }
   });
   // Fixed-order reduction of the partials.
