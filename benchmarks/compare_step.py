@@ -2,7 +2,7 @@
 
     python -m benchmarks.compare_step --ref eb8452b --rounds 5 --steps 10
 
-Checks ``--ref`` out into a git worktree (once; its C++ extension is built on first use, CPU
+Checks ``--ref`` out into a git worktree (once, with its own C++ extension built in place, CPU
 kernels only), then times the shapes preset's step (synthetic batches, as
 ``benchmarks/test_bench_train_step.py``) in alternating rounds: each round runs every variant in
 a fresh process for ``--steps`` steps after two warm-up steps, so a noisy machine slows all
@@ -61,18 +61,28 @@ VARIANTS = {
 
 
 def worktree(ref: str) -> Path:
+    """``ref`` checked out beside this one, with its own C++ extension built in place (CPU
+    kernels): without it, ``import dmgan._C`` there falls through to this checkout's extension
+    when this one is installed editable, and the reference would time this checkout's kernels."""
     path = Path(os.environ.get("TMPDIR", "/tmp")) / f"dmgan-{ref}"
     if not path.exists():
         subprocess.run(["git", "worktree", "add", "--detach", str(path), ref], cwd=ROOT, check=True)
+    if not list((path / "dmgan").glob("_C*.so")):
+        env = {**os.environ, "DMGAN_SKIP_CUDA": "1"}
+        command = [sys.executable, "setup.py", "build_ext", "--inplace"]
+        subprocess.run(command, cwd=path, env=env, check=True, capture_output=True)
     return path
 
 
 def time_variant(checkout: Path, amp: str, options: dict, steps: int, threads: int | None) -> dict:
     env = {**os.environ, "PYTHONPATH": str(checkout), "DMGAN_SKIP_CUDA": "1"}
-    env["TORCH_EXTENSIONS_DIR"] = str(Path(env.get("TMPDIR", "/tmp")) / f"torch-extensions-{checkout.name}")
+
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     env.pop("TRITON_INTERPRET", None)
+    check = "import sys, torch, dmgan._C; sys.exit(not dmgan._C.__file__.startswith(sys.argv[1]))"
+    if subprocess.run([sys.executable, "-c", check, str(checkout)], cwd=checkout, env=env).returncode:
+        raise RuntimeError(f"{checkout} would not import its own dmgan._C")
     result = subprocess.run(
         [sys.executable, "-c", CHILD, amp, str(steps), json.dumps(options)],
         cwd=checkout,
