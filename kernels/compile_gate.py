@@ -156,14 +156,10 @@ def compile_one(
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
-    from dmgan.ops.library import is_channels_last
-
     launch = plans(dtype, channels, words, num_stages)[index]
     constexprs = {k: v for k, v in launch.options.items() if not k.startswith("num_")}
     config = ",".join(f"{k}={v}" for k, v in constexprs.items())
     config += f",warps={launch.options['num_warps']},stages={launch.options['num_stages']}"
-    if is_channels_last(launch.args[0]):
-        config += ",channels-last"
     result = Result(launch.kernel.__name__, arch, dtype, channels, words, config)
     result.shared_limit = SHARED_MEMORY_PER_BLOCK[arch]
     start = time.perf_counter()

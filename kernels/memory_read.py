@@ -10,7 +10,7 @@ registers with the padding mask)::
     r' = r + (o - r) g        C x BLOCK_N   (= r (1 - g) + o g)
 
 Images are addressed through (channel, pixel) strides, so they come contiguous or channels-last
-(:func:`dmgan.ops.library.pixel_strides`) and r' and dr keep the layout. The forward runs one
+(``CHANNELS_LAST``, :func:`dmgan.ops.library.pixel_strides`) and r' and dr keep the layout. The forward runs one
 program per tile. The backward recomputes α instead of storing it and runs a few persistent
 programs per sample, each looping over a fixed set of its tiles with dK, dV and the gate gradients
 accumulated in registers; each program stores its sums once (C x T, not the padded width) and a
@@ -111,6 +111,16 @@ def _key_addressing(
 
 
 @triton.jit
+def _pixel_strides(N, C: tl.constexpr, CHANNELS_LAST: tl.constexpr):
+    """(channel, pixel) strides of an image (library.pixel_strides): both known at compile time
+    for a channels-last one, the pixel stride for a contiguous one."""
+    if CHANNELS_LAST:
+        return 1, C
+    else:
+        return N, 1
+
+
+@triton.jit
 def _response_gate(r, o, w_r, w_o, bias):
     """g = σ(w_rᵀ r + w_oᵀ o + b), one per pixel of the tile."""
     return tl.sigmoid(tl.sum(w_r[:, None] * r, axis=0) + tl.sum(w_o[:, None] * o, axis=0) + bias)
@@ -130,19 +140,19 @@ def memory_read_forward_kernel(
     T,
     B,
     num_tiles,
-    stride_c,
-    stride_n,
     C: tl.constexpr,
     T_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     LEGACY_MASK: tl.constexpr,
     WRITE_ATTENTION: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
 ):
     # One flat grid axis (the second and third hold at most 65,535 programs): sample-major tiles.
     b = (tl.program_id(0) // num_tiles).to(tl.int64)
     tile = tl.program_id(0) % num_tiles
     DTYPE: tl.constexpr = img_ptr.dtype.element_ty
+    stride_c, stride_n = _pixel_strides(N, C, CHANNELS_LAST)
     offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, C)
     offs_t = tl.arange(0, T_PAD)
@@ -184,19 +194,19 @@ def memory_read_backward_kernel(
     B,
     num_tiles,
     programs,
-    stride_c,
-    stride_n,
     C: tl.constexpr,
     T_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
     LEGACY_MASK: tl.constexpr,
     DOT_FP32: tl.constexpr,
     RESIDENT_KV: tl.constexpr,
+    CHANNELS_LAST: tl.constexpr,
 ):
     # Program p of sample b takes tiles p, p + programs, ... in that order.
     part = tl.program_id(0).to(tl.int64)  # = b * programs + p: this program's slot in the partial sums
     b = (part // programs).to(tl.int64)
     DTYPE: tl.constexpr = img_ptr.dtype.element_ty
+    stride_c, stride_n = _pixel_strides(N, C, CHANNELS_LAST)
     offs_c = tl.arange(0, C)
     offs_t = tl.arange(0, T_PAD)
     t_ok = offs_t < T
@@ -271,7 +281,8 @@ def plan_forward(img, keys, values, pad_mask, gate_w, gate_b, out, attention, le
     options, num_tiles = _tiling(img, num_words, backward=False)
     options.update(LEGACY_MASK=legacy_mask, WRITE_ATTENTION=attention.numel() > 0)
     inputs = _prepare(img, keys, values, pad_mask, gate_w, gate_b)
-    sizes = (height * width, num_words, batch, num_tiles, *library.pixel_strides(inputs[0]))
+    options.update(CHANNELS_LAST=library.is_channels_last(inputs[0]))
+    sizes = (height * width, num_words, batch, num_tiles)
     return Launch(
         memory_read_forward_kernel, (num_tiles * batch,), (*inputs, out, attention, *sizes), options
     )
@@ -295,7 +306,8 @@ def plan_backward(grad_out, img, keys, values, pad_mask, gate_w, gate_b, buffers
     options.update(LEGACY_MASK=legacy_mask)
     inputs = _prepare(img, keys, values, pad_mask, gate_w, gate_b)
     outputs = (buffers["grad_img"], buffers["keys"], buffers["values"], buffers["gate"])
-    sizes = (height * width, num_words, batch, num_tiles, programs, *library.pixel_strides(inputs[0]))
+    options.update(CHANNELS_LAST=library.is_channels_last(inputs[0]))
+    sizes = (height * width, num_words, batch, num_tiles, programs)
     args = (*inputs, library.like_image(grad_out, inputs[0]), *outputs, *sizes)
     return Launch(memory_read_backward_kernel, (batch * programs,), args, options)
 

@@ -32,16 +32,19 @@ KERNELS = {
 # Known spills at the shipped sizes, each with its bound, keyed by (kernel, arch, dtype, N_r, legacy
 # mask, channels-last): the fp32 backward with the reference's (legacy) padding mask on sm_80 holds
 # a per-pixel mask tile beside its fp32 FMA dots (no setting of pixels per program or warps removes
-# it there; sm_86 / 89 / 90 / 120 have none); the bf16 backward at N_r 32 on sm_80 sits at 255
-# registers in both layouts, and the channels-last one spills a word.
+# it there; sm_86 / 89 / 90 / 120 have none). Channels-last tiles load along the channels, and the
+# layout conversions for the dots take registers: three launches that sit at 255 registers spill
+# a word or two (4 to 8 B; sm_86 / 89 / 90 none).
 KNOWN_SPILLS = {
     ("memory_read_backward_kernel", 80, "float32", 64, True, False): 256,
     ("memory_read_backward_kernel", 80, "bfloat16", 32, False, True): 16,
+    ("memory_read_forward_kernel", 80, "float32", 32, False, True): 16,
+    ("memory_read_backward_kernel", 120, "float32", 64, False, True): 16,
 }
 
 
 def _known_spill_bound(r: dict) -> int:
-    legacy, nhwc = "LEGACY_MASK=True" in r["config"], "channels-last" in r["config"]
+    legacy, nhwc = "LEGACY_MASK=True" in r["config"], "CHANNELS_LAST=True" in r["config"]
     return KNOWN_SPILLS.get((r["kernel"], r["arch"], r["dtype"], r["channels"], legacy, nhwc), 0)
 
 
