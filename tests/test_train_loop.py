@@ -330,9 +330,22 @@ def test_each_setting_has_one_way_to_be_set(capsys):
 def test_accumulate_trains_with_micro_batches_and_refuses_a_size_that_does_not_divide(
     data_dir, encoders, tmp_path
 ):
-    run(gan_args(data_dir, tmp_path / "two", encoders, "--accumulate", "2", "--max-steps", "2"))
+    run(
+        gan_args(
+            data_dir,
+            tmp_path / "two",
+            encoders,
+            "--accumulate",
+            "2",
+            "--max-steps",
+            "2",
+            "--channels-last",
+            "on",
+        )
+    )
     assert metrics(tmp_path / "two")[-1]["step"] == 2
-    assert json.loads((tmp_path / "two" / "config.json").read_text())["options"]["accumulate"] == 2
+    options = json.loads((tmp_path / "two" / "config.json").read_text())["options"]
+    assert options["accumulate"] == 2 and options["channels_last"] == "on"
     with pytest.raises(SystemExit, match="--accumulate 3 must divide the batch size 4"):
         run(gan_args(data_dir, tmp_path / "three", encoders, "--accumulate", "3", "--max-steps", "1"))
 
@@ -352,7 +365,9 @@ def test_eval_every_logs_the_metrics_keeps_the_best_fid_and_resume_keeps_it(tmp_
     best_fid = min(r["fid"] for r in evals)
     assert latest["best"] == {"fid": best_fid, "step": next(r["step"] for r in evals if r["fid"] == best_fid)}
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")["step"] == latest["best"]["step"]
-    run([*base, "--max-steps", "6", "--resume", "--stage", "gan"])
+    run(
+        [*base, "--max-steps", "6", "--resume", "--stage", "gan", "--channels-last", "on"]
+    )  # either layout resumes
     evals = metrics(tmp_path / "run", stage="eval")
     assert [r["step"] for r in evals] == [2, 4, 6]
     resumed = checkpoint.load(tmp_path / "run" / "checkpoints" / "latest.pt")["best"]
