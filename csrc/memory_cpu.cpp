@@ -127,9 +127,10 @@ inline acc_t lane_sum(const Vec<acc_t>& v) {
 
 // e^x the compiler can vectorise (no call, no branch) for the softmax's T x kTile exponentials,
 // which a call to expf per element would dominate: x = n ln2 + r with |r| <= ln2 / 2, e^r from
-// Cephes' degree-6 polynomial, 2^n from exponent bits; within 2 ulp of expf. Inputs are clamped
-// to where 2^n is a normal float: below -87.3 (e^x < 1.2e-38) it gives about 1e-38, not 0, which
-// no softmax term or sum can tell apart. Double keeps std::exp.
+// Cephes' degree-6 polynomial, 2^n from exponent bits; within 1 ulp of e^x from -87.3 to 88.3.
+// Below -87.3 (e^x < 1.2e-38) it gives about 1e-38, not 0, which no softmax term or sum can tell
+// apart; from 88.38 on it gives inf (expf does from 88.72): the softmax's inputs are <= 0.
+// Double keeps std::exp.
 inline float exp_vectorisable(float x) {
   x = std::min(std::max(x, -87.3f), 88.7f);
   const float shifter = 12582912.0f;  // 1.5 * 2^23: adding and subtracting it rounds to an integer
