@@ -57,7 +57,7 @@ inline at::Tensor new_output_like(const at::Tensor& t) {
 // Images (img, r', grad_out, the image gradient) are dense in either layout: contiguous
 // (B x C x H x W) or channels-last (B x H x W x C in memory). Element (b, c, n) of a B x C x N view,
 // n = h W + w, lies at b C N + c channel + n pixel. A tensor that is both (one channel or one pixel)
-// counts as contiguous, as in dmgan/ops/library.py.
+// counts as contiguous, as in dmgan/ops/library.py (is_channels_last, the same test).
 struct PixelStrides {
   int64_t channel, pixel;
 };

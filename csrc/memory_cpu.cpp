@@ -229,7 +229,8 @@ void read_tile(const scalar_t* img_b, PixelStrides ps, const acc_t* keys_b, cons
       for (int64_t t = 0; t < T; ++t) masked[t * S + p] = row[t] ? acc_t(1) : acc_t(0);
     }
   } else {  // one mask for the sample's every pixel
-    for (int64_t t = 0; t < T; ++t) std::fill(masked + t * S, masked + (t + 1) * S, mask[b * T + t] ? acc_t(1) : acc_t(0));
+    for (int64_t t = 0; t < T; ++t)
+      std::fill(masked + t * S, masked + (t + 1) * S, mask[b * T + t] ? acc_t(1) : acc_t(0));
   }
   // Softmax over words; a pixel with every word masked reads nothing (alpha = 0).
   constexpr acc_t kNegInf = -std::numeric_limits<acc_t>::infinity();

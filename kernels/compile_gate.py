@@ -90,8 +90,8 @@ def plans(dtype_name: str, channels: int, words: int, num_stages: int | None = N
         launches.append(memory_read.plan_forward(*read.values(), out, attn, legacy))
         buffers = memory_read.backward_buffers(read["img"], words, programs)
         launches.append(memory_read.plan_backward(read["img"], *read.values(), buffers, legacy))
-    # A channels-last model's launches: the same kernels with the pixel stride, not the channel
-    # stride, a runtime value (the JIT specialises a stride of 1).
+    # A channels-last model's launches: the same kernels with CHANNELS_LAST, whose strides are
+    # compile-time constants (other register use, other spills).
     nhwc = {**read, "img": read["img"].contiguous(memory_format=torch.channels_last)}
     launches.append(memory_read.plan_forward(*nhwc.values(), torch.empty_like(nhwc["img"]), empty, False))
     buffers = memory_read.backward_buffers(nhwc["img"], words, programs)

@@ -10,11 +10,11 @@ registers with the padding mask)::
     r' = r + (o - r) g        C x BLOCK_N   (= r (1 - g) + o g)
 
 Images are addressed through (channel, pixel) strides, so they come contiguous or channels-last
-(``CHANNELS_LAST``, :func:`dmgan.ops.library.pixel_strides`) and r' and dr keep the layout. The forward runs one
-program per tile. The backward recomputes α instead of storing it and runs a few persistent
-programs per sample, each looping over a fixed set of its tiles with dK, dV and the gate gradients
-accumulated in registers; each program stores its sums once (C x T, not the padded width) and a
-fixed-order sum over a sample's programs finishes them: deterministic, no atomics.
+(``CHANNELS_LAST``; the layouts of :mod:`dmgan.ops.library`) and r' and dr keep the layout. The
+forward runs one program per tile. The backward recomputes α instead of storing it and runs a few
+persistent programs per sample, each looping over a fixed set of its tiles with dK, dV and the
+gate gradients accumulated in registers; each program stores its sums once (C x T, not the padded
+width) and a fixed-order sum over a sample's programs finishes them: deterministic, no atomics.
 Registered as ``torch.ops.dmgan_triton.memory_read`` (+ ``memory_read_backward``); fake shapes and
 autograd come from :mod:`dmgan.ops.library`.
 """
@@ -112,8 +112,8 @@ def _key_addressing(
 
 @triton.jit
 def _pixel_strides(N, C: tl.constexpr, CHANNELS_LAST: tl.constexpr):
-    """(channel, pixel) strides of an image (library.pixel_strides): both known at compile time
-    for a channels-last one, the pixel stride for a contiguous one."""
+    """(channel, pixel) strides of an image, as dmgan.ops.library lays them out: both known at
+    compile time for a channels-last one, the pixel stride for a contiguous one."""
     if CHANNELS_LAST:
         return 1, C
     else:

@@ -12,8 +12,9 @@ C++ schemas of ``csrc/memory_cpu.cpp``)::
         -> gradients of (img, keys, values, gate_w, gate_b)
 
 Images (``img``, r', ``grad_out``, the image gradient) come in either dense layout, contiguous
-(B x C x H x W) or channels-last (B x H x W x C in memory), and every kernel addresses their
-elements through :func:`pixel_strides`; r' and the image gradient keep ``img``'s layout, so a
+(B x C x H x W) or channels-last (B x H x W x C in memory; :func:`is_channels_last`), and every
+kernel addresses pixel n = h W + w of channel c of sample b at b C H W + c s_c + n s_n, with
+strides (s_c, s_n) = (H W, 1) or (1, C); r' and the image gradient keep ``img``'s layout, so a
 channels-last model pays no conversion per call. Keys, values and the rest are contiguous.
 
 The Triton ops (``dmgan.kernels``), the C++ / CUDA ops (``dmgan._C``) and the CUDA kernels
@@ -56,12 +57,6 @@ def is_channels_last(img: Tensor) -> bool:
 def dense_image(img: Tensor) -> Tensor:
     """``img`` itself when contiguous or channels-last, else a contiguous copy."""
     return img if is_channels_last(img) else img.contiguous()
-
-
-def pixel_strides(img: Tensor) -> tuple[int, int]:
-    """(channel stride, pixel stride) of a dense image, pixel n = h W + w: (H W, 1) contiguous,
-    (1, C) channels-last. Sample b starts at b C H W in both."""
-    return (1, img.shape[1]) if is_channels_last(img) else (img.shape[2] * img.shape[3], 1)
 
 
 def like_image(grad: Tensor, img: Tensor) -> Tensor:

@@ -7,8 +7,8 @@ float64 (fp32 backends) or in float32 from the same 16-bit inputs (16-bit backen
 buffer the kernels allocate poisoned with NaN (:func:`poisoned_outputs`), so an element a kernel
 forgets to write fails the comparison. The tests of every backend (``tests/test_ops_*.py``) run
 :data:`READ_SHAPES` (contiguous images, and :data:`CHANNELS_LAST_SHAPES` channels-last) and
-:data:`WRITE_SHAPES` through :func:`check_memory_read` and :func:`check_memory_write`; the benchmarks build their inputs with the same builders, so what is
-timed is what is tested.
+:data:`WRITE_SHAPES` through :func:`check_memory_read` and :func:`check_memory_write`; the
+benchmarks build their inputs with the same builders, so what is timed is what is tested.
 """
 
 from __future__ import annotations
