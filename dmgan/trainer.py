@@ -232,7 +232,6 @@ class GAN:
             batch = dataclasses.replace(batch, images=images)
         if self.accumulate > 1:
             return self._accumulated_step(batch)
-        t = self.cfg.train
         autocast = functools.partial(self.autocast, batch.captions.device.type)
         lengths = batch.cap_lens if batch.host_cap_lens is None else batch.host_cap_lens
         with phase("G forward"):
@@ -253,26 +252,43 @@ class GAN:
         # The Ds unwrapped and frozen: the G loss needs gradients through them, not for them.
         discriminators = [unwrap(d) for d in self.netsD]
         with phase("G loss"), autocast(), frozen(discriminators):
-            errG, parts = generator_loss(
-                discriminators,
-                self.image_encoder,
-                fake_imgs,
-                words_emb,
-                sent_emb,
-                batch.cap_lens,
-                batch.class_ids,
-                t.damsm_lambda,
-                (t.gamma1, t.gamma2, t.gamma3),
+            total, terms = self._generator_losses(
+                discriminators, batch, fake_imgs, mu, logvar, words_emb, sent_emb
             )
-            kl = kl_loss(mu, logvar)
-        total = errG + t.kl_weight * kl
-        logs.update({k: v.detach() for k, v in parts.items()}, g_loss=errG.detach(), kl=kl.detach())
+        logs.update({k: v.detach() for k, v in terms.items()})
         skip = skip | ~torch.isfinite(total)
         update(self.optimizerG, self.scalerG, total, skip, "G")
         with phase("EMA"):
             self.ema.update(unwrap(self.netG), skip=skip)
         logs["nonfinite"] = skip.float()
         return logs
+
+    def _generator_losses(
+        self,
+        discriminators: list[nn.Module],
+        batch: Batch,
+        fake_imgs: list[Tensor],
+        mu: Tensor,
+        logvar: Tensor,
+        words_emb: Tensor,
+        sent_emb: Tensor,
+    ) -> tuple[Tensor, dict[str, Tensor]]:
+        """G's loss (adversarial against the frozen Ds, DAMSM) plus the weighted KL term: the total
+        to minimise, and its terms to log (each D's and DAMSM's, ``g_loss``, ``kl``)."""
+        t = self.cfg.train
+        errG, terms = generator_loss(
+            discriminators,
+            self.image_encoder,
+            fake_imgs,
+            words_emb,
+            sent_emb,
+            batch.cap_lens,
+            batch.class_ids,
+            t.damsm_lambda,
+            (t.gamma1, t.gamma2, t.gamma3),
+        )
+        kl = kl_loss(mu, logvar)
+        return errG + t.kl_weight * kl, {**terms, "g_loss": errG, "kl": kl}
 
     def _accumulated_step(self, batch: Batch) -> dict[str, Tensor]:
         """:meth:`step` on ``accumulate`` micro-batches, for a batch that does not fit at once.
@@ -284,7 +300,7 @@ class GAN:
         of one large batch: batch norm normalises each micro-batch by its own statistics (and G's
         running statistics take two updates a micro-batch), and the D loss's mismatched-caption
         pairs and the DAMSM loss's candidate captions come from the micro-batch."""
-        t, parts = self.cfg.train, self.accumulate
+        parts = self.accumulate
         device = batch.captions.device
         autocast = functools.partial(self.autocast, device.type)
         micro = []
@@ -316,22 +332,11 @@ class GAN:
             with _sync_gradients(self.netG, last=k == parts - 1):
                 with autocast(), frozen(discriminators):
                     fake_imgs, _, mu, logvar = self.netG(noise, sent_emb, words_emb, mask)
-                    gammas = (t.gamma1, t.gamma2, t.gamma3)
-                    errG, terms = generator_loss(
-                        discriminators,
-                        self.image_encoder,
-                        fake_imgs,
-                        words_emb,
-                        sent_emb,
-                        mb.cap_lens,
-                        mb.class_ids,
-                        t.damsm_lambda,
-                        gammas,
+                    total, terms = self._generator_losses(
+                        discriminators, mb, fake_imgs, mu, logvar, words_emb, sent_emb
                     )
-                    kl = kl_loss(mu, logvar)
-                total = errG + t.kl_weight * kl
                 self.scalerG.scale(total / parts).backward()
-            for key, value in (*terms.items(), ("g_loss", errG), ("kl", kl)):
+            for key, value in terms.items():
                 logs[key].append(value.detach())
             skip = skip | ~torch.isfinite(total)
         apply_update(self.optimizerG, self.scalerG, skip)
