@@ -74,15 +74,24 @@ def worktree(ref: str) -> Path:
     return path
 
 
-def time_variant(checkout: Path, amp: str, options: dict, steps: int, threads: int | None) -> dict:
+def _child_env(checkout: Path, threads: int | None) -> dict[str, str]:
     env = {**os.environ, "PYTHONPATH": str(checkout), "DMGAN_SKIP_CUDA": "1"}
-
     if threads:
         env["OMP_NUM_THREADS"] = str(threads)
     env.pop("TRITON_INTERPRET", None)
+    return env
+
+
+def check_own_extension(checkout: Path) -> None:
+    """Refuse a checkout whose processes would import another checkout's dmgan._C."""
     check = "import sys, torch, dmgan._C; sys.exit(not dmgan._C.__file__.startswith(sys.argv[1]))"
-    if subprocess.run([sys.executable, "-c", check, str(checkout)], cwd=checkout, env=env).returncode:
+    command = [sys.executable, "-c", check, str(checkout)]
+    if subprocess.run(command, cwd=checkout, env=_child_env(checkout, None)).returncode:
         raise RuntimeError(f"{checkout} would not import its own dmgan._C")
+
+
+def time_variant(checkout: Path, amp: str, options: dict, steps: int, threads: int | None) -> dict:
+    env = _child_env(checkout, threads)
     result = subprocess.run(
         [sys.executable, "-c", CHILD, amp, str(steps), json.dumps(options)],
         cwd=checkout,
@@ -112,6 +121,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     variants = {f"{args.ref} (its defaults)": (worktree(args.ref), "default", {})}
     variants.update({f"this checkout{VARIANTS[v][0]}": (ROOT, *VARIANTS[v][1:]) for v in args.variants})
+    for checkout in {checkout for checkout, _, _ in variants.values()}:
+        check_own_extension(checkout)
     rounds: dict[str, list[dict]] = {name: [] for name in variants}
     for r in range(args.rounds):
         for name, (checkout, amp, options) in variants.items():
