@@ -8,6 +8,10 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Importing the emulated-CUDA backend builds it (and fails where HIP-CPU is missing): only
+# tests/test_ops_cuda_on_cpu.py loads it, when HIP-CPU is there; --doctest-modules must not.
+collect_ignore = ["hip_cpu/backend.py"]
+
 
 @pytest.fixture(autouse=True)
 def _seed() -> None:
