@@ -4,6 +4,9 @@ Loads ``dmgan._C`` when setup.py built it; otherwise builds csrc/ on first use w
 (``torch.utils.cpp_extension.load``, cached under ~/.cache/torch_extensions) as stylegan3 does.
 If neither works, importing this module raises ImportError with the reason, which ``dmgan.ops``
 reports (``backend="cpp"``) or warns about once and falls back to eager (``backend="auto"``).
+``DMGAN_SKIP_CPP_REASON=<why>`` makes it raise that ImportError without trying, so the backend
+counts as unavailable (benchmarks.device_check sets it after its build stage failed, so that
+later stages skip cpp with the build's error instead of rebuilding).
 
 The C++ side defines the schemas and the CPU / CUDA kernels; :mod:`dmgan.ops.library` gives them
 their fake (shape) implementations and autograd, so ``torch.compile`` and
@@ -21,6 +24,8 @@ from dmgan.ops import _build, library
 
 
 def _load_extension() -> str:
+    if os.environ.get("DMGAN_SKIP_CPP_REASON"):
+        raise ImportError(f"the C++ extension is skipped: {os.environ['DMGAN_SKIP_CPP_REASON']}")
     try:
         import dmgan._C  # noqa: F401  (built by setup.py; registers torch.ops.dmgan.*)
 
