@@ -28,30 +28,35 @@ ROOT = Path(__file__).resolve().parents[1]
 CHILD = r"""
 import json, sys, time, torch
 try:
-    from dmgan.trainer import GAN, synthetic_batch
-    from dmgan.run import default_amp
+    from dmgan.training_step import TrainingState, synthetic_batch
+    from dmgan.runtime import default_amp
     pick_amp = lambda device: default_amp(device)[0]
-except ImportError:  # before dmgan/trainer.py (eb8452b and older)
-    from dmgan.train import GAN, default_amp as pick_amp, synthetic_batch
+except ImportError:
+    try:  # the training state was dmgan.trainer.GAN (90c120d and older)
+        from dmgan.trainer import GAN as TrainingState, synthetic_batch
+        from dmgan.run import default_amp
+        pick_amp = lambda device: default_amp(device)[0]
+    except ImportError:  # before dmgan/trainer.py (eb8452b and older)
+        from dmgan.train import GAN as TrainingState, default_amp as pick_amp, synthetic_batch
 from dmgan.config import get_preset
 amp, steps, options = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
 torch.manual_seed(0)
 cfg = get_preset("shapes")
 amp = pick_amp(torch.device("cpu")) if amp == "default" else amp
-gan = GAN.build(cfg, 100, "cpu", amp=amp, **options)
+state = TrainingState.build(cfg, 100, device="cpu", amp=amp, **options)
 batch = synthetic_batch(cfg, 100, cfg.train.batch_size, "cpu")
 for _ in range(2):
-    gan.step(batch)
+    state.step(batch)
 start = time.perf_counter()
 for _ in range(steps):
-    logs = gan.step(batch)
+    logs = state.step(batch)
 float(logs["nonfinite"])
 seconds = (time.perf_counter() - start) / steps
 print(json.dumps({"amp": amp, "seconds_per_step": seconds, "images_per_s": cfg.train.batch_size / seconds}))
 """
 
 
-# This checkout's variants: (label suffix, amp, GAN.build options).
+# This checkout's variants: (label suffix, amp, TrainingState.build options).
 VARIANTS = {
     "defaults": (" (its defaults)", "default", {}),
     "amp-off": (", --amp off", "off", {}),

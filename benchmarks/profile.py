@@ -29,7 +29,7 @@ import torch
 from dmgan import ops
 from dmgan.config import get_preset, override
 from dmgan.ops.parity import ReadShape, WriteShape, read_case, write_case
-from dmgan.trainer import GAN, synthetic_batch
+from dmgan.training_step import TrainingState, synthetic_batch
 
 VOCAB = 100
 
@@ -133,8 +133,8 @@ def measured_peaks(device: str) -> dict[str, float]:
 
 
 def step_phases(prof: torch.profiler.profile, steps: int, on_gpu: bool) -> dict[str, float]:
-    """Milliseconds per step of each named range of GAN.step (``dmgan.<phase>``, from
-    dmgan.trainer.phase): the device's time on a GPU, the host's on a CPU."""
+    """Milliseconds per step of each named range of TrainingState.step (``dmgan.<phase>``, from
+    dmgan.training_step.phase): the device's time on a GPU, the host's on a CPU."""
     rows = {}
     for event in prof.key_averages():
         if event.key.startswith("dmgan."):
@@ -223,7 +223,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--set", dest="overrides", action="append", default=[], metavar="GROUP.FIELD=VALUE")
     p.add_argument("--out", type=Path, default=None)
     args = p.parse_args(argv)
-    changes: dict[str, Any] = {"model.memory_backend": args.memory_backend}
+    changes: dict[str, Any] = {}
     for item in args.overrides:
         key, _, value = item.partition("=")
         changes[key] = json.loads(value)
@@ -235,7 +235,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     out.mkdir(parents=True, exist_ok=True)
 
     torch.manual_seed(0)
-    gan = GAN.build(cfg, VOCAB, device, amp=args.amp)
+    gan = TrainingState.build(cfg, VOCAB, device=device, amp=args.amp, memory_backend=args.memory_backend)
     batch = synthetic_batch(cfg, VOCAB, batch_size, device)
     for _ in range(2):  # warm-up: extension builds, Triton compiles, cuDNN picks algorithms
         gan.step(batch)

@@ -14,7 +14,7 @@ import torch
 from benchmarks.sizes import smoke_size
 from dmgan import ops
 from dmgan.config import TINY_OVERRIDES, get_preset, override
-from dmgan.trainer import GAN, synthetic_batch
+from dmgan.training_step import TrainingState, synthetic_batch
 
 ON_GPU = torch.cuda.is_available()
 DEVICE = "cuda" if ON_GPU else "cpu"
@@ -33,9 +33,9 @@ def _config(smoke: bool):
 def test_train_step(benchmark, memory_backend, amp, request):
     if memory_backend not in ops.available_backends(DEVICE) or (memory_backend == "triton" and not ON_GPU):
         pytest.skip(f"{memory_backend} does not run on {DEVICE} here")
-    cfg = override(_config(smoke_size(request.config)), **{"model.memory_backend": memory_backend})
+    cfg = _config(smoke_size(request.config))
     torch.manual_seed(0)
-    gan = GAN.build(cfg, VOCAB, DEVICE, amp=amp)
+    gan = TrainingState.build(cfg, VOCAB, device=DEVICE, amp=amp, memory_backend=memory_backend)
     batch = synthetic_batch(cfg, VOCAB, cfg.train.batch_size, DEVICE)
 
     def step():

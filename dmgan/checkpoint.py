@@ -1,18 +1,37 @@
-"""Atomic checkpoints: a crash mid-write never leaves a broken or missing latest checkpoint.
+"""The on-disk formats: atomic checkpoints, and exported models.
 
 ``save`` writes to a temporary file in the same folder, flushes it to disk and renames it over the
-target (``os.replace`` is atomic on POSIX); ``load`` reads with ``weights_only=True``, so a
-checkpoint can hold tensors, numbers, strings and containers of them, never arbitrary objects.
+target (``os.replace`` is atomic on POSIX), so a crash mid-write never leaves a broken or missing
+checkpoint; ``load`` reads with ``weights_only=True``, so a checkpoint can hold tensors, numbers,
+strings and containers of them, never arbitrary objects.
+
+A *model* is the dictionary that sampling needs, whether a training checkpoint, a converted
+reference model or an export holds it (:data:`MODEL_KEYS`)::
+
+    {"config": asdict(Config), "gan": {"netG": ..., "ema": ... (training checkpoints only)},
+     "text_encoder": ..., "image_encoder": ..., "vocab": [word of index 0, 1, ...],
+     "data_dir": "..." (where known)}
+
+A training checkpoint adds the discriminators, optimizers, RNG states and the loop's position
+(:func:`dmgan.trainer.save_training_checkpoint`). An export is a folder of ``model.safetensors``
+(every tensor, named ``<part>.<key>``), ``config.json`` and ``vocab.json``: the format weights are
+shared in, with no pickle anywhere.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import tempfile
 from pathlib import Path
 from typing import Any
 
 import torch
+
+MODEL_KEYS = frozenset({"config", "gan", "text_encoder", "image_encoder", "vocab"})
+SAFETENSORS = "model.safetensors"
+EXPORT_FILES = (SAFETENSORS, "config.json", "vocab.json")
+EXPORTED_PARTS = ("netG", "text_encoder", "image_encoder")
 
 
 def save(state: dict[str, Any], path: str | os.PathLike) -> Path:
@@ -51,3 +70,64 @@ def all_finite(state_dict: dict[str, Any]) -> bool:
         elif isinstance(item, (list, tuple)):
             stack.extend(item)
     return True
+
+
+def read_model(path: str | os.PathLike) -> dict[str, Any]:
+    """The model a training checkpoint, a converted reference model (both files) or an export
+    (a folder) holds, checked to have every part of :data:`MODEL_KEYS`."""
+    state = read_export(path) if os.path.isdir(path) else load(path)
+    missing = MODEL_KEYS - state.keys()
+    if missing:
+        raise ValueError(f"{path} is not a dmgan model or training checkpoint (missing {sorted(missing)})")
+    return state
+
+
+def write_export(model: dict[str, Any], folder: str | os.PathLike, weights: str) -> Path:
+    """Write ``model`` (one generator: ``model["gan"]`` has no "ema") as an export folder;
+    ``weights`` ("ema" or "raw") records which of the training run's weights it is."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    parts = {
+        "netG": model["gan"]["netG"],
+        "text_encoder": model["text_encoder"],
+        "image_encoder": model["image_encoder"],
+    }
+    tensors = {
+        f"{name}.{key}": value.contiguous() for name, state in parts.items() for key, value in state.items()
+    }
+    save_file(tensors, str(folder / SAFETENSORS))
+    info = {"format": "dmgan sampling model", "weights": weights, "config": model["config"]}
+    if model.get("data_dir") is not None:
+        info["data_dir"] = model["data_dir"]
+    (folder / "config.json").write_text(json.dumps(info, indent=2) + "\n")
+    (folder / "vocab.json").write_text(json.dumps(list(model["vocab"])) + "\n")
+    return folder
+
+
+def read_export(folder: str | os.PathLike) -> dict[str, Any]:
+    """An export folder as the model dictionary (see the module docstring)."""
+    from safetensors.torch import load_file
+
+    folder = Path(folder)
+    for name in EXPORT_FILES:
+        if not (folder / name).is_file():
+            raise FileNotFoundError(f"{folder} is not an exported dmgan model: {name} is missing")
+    info = json.loads((folder / "config.json").read_text())
+    parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in EXPORTED_PARTS}
+    for key, value in load_file(str(folder / SAFETENSORS)).items():
+        name, _, rest = key.partition(".")
+        if name not in parts:
+            raise ValueError(f"{folder / SAFETENSORS}: tensor {key!r} belongs to no part of a dmgan model")
+        parts[name][rest] = value
+    model = {
+        "config": info["config"],
+        "gan": {"netG": parts["netG"]},
+        "text_encoder": parts["text_encoder"],
+        "image_encoder": parts["image_encoder"],
+        "vocab": json.loads((folder / "vocab.json").read_text()),
+    }
+    if "data_dir" in info:
+        model["data_dir"] = info["data_dir"]
+    return model

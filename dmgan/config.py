@@ -13,7 +13,6 @@ trains on two CPU cores, for the built-in procedurally drawn dataset.
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
@@ -33,13 +32,7 @@ class ModelConfig:
     branch_num: int = 3  # stages: base_size, 2*base_size, 4*base_size
     base_size: int = 64
     image_encoder: str = "inception"  # DAMSM image encoder: "inception" (reference) or "small"
-    memory_backend: str = "auto"  # backend of the dynamic-memory ops, see dmgan.ops
     legacy_mask: bool = False  # reproduce the reference's mask broadcast (released checkpoints)
-
-    @property
-    def memory_dim(self) -> int:
-        """N_m, hard-coded to 2 * N_r in the reference."""
-        return 2 * self.gf_dim
 
     @property
     def image_sizes(self) -> tuple[int, ...]:
@@ -189,6 +182,11 @@ def override(cfg: Config, **changes: Any) -> Config:
     )
 
 
+# Fields that older checkpoints stored in the model config but that are choices of a run, not of
+# the model (the memory op's backend is an argument of the generator and of the command lines).
+RUNTIME_CHOICES_ONCE_STORED = frozenset({"memory_backend"})
+
+
 def config_from_dict(data: dict[str, Any]) -> Config:
     """Inverse of ``dataclasses.asdict(cfg)`` (as stored in checkpoints).
 
@@ -198,19 +196,10 @@ def config_from_dict(data: dict[str, Any]) -> Config:
     """
     train = dict(data["train"])
     train["betas"] = tuple(train["betas"])
+    model = {k: v for k, v in data["model"].items() if k not in RUNTIME_CHOICES_ONCE_STORED}
     return Config(
         name=data["name"],
-        model=ModelConfig(**data["model"]),
+        model=ModelConfig(**model),
         text=TextConfig(**data["text"]),
         train=TrainConfig(**train),
     )
-
-
-class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
-    """``--help`` shows each default once: not where the help text already states it, nor for
-    unset (None) options and off switches."""
-
-    def _get_help_string(self, action: argparse.Action) -> str | None:
-        if "default" in (action.help or "") or action.default is None or action.default is False:
-            return action.help
-        return super()._get_help_string(action)

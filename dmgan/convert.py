@@ -23,7 +23,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import io
-import json
 import pickle
 from collections.abc import Sequence
 from pathlib import Path
@@ -33,10 +32,11 @@ import torch
 from torch import nn
 
 from dmgan import checkpoint
-from dmgan.config import PRESETS, HelpFormatter, get_preset, override
+from dmgan.cli import HelpFormatter, add_shared_flags
+from dmgan.config import PRESETS, get_preset, override
+from dmgan.data import Vocabulary
 from dmgan.models import G_NET, build_discriminators, build_image_encoder, build_text_encoder
-
-SAFETENSORS = "model.safetensors"
+from dmgan.pipeline import TextToImage
 
 
 class _PlainData(pickle.Unpickler):
@@ -48,7 +48,7 @@ class _PlainData(pickle.Unpickler):
         )
 
 
-def read_vocabulary(path: str | Path) -> list[str]:
+def read_vocabulary(path: str | Path) -> Vocabulary:
     """The words of a reference ``captions.pickle`` ([train captions, test captions, ixtoword,
     wordtoix], protocol 2), by index."""
     path = Path(path)
@@ -65,7 +65,7 @@ def read_vocabulary(path: str | Path) -> list[str]:
     ixtoword = {int(k): v for k, v in data[2].items()}
     if sorted(ixtoword) != list(range(len(ixtoword))):
         raise ValueError(f"{path}: ixtoword does not map 0..{len(ixtoword) - 1} to words")
-    return [ixtoword[i] for i in range(len(ixtoword))]
+    return Vocabulary(ixtoword, {word: i for i, word in ixtoword.items()})
 
 
 def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
@@ -145,7 +145,7 @@ def convert_reference(
         "gan": {"netG": generator.state_dict()},  # the released G holds the averaged weights
         "text_encoder": text.state_dict(),
         "image_encoder": image.state_dict(),
-        "vocab": vocab,
+        "vocab": vocab.as_list(),
         "converted_from": {
             "netG": str(netG),
             "text_encoder": str(text_encoder),
@@ -159,58 +159,9 @@ def convert_reference(
 
 
 def export(source: str | Path, folder: str | Path, weights: str = "ema") -> Path:
-    """A trained run (or any checkpoint dmgan loads) as model.safetensors + config.json + vocab.json."""
-    from safetensors.torch import save_file
-
-    from dmgan.pipeline import TextToImage
-
-    pipe = TextToImage.load(source, "cpu", weights)
-    folder = Path(folder)
-    folder.mkdir(parents=True, exist_ok=True)
-    tensors = {
-        f"{name}.{key}": value.contiguous()
-        for name, module in (
-            ("netG", pipe.netG),
-            ("text_encoder", pipe.text_encoder),
-            ("image_encoder", pipe.image_encoder),
-        )
-        for key, value in module.state_dict().items()
-    }
-    save_file(tensors, str(folder / SAFETENSORS))
-    info = {"format": "dmgan sampling model", "weights": weights, "config": dataclasses.asdict(pipe.cfg)}
-    if pipe.data_dir is not None:
-        info["data_dir"] = pipe.data_dir
-    (folder / "config.json").write_text(json.dumps(info, indent=2) + "\n")
-    (folder / "vocab.json").write_text(
-        json.dumps([pipe.vocab.ixtoword[i] for i in range(len(pipe.vocab))]) + "\n"
-    )
-    return folder
-
-
-def read_export(folder: str | Path) -> dict[str, Any]:
-    """An exported folder as the checkpoint dictionary :meth:`TextToImage.load` reads."""
-    from safetensors.torch import load_file
-
-    folder = Path(folder)
-    for name in (SAFETENSORS, "config.json", "vocab.json"):
-        if not (folder / name).is_file():
-            raise FileNotFoundError(f"{folder} is not an exported dmgan model: {name} is missing")
-    info = json.loads((folder / "config.json").read_text())
-    tensors = load_file(str(folder / SAFETENSORS))
-    parts: dict[str, dict[str, torch.Tensor]] = {"netG": {}, "text_encoder": {}, "image_encoder": {}}
-    for key, value in tensors.items():
-        name, _, rest = key.partition(".")
-        parts[name][rest] = value
-    state = {
-        "config": info["config"],
-        "gan": {"netG": parts["netG"]},
-        "text_encoder": parts["text_encoder"],
-        "image_encoder": parts["image_encoder"],
-        "vocab": json.loads((folder / "vocab.json").read_text()),
-    }
-    if "data_dir" in info:
-        state["data_dir"] = info["data_dir"]
-    return state
+    """A trained run (or any model dmgan loads) as model.safetensors + config.json + vocab.json."""
+    model = TextToImage.load(source, "cpu", weights).model_state()
+    return checkpoint.write_export(model, folder, weights)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -229,7 +180,7 @@ def build_parser() -> argparse.ArgumentParser:
     exp = sub.add_parser("export", help="a dmgan checkpoint -> safetensors + config.json + vocab.json")
     exp.add_argument("checkpoint")
     exp.add_argument("folder")
-    exp.add_argument("--weights", default="ema", choices=["ema", "raw"])
+    add_shared_flags(exp, "weights")
     return p
 
 

@@ -21,9 +21,8 @@ from typing import Any
 
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
 
-import torch
 
-from dmgan.config import HelpFormatter
+from dmgan.cli import HelpFormatter, add_shared_flags
 from dmgan.pipeline import TextToImage
 from dmgan.visualize import render_attention, render_stage_grid
 
@@ -48,13 +47,16 @@ def example_captions(pipe: TextToImage, count: int = 6) -> list[str]:
 class Demo:
     """What the page calls: the checkpoint's EMA and raw generators, each loaded on first use."""
 
-    def __init__(self, checkpoint: str | os.PathLike, device: str) -> None:
-        self.checkpoint, self.device = checkpoint, device
-        self.pipelines = {"ema": TextToImage.load(checkpoint, device, "ema")}  # fails early on a bad file
+    def __init__(self, checkpoint: str | os.PathLike, device: str, memory_backend: str = "auto") -> None:
+        self.checkpoint, self.device, self.memory_backend = checkpoint, device, memory_backend
+        self.pipelines: dict[str, TextToImage] = {}
+        self.pipeline("ema")  # fails early on a bad file
 
     def pipeline(self, weights: str) -> TextToImage:
         if weights not in self.pipelines:
-            self.pipelines[weights] = TextToImage.load(self.checkpoint, self.device, weights)
+            self.pipelines[weights] = TextToImage.load(
+                self.checkpoint, self.device, weights, self.memory_backend
+            )
         return self.pipelines[weights]
 
     def generate(
@@ -128,7 +130,7 @@ def build(demo: Demo, examples: Sequence[str] = ()) -> Any:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
     p.add_argument("checkpoint", help="training checkpoint (runs/<preset>/checkpoints/latest.pt)")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_shared_flags(p, "device", "memory-backend")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860)
     p.add_argument(
@@ -144,7 +146,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     except ImportError:
         raise SystemExit('dmgan.demo needs Gradio: pip install -e ".[demo]"') from None
     try:
-        demo = Demo(args.checkpoint, args.device)
+        demo = Demo(args.checkpoint, args.device, args.memory_backend)
     except (FileNotFoundError, ValueError, RuntimeError) as e:
         raise SystemExit(f"dmgan.demo: {e}") from None
     page = build(demo, example_captions(demo.pipelines["ema"]))

@@ -33,7 +33,8 @@ import torch
 from tqdm import tqdm
 
 from dmgan import metrics
-from dmgan.config import Config, HelpFormatter
+from dmgan.cli import HelpFormatter, add_shared_flags
+from dmgan.config import Config
 from dmgan.data import TextImageDataset, dataset_for
 from dmgan.data.shapes import default_root, is_shapes_dataset
 from dmgan.pipeline import Captions, TextToImage
@@ -225,6 +226,115 @@ def mismatched_codes(
     return torch.stack(out)
 
 
+@dataclass
+class Generated:
+    """What scoring needs of the images a model generated: per image, the test image it belongs
+    to and its caption; the DAMSM image encoder's global codes; the feature network's features
+    and the IS classifier's probabilities (when computed); the images themselves (when kept)."""
+
+    owners: list[int]
+    captions: Captions
+    image_codes: torch.Tensor  # N x D
+    features: torch.Tensor | None = None  # N x F
+    probs: torch.Tensor | None = None  # N x classes
+    images: torch.Tensor | None = None  # N x 3 x S x S in [-1, 1], 8-bit levels
+
+
+def generate_and_collect(
+    pipe: TextToImage,
+    dataset: TextImageDataset,
+    num_images: int,
+    *,
+    network: torch.nn.Module | None = None,
+    classifier: torch.nn.Module | None = None,
+    keep_images: bool = False,
+    seed: int = 0,
+    batch_size: int = 32,
+    progress: bool = True,
+) -> Generated:
+    """Generate ``num_images`` images (cycling over the test images, a random caption each pass)
+    a batch at a time, keeping of each batch only what the metrics read."""
+    owners, captions = caption_plan(dataset, num_images, seed)
+    codes, features, probs, images = [], [], [], []
+    for start in tqdm(range(0, num_images, batch_size), desc="generate", disable=not progress):
+        stages, _ = pipe.generate(
+            captions[start : start + batch_size], seed=seed * 1_000_003 + start, batch_size=batch_size
+        )
+        batch = quantized(stages[-1])  # what a saved image holds: a folder of them scores the same
+        with torch.no_grad():
+            codes.append(pipe.image_encoder(batch.to(pipe.device))[1].float().cpu())
+        if network is not None:
+            features.append(features_of(network, batch, batch_size))
+        if classifier is not None:
+            probs.append(metrics.classifier_probs(classifier, batch))
+        if keep_images:
+            images.append(batch)
+    cat = lambda parts: torch.cat(parts) if parts else None
+    return Generated(owners, captions, torch.cat(codes), cat(features), cat(probs), cat(images))
+
+
+def score(
+    pipe: TextToImage,
+    dataset: TextImageDataset,
+    root: Path,
+    generated: Generated,
+    real: torch.Tensor | None = None,
+    *,
+    is_classifier: str | Path | None = None,
+    seed: int = 0,
+) -> dict[str, Any]:
+    """Every metric of ``generated`` that this data supports: the image metrics against ``real``
+    features (when given), IS (when a classifier was run), R-precision (test images of several
+    classes), and on the shapes data caption accuracy and the DAMSM encoders' attribute retrieval."""
+    results: dict[str, Any] = {}
+    if real is not None and generated.features is not None:
+        results.update(image_metrics(real, generated.features, seed))
+        results["real_images"] = len(real)
+    if generated.probs is not None:
+        mean, std = metrics.inception_score(generated.probs)
+        results["inception_score"] = {"mean": mean, "std": std, "classifier": str(is_classifier)}
+    else:
+        results["inception_score"] = (
+            "not computed: pass --is-classifier (2015 Inception or the CUB fine-tuned one)"
+        )
+    owners, captions = generated.owners, generated.captions
+    if len(set(dataset.class_ids)) > 1:
+        generator = torch.Generator().manual_seed(seed)
+        mismatched = mismatched_codes(
+            all_sentence_codes(pipe, dataset), owners, dataset.class_ids, 99, generator
+        )
+        true_codes = pipe.encode(captions.indices, captions.lengths)[1].float().cpu()
+        mean, std = metrics.r_precision(generated.image_codes, true_codes, mismatched, generator=generator)
+        results["r_precision"] = {
+            "mean": mean,
+            "std": std,
+            "candidates": 100,
+            "folds": 10,
+            "protocol": "the checkpoint's DAMSM encoders: each image's global code against its caption and "
+            "99 captions of test images of other classes, cosine, top-1; 10 folds",
+        }
+    if is_shapes_dataset(root) and generated.images is not None:
+        from dmgan.attributes import load_attributes
+
+        attributes, real_test = load_attributes(root), real_images(dataset)
+        results.update(
+            caption_accuracy(
+                pipe.cfg, dataset, attributes, real_test, owners, captions.texts, generated.images, seed
+            )
+        )
+        with torch.no_grad():
+            real_codes = pipe.image_encoder(real_test.to(pipe.device))[1].cpu()
+        results["damsm_attribute_retrieval_on_real_test_images"] = damsm_attribute_retrieval(
+            pipe, real_codes, [attributes[k] for k in dataset.keys]
+        )
+        # Against the real-image figure: how far the generator pleases the encoders it trains
+        # against beyond what the attribute classifier reads (caption_accuracy).
+        results["damsm_attribute_retrieval_on_generated_images"] = damsm_attribute_retrieval(
+            pipe, generated.image_codes, [attributes[dataset.keys[i]] for i in owners]
+        )
+    return results
+
+
 def evaluate(
     pipe: TextToImage,
     root: str | Path,
@@ -245,10 +355,8 @@ def evaluate(
     root, chosen = Path(root), PROTOCOLS[protocol]
     started = time.perf_counter()
     dataset = evaluation_split(pipe.cfg, root)
-    owners, captions = caption_plan(dataset, num_images, seed)
     size = pipe.cfg.model.image_sizes[-1]
     results: dict[str, Any] = {"num_images": num_images, "image_size": size}
-
     network, real, features_path = None, None, None
     if image_metrics_on:
         network = feature_network(chosen, inception_weights).to(pipe.device)
@@ -258,72 +366,22 @@ def evaluate(
         real = real_features(dataset, network, features_path, batch_size, progress)
     results["protocol"] = protocol_record(chosen, num_images, features_path)
     classifier = metrics.load_classifier(is_classifier).to(pipe.device) if is_classifier else None
-
-    image_codes, probs, fake, last_images = [], [], [], []
-    keep_images = is_shapes_dataset(root) or save_images is not None  # 30k x 256² would not fit otherwise
-    for start in tqdm(range(0, num_images, batch_size), desc="generate", disable=not progress):
-        stages, _ = pipe.generate(
-            captions[start : start + batch_size], seed=seed * 1_000_003 + start, batch_size=batch_size
-        )
-        images = quantized(stages[-1])  # what a saved image holds: a folder of them scores the same
-        with torch.no_grad():
-            image_codes.append(pipe.image_encoder(images.to(pipe.device))[1].float().cpu())
-        if network is not None:
-            fake.append(features_of(network, images, batch_size))
-        if classifier is not None:
-            probs.append(metrics.classifier_probs(classifier, images))
-        if keep_images:
-            last_images.append(images)
-
-    if real is not None:
-        results.update(image_metrics(real, torch.cat(fake), seed))
-        results["real_images"] = len(real)
-    if classifier is not None:
-        mean, std = metrics.inception_score(torch.cat(probs))
-        results["inception_score"] = {"mean": mean, "std": std, "classifier": str(is_classifier)}
-    else:
-        results["inception_score"] = (
-            "not computed: pass --is-classifier (2015 Inception or the CUB fine-tuned one)"
-        )
+    generated = generate_and_collect(
+        pipe,
+        dataset,
+        num_images,
+        network=network,
+        classifier=classifier,
+        keep_images=is_shapes_dataset(root) or save_images is not None,  # 30k x 256² would not fit otherwise
+        seed=seed,
+        batch_size=batch_size,
+        progress=progress,
+    )
+    results.update(score(pipe, dataset, root, generated, real, is_classifier=is_classifier, seed=seed))
     if save_images is not None:
-        save_images_as_files(torch.cat(last_images), captions.texts, Path(save_images))
+        assert generated.images is not None
+        save_images_as_files(generated.images, generated.captions.texts, Path(save_images))
         results["saved_images"] = str(save_images)
-
-    generator = torch.Generator().manual_seed(seed)
-    codes = all_sentence_codes(pipe, dataset)
-    true_codes = pipe.encode(captions.indices, captions.lengths)[1].float().cpu()
-    if len(set(dataset.class_ids)) > 1:
-        mismatched = mismatched_codes(codes, owners, dataset.class_ids, 99, generator)
-        mean, std = metrics.r_precision(torch.cat(image_codes), true_codes, mismatched, generator=generator)
-        results["r_precision"] = {
-            "mean": mean,
-            "std": std,
-            "candidates": 100,
-            "folds": 10,
-            "protocol": "the checkpoint's DAMSM encoders: each image's global code against its caption and "
-            "99 captions of test images of other classes, cosine, top-1; 10 folds",
-        }
-
-    if is_shapes_dataset(root):
-        from dmgan.attributes import load_attributes
-
-        attributes, real_test = load_attributes(root), real_images(dataset)
-        generated = torch.cat(last_images)
-        results.update(
-            caption_accuracy(
-                pipe.cfg, dataset, attributes, real_test, owners, captions.texts, generated, seed
-            )
-        )
-        with torch.no_grad():
-            real_codes = pipe.image_encoder(real_test.to(pipe.device))[1].cpu()
-        results["damsm_attribute_retrieval_on_real_test_images"] = damsm_attribute_retrieval(
-            pipe, real_codes, [attributes[k] for k in dataset.keys]
-        )
-        # Against the real-image figure: how far the generator pleases the encoders it trains
-        # against beyond what the attribute classifier reads (caption_accuracy).
-        results["damsm_attribute_retrieval_on_generated_images"] = damsm_attribute_retrieval(
-            pipe, torch.cat(image_codes), [attributes[dataset.keys[i]] for i in owners]
-        )
     results["seconds"] = round(time.perf_counter() - started, 1)
     return results
 
@@ -471,21 +529,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--real-features", default=None, help="real-image features (.npz; computed once when missing)"
     )
     p.add_argument(
-        "--inception-weights", default=None, help="torchvision Inception-v3 weights (--protocol dmgan-paper)"
-    )
-    p.add_argument(
         "--is-classifier", default=None, help="IS classifier: TorchScript or Inception-v3 state dict"
     )
     p.add_argument(
         "--save-images", type=Path, default=None, help="also write the generated images and captions.txt"
     )
-    p.add_argument("--weights", default="ema", choices=["ema", "raw"])
     p.add_argument("--batch-size", type=int, default=32)
-    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument(
         "--out", default=None, help="JSON file (default: next to the checkpoint, or in the folder)"
     )
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_shared_flags(p, "inception-weights", "weights", "seed", "device", "memory-backend")
     return p
 
 
@@ -509,7 +562,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     )
     if args.images is not None:
         if args.checkpoint is not None:
-            pipe = TextToImage.load(args.checkpoint, "cpu", args.weights)
+            pipe = TextToImage.load(args.checkpoint, "cpu", args.weights, args.memory_backend)
             cfg, data_dir = pipe.cfg, args.data_dir or pipe.data_dir
         elif args.preset is None or args.data_dir is None:
             raise SystemExit("--images without a checkpoint needs --preset and --data-dir")
@@ -520,7 +573,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     else:
         if num_images < 10:
             raise SystemExit("--num-images must be at least 10 (R-precision and IS use 10 folds)")
-        pipe = TextToImage.load(args.checkpoint, args.device, args.weights)
+        pipe = TextToImage.load(args.checkpoint, args.device, args.weights, args.memory_backend)
         data_dir = args.data_dir or pipe.data_dir or default_root()
         results = evaluate(
             pipe,

@@ -1,7 +1,8 @@
 """A trained text-to-image model for inference: checkpoint → captions → images (and attention).
 
 A training checkpoint (``runs/<preset>/checkpoints/latest.pt``) holds everything needed: the
-config, the generator and its EMA, the frozen DAMSM encoders and the vocabulary.
+config, the generator and its EMA, the frozen DAMSM encoders and the vocabulary; so do converted
+reference models and exports (:mod:`dmgan.checkpoint` has the formats).
 
     pipe = TextToImage.load("runs/shapes/checkpoints/latest.pt")
     captions = pipe.tokenize(["a large red circle in the top left"])
@@ -10,9 +11,11 @@ config, the generator and its EMA, the frozen DAMSM encoders and the vocabulary.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor, nn
@@ -71,24 +74,22 @@ class TextToImage:
 
     @classmethod
     def load(
-        cls, path: str | os.PathLike, device: str | torch.device = "cpu", weights: str = "ema"
+        cls,
+        path: str | os.PathLike,
+        device: str | torch.device = "cpu",
+        weights: str = "ema",
+        memory_backend: str = "auto",
     ) -> TextToImage:
         """A training checkpoint, a converted reference model (both ``.pt``) or an exported model
         folder. ``weights``: "ema" (the averaged generator, what the reference samples with) or
-        "raw" (the same for converted and exported models, which hold only one)."""
+        "raw" (the same for converted and exported models, which hold only one).
+        ``memory_backend``: how the dynamic-memory op runs here (:data:`dmgan.ops.BACKENDS`),
+        whatever the model was trained with."""
         if weights not in ("ema", "raw"):
             raise ValueError(f"weights must be 'ema' or 'raw', got {weights!r}")
-        if os.path.isdir(path):  # an exported model (python -m dmgan.convert export)
-            from dmgan.convert import read_export
-
-            state = read_export(path)
-        else:
-            state = checkpoint.load(path)
-        missing = {"config", "gan", "text_encoder", "image_encoder", "vocab"} - state.keys()
-        if missing:
-            raise ValueError(f"{path} is not a dmgan training checkpoint (missing {sorted(missing)})")
+        state = checkpoint.read_model(path)
         cfg = config_from_dict(state["config"])
-        netG = G_NET(cfg.model)
+        netG = G_NET(cfg.model, memory_backend=memory_backend)
         netG.load_state_dict(state["gan"]["netG"])
         if (
             weights == "ema" and "ema" in state["gan"]
@@ -96,14 +97,26 @@ class TextToImage:
             ema = ParameterEMA(netG)
             ema.load_state_dict(state["gan"]["ema"])
             ema.copy_to(netG)
-        words = list(state["vocab"])
-        vocab = Vocabulary(dict(enumerate(words)), {w: i for i, w in enumerate(words)})
-        text_encoder = build_text_encoder(cfg.model, len(words))
+        vocab = Vocabulary.from_list(state["vocab"])
+        text_encoder = build_text_encoder(cfg.model, len(vocab))
         text_encoder.load_state_dict(state["text_encoder"])
         image_encoder = build_image_encoder(cfg.model.image_encoder, cfg.model.embedding_dim)
         image_encoder.load_state_dict(state["image_encoder"])
         modules = [m.to(device).eval().requires_grad_(False) for m in (netG, text_encoder, image_encoder)]
         return cls(cfg, *modules, vocab, state.get("data_dir"))  # type: ignore[arg-type]
+
+    def model_state(self) -> dict[str, Any]:
+        """This model as the dictionary checkpoints and exports store (one generator, no EMA)."""
+        state: dict[str, Any] = {
+            "config": dataclasses.asdict(self.cfg),
+            "gan": {"netG": self.netG.state_dict()},
+            "text_encoder": self.text_encoder.state_dict(),
+            "image_encoder": self.image_encoder.state_dict(),
+            "vocab": self.vocab.as_list(),
+        }
+        if self.data_dir is not None:
+            state["data_dir"] = self.data_dir
+        return state
 
     @property
     def device(self) -> torch.device:

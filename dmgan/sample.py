@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from dmgan.config import HelpFormatter
+from dmgan.cli import HelpFormatter, add_shared_flags
 from dmgan.pipeline import TextToImage, truncated_noise
 from dmgan.visualize import animation, attention_figure, save_images, stage_grid, strip
 
@@ -50,9 +50,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("checkpoint", help="training checkpoint (runs/<preset>/checkpoints/latest.pt)")
     p.add_argument("captions", nargs="+", help="captions, or .txt files with one caption per line")
     p.add_argument("--samples", type=int, default=1, help="images per caption")
-    p.add_argument("--seed", type=int, default=0, help="random seed")
     p.add_argument("--truncation", type=float, default=None, help="redraw noise entries with |z| above this")
-    p.add_argument("--weights", default="ema", choices=["ema", "raw"], help="EMA or raw generator weights")
     p.add_argument(
         "--interpolate", choices=["seeds", "captions"], help="walk between two seeds or two captions"
     )
@@ -62,7 +60,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--save-images", type=Path, default=None, help="also write every image and captions.txt here"
     )
     p.add_argument("--out", default="samples", help="output folder")
-    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    add_shared_flags(p, "seed", "weights", "device", "memory-backend")
     return p
 
 
@@ -106,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
     if args.samples < 1:
         raise SystemExit("--samples must be at least 1")
     texts = [caption for source in args.captions for caption in read_captions(source)]
-    pipe = TextToImage.load(args.checkpoint, args.device, args.weights)
+    pipe = TextToImage.load(args.checkpoint, args.device, args.weights, args.memory_backend)
     out = Path(args.out)
     if args.interpolate:
         frames = interpolation(pipe, texts, args)

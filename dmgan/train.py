@@ -6,7 +6,7 @@
     python train.py --set train.batch_size=8 --set model.r_num=3 --print-config
     torchrun --nproc_per_node 4 train.py --preset coco --data-dir data/coco ...
 
-Each flag is a field of :class:`dmgan.run.RunOptions` (``--max-steps`` is ``max_steps``); every
+Each flag is a field of :class:`dmgan.runtime.RunOptions` (``--max-steps`` is ``max_steps``); every
 model and training setting is a config field, set with ``--set GROUP.FIELD=VALUE``. A run writes
 the options and configuration it resolved to ``config.json`` in its output folder;
 ``--print-config`` prints them and exits.
@@ -23,9 +23,10 @@ from typing import Any
 
 import torch
 
-from dmgan.config import HelpFormatter
-from dmgan.run import RunOptions, describe
-from dmgan.trainer import GAN, train
+from dmgan.cli import HelpFormatter, default_device
+from dmgan.runtime import RunOptions, describe
+from dmgan.trainer import train
+from dmgan.training_step import TrainingState
 
 
 def _parse_override(text: str) -> tuple[str, Any]:
@@ -75,11 +76,12 @@ def parse_options(argv: Sequence[str] | None = None) -> tuple[RunOptions, bool]:
     return options, print_only
 
 
-def run(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], GAN | None]:
-    """The command line's run: its final metrics and the trained GAN (None when no GAN stage ran)."""
+def train_from_command_line(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], TrainingState | None]:
+    """What a command line asks for: the final metrics and the training state (None when no GAN
+    stage ran)."""
     options, print_only = parse_options(argv)
     if print_only:
-        device = torch.device(options.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = torch.device(options.device or default_device())
         print(json.dumps(describe(options.resolved(device), options.config()), indent=2))
         raise SystemExit(0)
     return train(options)
@@ -87,7 +89,7 @@ def run(argv: Sequence[str] | None = None) -> tuple[dict[str, Any], GAN | None]:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     """``train.py``: run the stages the arguments ask for; returns the final metrics."""
-    return run(argv)[0]
+    return train_from_command_line(argv)[0]
 
 
 if __name__ == "__main__":

@@ -37,16 +37,13 @@ def released(tmp_path_factory):
     data = shapes_data.generate(root / "data", num_train=32, num_test=12, seed=5)
     cfg = get_preset("shapes")
     train = dataset_for(cfg, data, "train", train=True)  # writes the dataset's captions.pickle
-    words = [train.vocab.ixtoword[i] for i in range(len(train.vocab))]
-    with open(root / "captions.pickle", "wb") as f:
-        pickle.dump(
-            [[[1, 2]], [[3]], dict(enumerate(words)), {w: i for i, w in enumerate(words)}], f, protocol=2
-        )
+    with open(root / "captions.pickle", "wb") as f:  # the reference's layout, as Python 2 wrote it
+        pickle.dump([[[1, 2]], [[3]], train.vocab.ixtoword, train.vocab.wordtoix], f, protocol=2)
     torch.manual_seed(0)
     generator = G_NET(cfg.model)
     _save_as_the_reference_did(generator.state_dict(), root / "netG_epoch_600.pth", parallel=True)
     _save_as_the_reference_did(
-        build_text_encoder(cfg.model, len(words)).state_dict(), root / "text_encoder200.pth"
+        build_text_encoder(cfg.model, len(train.vocab)).state_dict(), root / "text_encoder200.pth"
     )
     image_encoder = build_image_encoder(cfg.model.image_encoder, cfg.model.embedding_dim)
     _save_as_the_reference_did(image_encoder.state_dict(), root / "image_encoder200.pth")

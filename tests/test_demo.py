@@ -75,5 +75,5 @@ def test_a_missing_or_foreign_checkpoint_is_refused_at_start(tmp_path):
 
     foreign = tmp_path / "foreign.pt"
     torch.save({"weights": torch.zeros(2)}, foreign)
-    with pytest.raises(SystemExit, match="is not a dmgan training checkpoint"):
+    with pytest.raises(SystemExit, match="is not a dmgan model or training checkpoint"):
         demo_main([str(foreign)])

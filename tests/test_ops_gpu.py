@@ -85,13 +85,13 @@ def test_the_cuda_kernels_refuse_float64_and_auto_falls_back():
 
 
 def test_a_training_step_does_not_wait_for_the_device():
-    """GAN.step queues its work: no device-to-host copy or synchronisation until the caller reads
+    """TrainingState.step queues its work: no device-to-host copy or synchronisation until the caller reads
     the non-finite flag (the training loop's one wait a step)."""
     from dmgan.config import get_preset
-    from dmgan.trainer import GAN, synthetic_batch
+    from dmgan.training_step import TrainingState, synthetic_batch
 
     cfg = get_preset("shapes")
-    gan = GAN.build(cfg, vocab_size=50, device="cuda", amp="bf16")
+    gan = TrainingState.build(cfg, vocab_size=50, device="cuda", amp="bf16")
     batch = synthetic_batch(cfg, 50, batch_size=4, device="cpu").to("cuda")
     gan.step(batch)  # warm-up: first-use builds and Triton compiles may synchronise
     torch.cuda.synchronize()

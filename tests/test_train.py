@@ -12,7 +12,7 @@ from dmgan.config import TINY_OVERRIDES, get_preset, override
 from dmgan.data import Vocabulary
 from dmgan.ema import ParameterEMA
 from dmgan.pipeline import Captions
-from dmgan.trainer import GAN, frozen, synthetic_batch
+from dmgan.training_step import TrainingState, frozen, synthetic_batch
 
 
 def tiny_config():
@@ -21,7 +21,7 @@ def tiny_config():
 
 def test_one_iteration_updates_every_network_and_the_ema():
     cfg = tiny_config()
-    gan = GAN.build(cfg, vocab_size=20)
+    gan = TrainingState.build(cfg, vocab_size=20)
     before_g = [p.detach().clone() for p in gan.netG.parameters()]
     before_d = [p.detach().clone() for d in gan.netsD for p in d.parameters()]
     before_text = [p.detach().clone() for p in gan.text_encoder.parameters()]
@@ -63,7 +63,7 @@ def test_config_override_rejects_unknown_fields():
 
 def test_bf16_autocast_iteration_is_finite_and_keeps_fp32_weights():
     cfg = tiny_config()
-    gan = GAN.build(cfg, vocab_size=20, amp="bf16")
+    gan = TrainingState.build(cfg, vocab_size=20, amp="bf16")
     batch = synthetic_batch(cfg, 20, batch_size=4, device="cpu")
     logs = gan.step(batch)
     assert logs["nonfinite"] == 0 and all(torch.isfinite(v) for v in logs.values())
@@ -73,13 +73,13 @@ def test_bf16_autocast_iteration_is_finite_and_keeps_fp32_weights():
 
 def test_fp16_uses_one_gradient_scaler_per_optimizer_and_unknown_amp_is_refused():
     cfg = tiny_config()
-    gan = GAN.build(cfg, vocab_size=20, amp="fp16")
+    gan = TrainingState.build(cfg, vocab_size=20, amp="fp16")
     assert gan.scalerG.is_enabled() and len(gan.scalersD) == 3 and all(s.is_enabled() for s in gan.scalersD)
     logs = gan.step(synthetic_batch(cfg, 20, batch_size=4, device="cpu"))
     assert logs["nonfinite"] == 0
     assert gan.scalerG.get_scale() > 0
     try:
-        GAN.build(cfg, vocab_size=20, amp="fp8")
+        TrainingState.build(cfg, vocab_size=20, amp="fp8")
     except ValueError as e:
         assert "amp" in str(e) and "fp8" in str(e)
     else:
@@ -93,10 +93,10 @@ def test_a_step_waits_for_no_loss_and_skips_every_update_after_a_nonfinite_one(m
     steps, D1's loss is NaN, so D1, D2, G, their optimizer states and the EMA stay as they were."""
     import traceback
 
-    import dmgan.trainer as trainer
+    import dmgan.training_step as trainer
 
     cfg = tiny_config()
-    gan = GAN.build(cfg, vocab_size=20, amp=amp)
+    gan = TrainingState.build(cfg, vocab_size=20, amp=amp)
     batch = synthetic_batch(cfg, 20, batch_size=4, device="cpu").to("cpu")
     real_loss, calls = trainer.discriminator_loss, {"n": 0}
 
@@ -136,13 +136,13 @@ def test_a_step_waits_for_no_loss_and_skips_every_update_after_a_nonfinite_one(m
 def test_the_cpu_default_amp_follows_the_cpu(monkeypatch, has_bf16, expected):
     """bf16 autocast where the CPU has bf16 matrix instructions (AMX / AVX-512 BF16), else off
     (it is many times slower without them); an asked-for mode always wins."""
-    from dmgan import run
+    from dmgan import runtime
 
-    monkeypatch.setattr(run, "cpu_has_bf16_matrix_instructions", lambda: has_bf16)
-    mode, why = run.default_amp(torch.device("cpu"))
+    monkeypatch.setattr(runtime, "cpu_has_bf16_matrix_instructions", lambda: has_bf16)
+    mode, why = runtime.default_amp(torch.device("cpu"))
     assert mode == expected and ("AMX" in why and "AVX-512 BF16" in why)
-    assert run.RunOptions().resolved(torch.device("cpu")).amp == expected
-    assert run.RunOptions(amp="fp16").resolved(torch.device("cpu")).amp == "fp16"
+    assert runtime.RunOptions().resolved(torch.device("cpu")).amp == expected
+    assert runtime.RunOptions(amp="fp16").resolved(torch.device("cpu")).amp == "fp16"
 
 
 def test_accumulated_micro_batches_give_the_gradients_of_one_batch(monkeypatch):
@@ -150,7 +150,7 @@ def test_accumulated_micro_batches_give_the_gradients_of_one_batch(monkeypatch):
     captions come from the micro-batch) and D losses without the mismatched pairs, two
     micro-batches give every network the gradients of one batch (fp32 rounding apart). Noise is
     zero here, so both draw the same images."""
-    import dmgan.trainer as trainer
+    import dmgan.training_step as trainer
     from dmgan.losses import _bce
 
     def matched_pairs_only(netD, real, fake, sentence):
@@ -175,7 +175,7 @@ def test_accumulated_micro_batches_give_the_gradients_of_one_batch(monkeypatch):
     gans = []
     for accumulate in (1, 2):
         torch.manual_seed(0)
-        gan = GAN.build(cfg, vocab_size=20, accumulate=accumulate)
+        gan = TrainingState.build(cfg, vocab_size=20, accumulate=accumulate)
         for net in (gan.netG, *gan.netsD):
             for name, module in list(net.named_modules()):
                 if isinstance(module, nn.modules.batchnorm._BatchNorm):
@@ -206,7 +206,7 @@ def test_a_compiled_step_equals_an_eager_step(monkeypatch):
     about lr * sign(g), which rounding flips where g is near 0.)"""
     import torch._inductor.config
 
-    import dmgan.trainer as trainer
+    import dmgan.training_step as trainer
 
     grads: list[list[torch.Tensor]] = []
     real_apply = trainer.apply_update
@@ -230,7 +230,7 @@ def test_a_compiled_step_equals_an_eager_step(monkeypatch):
     with torch._inductor.config.patch(fallback_random=True):
         for compile in (False, True):
             torch.manual_seed(0)
-            gan = GAN.build(cfg, vocab_size=20, compile=compile)
+            gan = TrainingState.build(cfg, vocab_size=20, compile=compile)
             torch.manual_seed(1)
             grads.clear()
             logs = gan.step(batch)
@@ -254,7 +254,7 @@ def test_a_channels_last_step_equals_a_contiguous_step(monkeypatch):
     memory op reading the images where they lie; the same losses and gradients as the contiguous
     step within fp32 tolerance (the convolutions sum in another order), and state dicts that load
     into a contiguous model."""
-    import dmgan.trainer as trainer
+    import dmgan.training_step as trainer
     from dmgan import ops
 
     grads: list[torch.Tensor] = []
@@ -279,7 +279,7 @@ def test_a_channels_last_step_equals_a_contiguous_step(monkeypatch):
     runs = []
     for channels_last in (False, True):
         torch.manual_seed(0)
-        gan = GAN.build(cfg, vocab_size=20, channels_last=channels_last)
+        gan = TrainingState.build(cfg, vocab_size=20, channels_last=channels_last)
         torch.manual_seed(1)
         grads.clear(), layouts.clear()
         logs = gan.step(batch)
@@ -298,7 +298,7 @@ def test_a_channels_last_step_equals_a_contiguous_step(monkeypatch):
 
 
 def test_channels_last_is_on_for_gpus_and_off_for_cpus_unless_asked():
-    from dmgan.run import RunOptions
+    from dmgan.runtime import RunOptions
 
     assert RunOptions().resolved(torch.device("cpu")).channels_last == "off"
     assert RunOptions().resolved(torch.device("cuda")).channels_last == "on"
@@ -308,7 +308,7 @@ def test_channels_last_is_on_for_gpus_and_off_for_cpus_unless_asked():
 
 
 def test_evaluation_while_training_is_on_for_the_paper_presets_and_off_for_shapes():
-    from dmgan.run import RunOptions
+    from dmgan.runtime import RunOptions
 
     cpu = torch.device("cpu")
     assert RunOptions(preset="bird").resolved(cpu).eval_every == 5000

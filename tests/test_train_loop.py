@@ -19,7 +19,7 @@ from dmgan import checkpoint
 from dmgan.config import TINY_OVERRIDES
 from dmgan.data import DatasetLayoutError
 from dmgan.data import shapes as shapes_data
-from dmgan.train import main, run
+from dmgan.train import main, train_from_command_line
 from tests.tiny import TINY
 
 pytestmark = pytest.mark.slow  # training runs
@@ -77,7 +77,9 @@ def test_damsm_stage_writes_reference_style_encoders(encoders):
 
 @pytest.mark.parametrize("amp", ["off", "bf16", "fp16"])
 def test_a_few_steps_per_amp_mode(data_dir, encoders, tmp_path, amp):
-    _results, gan = run(gan_args(data_dir, tmp_path, encoders, "--amp", amp, "--max-steps", "2"))
+    _results, gan = train_from_command_line(
+        gan_args(data_dir, tmp_path, encoders, "--amp", amp, "--max-steps", "2")
+    )
     rows = metrics(tmp_path)
     assert [r["step"] for r in rows] == [1, 2]
     assert all(
@@ -92,11 +94,11 @@ def test_a_few_steps_per_amp_mode(data_dir, encoders, tmp_path, amp):
 
 
 def test_resume_gives_identical_weights(data_dir, encoders, tmp_path):
-    run(
+    train_from_command_line(
         gan_args(data_dir, tmp_path / "straight", encoders, "--max-steps", "6")
     )  # crosses an epoch (8 batches)
-    run(gan_args(data_dir, tmp_path / "halves", encoders, "--max-steps", "3"))
-    run(gan_args(data_dir, tmp_path / "halves", encoders, "--max-steps", "6", "--resume"))
+    train_from_command_line(gan_args(data_dir, tmp_path / "halves", encoders, "--max-steps", "3"))
+    train_from_command_line(gan_args(data_dir, tmp_path / "halves", encoders, "--max-steps", "6", "--resume"))
     a = checkpoint.load(tmp_path / "straight" / "checkpoints" / "latest.pt")
     b = checkpoint.load(tmp_path / "halves" / "checkpoints" / "latest.pt")
     assert a["step"] == b["step"] == 6
@@ -154,7 +156,7 @@ def test_two_gloo_processes_keep_identical_generators(data_dir, encoders, tmp_pa
 
 
 def test_nonfinite_steps_are_skipped_then_training_stops(data_dir, encoders, tmp_path, monkeypatch):
-    import dmgan.trainer as train_module
+    import dmgan.training_step as train_module
 
     real_loss = train_module.generator_loss
     calls = {"n": 0}
@@ -165,7 +167,7 @@ def test_nonfinite_steps_are_skipped_then_training_stops(data_dir, encoders, tmp
         return (total * float("nan"), parts) if calls["n"] == 2 else (total, parts)
 
     monkeypatch.setattr(train_module, "generator_loss", sometimes_nan)
-    run(gan_args(data_dir, tmp_path / "once", encoders, "--max-steps", "3"))
+    train_from_command_line(gan_args(data_dir, tmp_path / "once", encoders, "--max-steps", "3"))
     rows = metrics(tmp_path / "once")
     assert rows[-1]["step"] == 3 and rows[-1]["skipped_steps"] == 1
     assert checkpoint.all_finite(checkpoint.load(tmp_path / "once" / "checkpoints" / "latest.pt")["gan"])
@@ -174,7 +176,9 @@ def test_nonfinite_steps_are_skipped_then_training_stops(data_dir, encoders, tmp
         train_module, "generator_loss", lambda *a, **k: (real_loss(*a, **k)[0] * float("inf"), {})
     )
     with pytest.raises(SystemExit, match="3 steps in a row had NaN/Inf losses"):
-        run(gan_args(data_dir, tmp_path / "always", encoders, "--max-steps", "3", "--max-nonfinite", "3"))
+        train_from_command_line(
+            gan_args(data_dir, tmp_path / "always", encoders, "--max-steps", "3", "--max-nonfinite", "3")
+        )
     assert not (tmp_path / "always" / "checkpoints" / "latest.pt").exists()
 
 
@@ -189,7 +193,7 @@ def test_checkpoint_with_nonfinite_weights_is_never_written(data_dir, encoders, 
 
     monkeypatch.setattr(ParameterEMA, "update", poisoned_update)
     with pytest.raises(SystemExit, match="refusing to write a checkpoint"):
-        run(gan_args(data_dir, tmp_path, encoders, "--max-steps", "2"))
+        train_from_command_line(gan_args(data_dir, tmp_path, encoders, "--max-steps", "2"))
     assert not (tmp_path / "checkpoints" / "latest.pt").exists()
 
 
@@ -235,7 +239,7 @@ def test_sigterm_writes_a_checkpoint_and_exits_cleanly(data_dir, encoders, tmp_p
 
 def test_max_steps_is_the_step_count_even_past_the_epochs(data_dir, encoders, tmp_path):
     """It used to cap silently at the preset's epochs: ``--max-steps 3000`` ran 2000 steps."""
-    run(
+    train_from_command_line(
         gan_args(data_dir, tmp_path, encoders, "--set", "train.max_epoch=1", "--max-steps", "11")
     )  # 8 batches an epoch
     assert metrics(tmp_path)[-1]["step"] == 11
@@ -246,7 +250,9 @@ def test_corrupt_image_is_skipped_and_reported(data_dir, encoders, tmp_path):
     copy = shutil.copytree(data_dir, tmp_path / "data")
     (copy / "images" / "train_00005.png").write_bytes(b"garbage")
     with pytest.warns(UserWarning, match="unreadable image"):
-        run(gan_args(copy, tmp_path / "out", encoders, "--max-steps", "8"))  # one epoch: every image
+        train_from_command_line(
+            gan_args(copy, tmp_path / "out", encoders, "--max-steps", "8")
+        )  # one epoch: every image
     assert metrics(tmp_path / "out")[-1]["skipped_images"] == 1
 
 
@@ -285,7 +291,7 @@ def test_bad_input_errors(data_dir, encoders, tmp_path):
 
 def test_stages_run_from_python_with_run_options(tmp_path):
     """No command line: a RunOptions object, the run opened from it, each stage called in turn."""
-    from dmgan.run import RunOptions, default_amp, open_run
+    from dmgan.runtime import RunOptions, default_amp, start_run
     from dmgan.trainer import pretrain_damsm, short_evaluation, train_gan
 
     tiny = {**TINY_OVERRIDES, "train.encoder_max_epoch": 1}
@@ -293,16 +299,16 @@ def test_stages_run_from_python_with_run_options(tmp_path):
         tmp_path / "data", num_train=32, num_test=10, seed=2
     )  # 10: R-precision's folds
     options = RunOptions(data_dir=str(data), out=str(tmp_path), overrides=tiny, max_steps=2, threads=1)
-    with open_run(options) as run:
-        assert run.options.amp == default_amp(torch.device("cpu"))[0]  # what this CPU does best
-        assert run.options.workers == 0 and run.config.train.batch_size == 4
-        pretrain_damsm(run, data)
-        gan = train_gan(run, data)
-        results = short_evaluation(run, data, gan)
+    with start_run(options) as started:
+        assert started.options.amp == default_amp(torch.device("cpu"))[0]  # what this CPU does best
+        assert started.options.workers == 0 and started.config.train.batch_size == 4
+        pretrain_damsm(started, data)
+        state = train_gan(started, data)
+        results = short_evaluation(started, data, state)
     assert (tmp_path / "damsm" / "text_encoder.pth").is_file() and 0 <= results["r_precision"]["mean"] <= 1
     assert checkpoint.load(tmp_path / "checkpoints" / "latest.pt")["step"] == 2
     saved = json.loads((tmp_path / "config.json").read_text())
-    assert saved["options"]["max_steps"] == 2 and saved["options"]["amp"] == run.options.amp
+    assert saved["options"]["max_steps"] == 2 and saved["options"]["amp"] == started.options.amp
     assert saved["config"]["train"]["batch_size"] == 4 and saved["config"]["name"] == "shapes"
 
 
@@ -330,7 +336,7 @@ def test_each_setting_has_one_way_to_be_set(capsys):
 def test_accumulate_trains_with_micro_batches_and_refuses_a_size_that_does_not_divide(
     data_dir, encoders, tmp_path
 ):
-    run(
+    train_from_command_line(
         gan_args(
             data_dir,
             tmp_path / "two",
@@ -347,7 +353,9 @@ def test_accumulate_trains_with_micro_batches_and_refuses_a_size_that_does_not_d
     options = json.loads((tmp_path / "two" / "config.json").read_text())["options"]
     assert options["accumulate"] == 2 and options["channels_last"] == "on"
     with pytest.raises(SystemExit, match="--accumulate 3 must divide the batch size 4"):
-        run(gan_args(data_dir, tmp_path / "three", encoders, "--accumulate", "3", "--max-steps", "1"))
+        train_from_command_line(
+            gan_args(data_dir, tmp_path / "three", encoders, "--accumulate", "3", "--max-steps", "1")
+        )
 
 
 def test_eval_every_logs_the_metrics_keeps_the_best_fid_and_resume_keeps_it(tmp_path):
@@ -357,7 +365,7 @@ def test_eval_every_logs_the_metrics_keeps_the_best_fid_and_resume_keeps_it(tmp_
     data = shapes_data.generate(tmp_path / "data", num_train=32, num_test=10, seed=3)
     base = ["--data-dir", str(data), "--out", str(tmp_path / "run"), "--set", "train.encoder_max_epoch=1",
             *TINY, "--eval-every", "2", "--eval-images", "10"]  # fmt: skip
-    run([*base, "--max-steps", "4"])
+    train_from_command_line([*base, "--max-steps", "4"])
     evals = metrics(tmp_path / "run", stage="eval")
     assert [r["step"] for r in evals] == [2, 4]
     assert all(r["fid"] > 0 and 0 <= r["precision"] <= 1 and "caption_accuracy_colour" in r for r in evals)
@@ -365,7 +373,7 @@ def test_eval_every_logs_the_metrics_keeps_the_best_fid_and_resume_keeps_it(tmp_
     best_fid = min(r["fid"] for r in evals)
     assert latest["best"] == {"fid": best_fid, "step": next(r["step"] for r in evals if r["fid"] == best_fid)}
     assert checkpoint.load(tmp_path / "run" / "checkpoints" / "best.pt")["step"] == latest["best"]["step"]
-    run(
+    train_from_command_line(
         [*base, "--max-steps", "6", "--resume", "--stage", "gan", "--channels-last", "on"]
     )  # either layout resumes
     evals = metrics(tmp_path / "run", stage="eval")

@@ -12,7 +12,7 @@ from dmgan.data.dataset import (
     subsample_caption,
     tokenize,
 )
-from dmgan.data.sampler import EpochSampler
+from dmgan.data.sampler import EpochSampler, epoch_batches, make_loader
 
 __all__ = [
     "EXPECTED_LAYOUT",
@@ -24,6 +24,8 @@ __all__ = [
     "check_vocabulary",
     "collate",
     "dataset_for",
+    "epoch_batches",
+    "make_loader",
     "subsample_caption",
     "tokenize",
 ]

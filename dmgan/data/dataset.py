@@ -91,6 +91,19 @@ class Vocabulary:
     def decode(self, indices: Sequence[int]) -> str:
         return " ".join(self.ixtoword[int(i)] for i in indices if int(i) != 0)
 
+    def as_list(self) -> list[str]:
+        """The words by index: the form checkpoints and exports store.
+
+        >>> Vocabulary.from_list(["<end>", "red", "circle"]).as_list()
+        ['<end>', 'red', 'circle']
+        """
+        return [self.ixtoword[i] for i in range(len(self.ixtoword))]
+
+    @classmethod
+    def from_list(cls, words: Sequence[str]) -> Vocabulary:
+        """The vocabulary whose word of index i is ``words[i]``."""
+        return cls(dict(enumerate(words)), {w: i for i, w in enumerate(words)})
+
 
 def check_vocabulary(vocab_size: int, encoder_vocab_size: int, source: str) -> None:
     """The reference's most reported failure: captions.pickle and the text encoder disagree."""

@@ -1,11 +1,14 @@
-"""A resumable, shardable batch order: the same indices on every run for a (seed, epoch)."""
+"""A resumable, shardable batch order: the same indices on every run for a (seed, epoch), and
+the data loader that draws batches in it."""
 
 from __future__ import annotations
 
 from collections.abc import Iterator
 
 import torch
-from torch.utils.data import Sampler
+from torch.utils.data import DataLoader, Dataset, Sampler
+
+from dmgan.data.dataset import Batch, collate
 
 
 class EpochSampler(Sampler[int]):
@@ -56,3 +59,35 @@ class EpochSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return (self.batches_per_epoch - self.skip_batches) * self.batch_size
+
+
+def make_loader(
+    dataset: Dataset,
+    batch_size: int,
+    *,
+    seed: int,
+    workers: int,
+    rank: int = 0,
+    world_size: int = 1,
+    pin_memory: bool = False,
+) -> DataLoader:
+    """Batches of ``dataset`` in :class:`EpochSampler`'s order for this rank (drop_last)."""
+    sampler = EpochSampler(len(dataset), batch_size, seed=seed, rank=rank, world_size=world_size)  # type: ignore[arg-type]
+    # Its own generator: creating an iterator must not draw from the global RNG (resume equality).
+    return DataLoader(
+        dataset,
+        batch_size=batch_size,
+        sampler=sampler,
+        collate_fn=collate,
+        num_workers=workers,
+        pin_memory=pin_memory,
+        drop_last=True,
+        generator=torch.Generator().manual_seed(seed),
+    )
+
+
+def epoch_batches(loader: DataLoader, epoch: int, skip: int = 0) -> Iterator[Batch]:
+    """The batches of ``epoch``, the first ``skip`` left out (a resumed epoch)."""
+    loader.sampler.set_epoch(epoch, skip)  # type: ignore[union-attr]
+    loader.dataset.set_epoch(epoch)  # type: ignore[attr-defined]
+    yield from loader

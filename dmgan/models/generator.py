@@ -115,12 +115,16 @@ class G_NET(nn.Module):  # noqa: N801
 
     ``forward`` returns ``(fake_imgs, att_maps, mu, logvar)`` like the reference: images
     B x 3 x S x S for S in ``cfg.image_sizes``, and, when ``return_attention``, the key-addressing
-    maps B x T x S x S of the refinement stages (an empty list otherwise).
+    maps B x T x S x S of the refinement stages (an empty list otherwise). ``memory_backend``
+    chooses how the dynamic-memory op runs (:data:`dmgan.ops.BACKENDS`); every backend computes
+    the same function, so it is a choice of the process, not part of the model or its checkpoint.
     """
 
-    def __init__(self, cfg: ModelConfig | None = None) -> None:
+    def __init__(self, cfg: ModelConfig | None = None, memory_backend: str = "auto") -> None:
         super().__init__()
         cfg = cfg or ModelConfig()
+        if memory_backend not in ops.BACKENDS:
+            raise ValueError(f"unknown memory backend {memory_backend!r}; choose one of {list(ops.BACKENDS)}")
         num_up = math.log2(cfg.base_size / 4)
         if cfg.base_size < 8 or num_up != int(num_up):
             raise ValueError(f"base_size must be a power of two >= 8, got {cfg.base_size}")
@@ -134,7 +138,7 @@ class G_NET(nn.Module):  # noqa: N801
         for i in range(2, cfg.branch_num + 1):
             self.add_module(
                 f"h_net{i}",
-                NEXT_STAGE_G(ngf, nef, ncf, cfg.r_num, cfg.memory_backend, cfg.legacy_mask),
+                NEXT_STAGE_G(ngf, nef, ncf, cfg.r_num, memory_backend, cfg.legacy_mask),
             )
             self.add_module(f"img_net{i}", GET_IMAGE_G(ngf))
         self.apply(weights_init)
@@ -168,9 +172,3 @@ class G_NET(nn.Module):  # noqa: N801
             if attention is not None:
                 att_maps.append(attention)
         return fake_imgs, att_maps, mu, logvar
-
-    def set_memory_backend(self, backend: str) -> None:
-        """Switch every refinement stage to another dynamic-memory backend."""
-        for module in self.modules():
-            if isinstance(module, NEXT_STAGE_G):
-                module.backend = backend

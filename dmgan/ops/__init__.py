@@ -34,6 +34,7 @@ BACKEND_MODULES: dict[str, str] = {
     "triton": "dmgan.kernels.backend",
     "cpp": "dmgan.ops._cpp",
 }
+BACKENDS = ("auto", *BACKEND_MODULES)  # what a model or a command line may ask for
 # What backend="auto" tries, per device type, fastest first.
 # What backend="auto" tries, per (device type, op), fastest first, as measured side by side at the
 # bird preset's shapes in fp32 and bf16 (benchmarks/RESULTS.md, "Which backend auto picks"). On a

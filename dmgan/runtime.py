@@ -1,17 +1,17 @@
-"""A training run's plumbing: what it is asked to do, where it runs, signals, logs, RNG state.
+"""A training run's plumbing: what it is asked to do, where it runs, signals, logs, RNG states.
 
 :class:`RunOptions` is everything a run is asked beyond the model and training settings (which are
 the preset's, changed by ``overrides``); ``python train.py`` builds one from its command line, one
 flag per field, and Python code builds one directly::
 
-    from dmgan.run import RunOptions
+    from dmgan.runtime import RunOptions
     from dmgan.trainer import train
 
-    results, gan = train(RunOptions(out="runs/try", max_steps=100, overrides={"train.batch_size": 8}))
+    results, state = train(RunOptions(out="runs/try", max_steps=100, overrides={"train.batch_size": 8}))
 
-:func:`open_run` starts a run from its options: threads, the ``torchrun`` process group, the
+:func:`start_run` starts a run from its options: threads, the ``torchrun`` process group, the
 metrics log, and ``config.json`` (the resolved options and configuration) in the output folder.
-The trainer's stages take the :class:`Run` it yields.
+The trainer's stages take the :class:`TrainingRun` it yields.
 """
 
 from __future__ import annotations
@@ -32,9 +32,12 @@ import torch.distributed as dist
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dmgan.cli import SHARED_FLAGS, default_device
 from dmgan.config import PRESETS, Config, get_preset, override
+from dmgan.data import shapes as shapes_data
+from dmgan.ops import BACKENDS
+from dmgan.training_step import AMP_DTYPES
 
-AMP_DTYPES = {"off": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 AMP_MODES = tuple(AMP_DTYPES)
 # Evaluations while training where they fit: the paper presets run for days on a GPU; on the shapes
 # preset (the CPU default run's 15 minutes) an evaluation with FID would cost minutes.
@@ -65,15 +68,16 @@ class RunOptions:
     stage: str = _option("all", "stages to run", choices=STAGES)
     text_encoder: str | None = _option(None, "released DAMSM text encoder (skips pretraining)")
     image_encoder: str | None = _option(None, "released DAMSM image encoder (skips pretraining)")
-    inception_weights: str | None = _option(None, "torchvision Inception-v3 weights file")
+    inception_weights: str | None = _option(None, SHARED_FLAGS["inception-weights"]["help"])
     resume: bool = _option(False, "continue from the checkpoints in the output folder")
     amp: str | None = _option(
         None,
         "mixed precision (default: bf16 on GPUs and on CPUs with bf16 matrix instructions, else off)",
         choices=AMP_MODES,
     )
-    device: str | None = _option(None, "cpu or cuda (default: cuda when available)")
-    seed: int = _option(0, "random seed")
+    device: str | None = _option(None, SHARED_FLAGS["device"]["help"])
+    seed: int = _option(0, SHARED_FLAGS["seed"]["help"])
+    memory_backend: str = _option("auto", SHARED_FLAGS["memory-backend"]["help"], choices=BACKENDS)
     compile: bool = _option(
         False, "torch.compile G, the Ds and the DAMSM image encoder (the first steps pay the compile time)"
     )
@@ -110,7 +114,8 @@ class RunOptions:
     def __post_init__(self) -> None:
         object.__setattr__(self, "overrides", dict(self.overrides or {}))
         choices = (
-            ("preset", PRESETS), ("stage", STAGES), ("amp", (None, *AMP_MODES)), ("channels_last", (None, *ONOFF))
+            ("preset", PRESETS), ("stage", STAGES), ("amp", (None, *AMP_MODES)), ("channels_last", (None, *ONOFF)),
+            ("memory_backend", BACKENDS),
         )  # fmt: skip
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
@@ -122,6 +127,20 @@ class RunOptions:
         """The preset with the overrides applied (lists become tuples, as the config holds them)."""
         changes = {k: tuple(v) if isinstance(v, list) else v for k, v in self.overrides.items()}
         return override(get_preset(self.preset), **changes) if changes else get_preset(self.preset)
+
+    def dataset_folder(self) -> Path:
+        """The dataset folder: ``data_dir``, or the built-in shapes data, drawn on first use."""
+        cfg = self.config()
+        if self.data_dir is not None:
+            return Path(self.data_dir)
+        if cfg.name != "shapes":
+            raise SystemExit(f"--preset {cfg.name} needs --data-dir (the AttnGAN-layout dataset folder)")
+        root = shapes_data.default_root() / f"n{self.shapes_train}-{self.shapes_test}-seed{self.shapes_seed}"
+        if not shapes_data.is_shapes_dataset(root):
+            print(f"drawing the built-in shapes dataset into {root} ...", flush=True)
+        return shapes_data.generate(
+            root, self.shapes_train, self.shapes_test, self.shapes_seed, cfg.text.captions_per_image
+        )
 
     def resolved(self, device: torch.device) -> RunOptions:
         """Every default filled in for a run on ``device``."""
@@ -185,7 +204,7 @@ class Runtime:
     def start(cls, device: str | None) -> Runtime:
         """Join the ``torchrun`` process group when launched by it (NCCL on GPUs, Gloo on CPU)."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        wanted = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        wanted = device or default_device()
         if world_size == 1:
             return cls(torch.device(wanted))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -275,21 +294,22 @@ class MetricsLog:
                 self.writer.add_scalar(f"{stage}/{k}", v, step)
 
 
-def rng_state() -> dict[str, Any]:
+def all_rng_states() -> dict[str, Any]:
+    """The CPU's and every GPU's generator: what a checkpoint keeps to resume the same draws."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
 
 
-def set_rng_state(state: dict[str, Any]) -> None:
+def restore_all_rng_states(state: dict[str, Any]) -> None:
     torch.set_rng_state(state["torch"])
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
 @dataclass
-class Run:
+class TrainingRun:
     """A started run, as the trainer's stages take it."""
 
     options: RunOptions  # resolved: no default left open
@@ -304,7 +324,7 @@ class Run:
 
 
 @contextlib.contextmanager
-def open_run(options: RunOptions) -> Iterator[Run]:
+def start_run(options: RunOptions) -> Iterator[TrainingRun]:
     """Start a run: threads, the process group, the metrics log and ``config.json``; the process
     group ends when the block does."""
     cfg = options.config()
@@ -314,10 +334,11 @@ def open_run(options: RunOptions) -> Iterator[Run]:
     try:
         options = options.resolved(runtime.device)
         torch.manual_seed(options.seed)  # the same initial weights on every rank
-        run = Run(options, cfg, runtime, MetricsLog(Path(options.out) / "metrics.jsonl", runtime.is_main))
+        log = MetricsLog(Path(options.out) / "metrics.jsonl", runtime.is_main)
+        started = TrainingRun(options, cfg, runtime, log)
         if runtime.is_main:
-            run.out.mkdir(parents=True, exist_ok=True)
-            (run.out / "config.json").write_text(json.dumps(describe(options, cfg), indent=2) + "\n")
-        yield run
+            started.out.mkdir(parents=True, exist_ok=True)
+            (started.out / "config.json").write_text(json.dumps(describe(options, cfg), indent=2) + "\n")
+        yield started
     finally:
         runtime.stop()

@@ -1,0 +1,58 @@
+"""Loading a model for inference: the memory backend is the caller's choice, not the checkpoint's."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import pytest
+import torch
+
+from dmgan import checkpoint
+from dmgan.config import get_preset
+from dmgan.models.generator import NEXT_STAGE_G
+from dmgan.pipeline import TextToImage
+from dmgan.runtime import RunOptions
+from dmgan.sample import main as sample_main
+
+
+def stage_backends(pipe: TextToImage) -> set[str]:
+    return {m.backend for m in pipe.netG.modules() if isinstance(m, NEXT_STAGE_G)}
+
+
+def test_checkpoints_do_not_store_the_memory_backend(trained):
+    stored = checkpoint.load(trained)["config"]["model"]
+    assert "memory_backend" not in stored and set(stored) == {
+        f.name for f in dataclasses.fields(get_preset("shapes").model)
+    }
+
+
+def test_the_loader_chooses_the_backend_and_every_backend_draws_the_same(trained):
+    captions = ["a large red circle", "a small blue square"]
+    images = {}
+    for backend in ("eager", "auto"):
+        pipe = TextToImage.load(trained, memory_backend=backend)
+        assert stage_backends(pipe) == {backend}
+        images[backend] = pipe.generate(pipe.tokenize(captions), seed=1)[0][-1]
+    torch.testing.assert_close(images["auto"], images["eager"], rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="unknown memory backend 'cuda-graphs'"):
+        TextToImage.load(trained, memory_backend="cuda-graphs")
+
+
+def test_a_checkpoint_that_stored_a_gpu_backend_still_loads_on_the_cpu(trained, tmp_path):
+    """Older checkpoints carry ``model.memory_backend``; a model trained with triton on a GPU
+    samples on a CPU with whatever backend runs there."""
+    state = checkpoint.load(trained)
+    state["config"]["model"]["memory_backend"] = "triton"
+    old = checkpoint.save(state, tmp_path / "old.pt")
+    pipe = TextToImage.load(old)
+    assert stage_backends(pipe) == {"auto"}
+    assert torch.isfinite(pipe.generate(pipe.tokenize(["a red circle"]), seed=0)[0][-1]).all()
+
+
+def test_the_command_lines_take_the_memory_backend(trained, tmp_path):
+    assert sample_main([str(trained), "a red circle", "--memory-backend", "eager", "--out", str(tmp_path)])
+    with pytest.raises(SystemExit):  # argparse: invalid choice
+        sample_main([str(trained), "a red circle", "--memory-backend", "fast", "--out", str(tmp_path)])
+    assert RunOptions(memory_backend="cpp").memory_backend == "cpp"
+    with pytest.raises(ValueError, match="memory_backend must be one of"):
+        RunOptions(memory_backend="fast")
