@@ -1,5 +1,7 @@
-"""The seed's parameter table is a contract: same names, same shapes, same totals; and the
-state_dict keys of G and the text encoder are the reference code's, so released checkpoints load."""
+"""The parameter table of the project's founding write-up (its "seed": the description of DM-GAN
+this implementation was specified from, with the reference networks' parameter listing; not a
+random seed) is a contract: same names, same shapes, same totals; and the state_dict keys of G and
+the text encoder are the reference code's, so released checkpoints load."""
 
 from __future__ import annotations
 
