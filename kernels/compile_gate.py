@@ -10,8 +10,11 @@ arguments the way Triton's JIT does (so pointers and sizes get the same alignmen
 specialisation as at run time) and compiles with ``triton.compile`` for a ``GPUTarget``. From each
 kernel it reads the registers, spill stores and stack frame (``ptxas -v``, with the ptxas that ships
 in the triton package) and the shared memory, and compares that with the architecture's per-block
-limit. Exits non-zero on a compile error, a spill (``--allow-spills``: report them) or shared memory
-above the limit. Must run with TRITON_INTERPRET unset; uses Triton's JIT internals (triton 3.x).
+limit. From those and the architecture's per-multiprocessor limits it derives how many programs
+(thread blocks) one multiprocessor holds at once, and, for the bird preset's last stage (B 10,
+128 x 128) on a typical GPU of that architecture, how many waves the launch's grid takes. Exits
+non-zero on a compile error, a spill (``--allow-spills``: report them) or shared memory above the
+limit. Must run with TRITON_INTERPRET unset; uses Triton's JIT internals (triton 3.x).
 """
 
 from __future__ import annotations
@@ -30,12 +33,48 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
+import numpy as np
+
 ARCHS = (80, 86, 89, 90, 120)  # A100, RTX 30xx, RTX 40xx, H100 / H200, RTX 50xx
 # Dynamic shared memory a block may use (cudaDevAttrMaxSharedMemoryPerBlockOptin), by architecture.
 SHARED_MEMORY_PER_BLOCK = {80: 166_912, 86: 101_376, 89: 101_376, 90: 232_448, 120: 101_376}
 DTYPES = ("float32", "bfloat16", "float16")
 BATCH, HEIGHT, WIDTH, WORD_DIM = 10, 64, 64, 256  # the bird preset's second stage
 H200_MULTIPROCESSORS = 132  # sets the read backward's program count (a runtime size, so no recompile)
+BIRD_LAST_STAGE = 128  # the image size the waves are counted at
+
+
+@dataclass(frozen=True)
+class Multiprocessor:
+    """The per-multiprocessor limits that decide residency (CUDA C Programming Guide, "Compute
+    Capabilities" table), and the multiprocessor count of a typical GPU of the architecture."""
+
+    registers: int  # 32-bit registers
+    shared_bytes: int  # shared memory a multiprocessor gives its blocks (1 KiB of each is reserved)
+    threads: int
+    blocks: int
+    count: int
+    gpu: str
+
+
+MULTIPROCESSORS = {
+    80: Multiprocessor(65_536, 167_936, 2048, 32, 108, "A100"),
+    86: Multiprocessor(65_536, 102_400, 1536, 16, 82, "RTX 3090"),
+    89: Multiprocessor(65_536, 102_400, 1536, 24, 128, "RTX 4090"),
+    90: Multiprocessor(65_536, 233_472, 2048, 32, H200_MULTIPROCESSORS, "H200"),
+    120: Multiprocessor(65_536, 102_400, 1536, 32, 170, "RTX 5090"),
+}
+
+
+def resident_programs(arch: int, registers: int, threads: int, shared_bytes: int) -> int:
+    """Programs one multiprocessor runs at once: the least of what its registers (allocated per
+    warp in units of 256), shared memory, threads and block slots allow."""
+    sm = MULTIPROCESSORS[arch]
+    warps = threads // 32
+    per_warp = -(-max(registers, 1) * 32 // 256) * 256
+    by_registers = (sm.registers // per_warp) // warps
+    by_shared = sm.shared_bytes // (shared_bytes + 1024)
+    return max(0, min(by_registers, by_shared, sm.threads // threads, sm.blocks))
 
 
 @dataclass
@@ -51,6 +90,10 @@ class Result:
     stack_bytes: int = -1
     shared_bytes: int = -1
     shared_limit: int = -1
+    threads: int = -1
+    resident_per_sm: int = -1  # programs a multiprocessor holds at once
+    programs: int = -1  # the grid at the bird preset's last stage
+    waves: float = -1.0  # programs / (resident per multiprocessor x multiprocessors of a typical GPU)
     seconds: float = 0.0
     error: str = ""
 
@@ -64,7 +107,9 @@ class Result:
         return ""
 
 
-def plans(dtype_name: str, channels: int, words: int, num_stages: int | None = None) -> list:
+def plans(
+    dtype_name: str, channels: int, words: int, num_stages: int | None = None, size: int = HEIGHT
+) -> list:
     """The launches of the four ops (read forward in its training and its legacy-mask + attention
     variants, the read backward in both masks, both again for channels-last images, the write
     forward and backward) as planned for CPU stand-ins of the real tensors."""
@@ -74,18 +119,16 @@ def plans(dtype_name: str, channels: int, words: int, num_stages: int | None = N
     from dmgan.ops.parity import ReadShape, WriteShape, read_case, write_case
 
     dtype = getattr(torch, dtype_name)
-    read = read_case(ReadShape(BATCH, channels, HEIGHT, WIDTH, (words,) * BATCH), dtype)
+    read = read_case(ReadShape(BATCH, channels, size, size, (words,) * BATCH), dtype)
     write = write_case(WriteShape(BATCH, WORD_DIM, channels, words), dtype)
     weights = tuple(write[k] for k in list(write)[2:])
     out, attention, empty = (
         torch.empty_like(read["img"]),
-        torch.empty(BATCH, words, HEIGHT, WIDTH),
+        torch.empty(BATCH, words, size, size),
         torch.empty(0),
     )
     launches = []
-    programs = memory_read.backward_programs(
-        BATCH, channels, HEIGHT * WIDTH, words, dtype, H200_MULTIPROCESSORS
-    )
+    programs = memory_read.backward_programs(BATCH, channels, size * size, words, dtype, H200_MULTIPROCESSORS)
     for legacy, attn in ((False, empty), (True, attention.to(dtype))):
         launches.append(memory_read.plan_forward(*read.values(), out, attn, legacy))
         buffers = memory_read.backward_buffers(read["img"], words, programs)
@@ -171,6 +214,14 @@ def compile_one(
         compiled = triton.compile(source, target=target, options=options.__dict__)
         result.shared_bytes = compiled.metadata.shared
         result.registers, result.spill_bytes, result.stack_bytes = _resource_usage(compiled.asm["ptx"], arch)
+        result.threads = 32 * int(launch.options["num_warps"])
+        result.resident_per_sm = resident_programs(
+            arch, result.registers, result.threads, result.shared_bytes
+        )
+        bird = plans(dtype, channels, words, num_stages, size=BIRD_LAST_STAGE)[index]
+        result.programs = int(np.prod(bird.grid))
+        slots = result.resident_per_sm * MULTIPROCESSORS[arch].count
+        result.waves = round(result.programs / slots, 2) if slots else float("inf")
     except Exception as e:  # report every failure, keep compiling the rest
         result.error = f"{type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}"
     result.seconds = time.perf_counter() - start
@@ -215,7 +266,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         status = r.problem or (
             f"regs {r.registers:3d} spill {r.spill_bytes:4d} B stack {r.stack_bytes:4d} B "
-            f"smem {r.shared_bytes:6d} / {r.shared_limit} B"
+            f"smem {r.shared_bytes:6d} / {r.shared_limit} B, {r.resident_per_sm} x {r.threads} threads "
+            f"per SM, {r.programs} programs at {BIRD_LAST_STAGE}² = {r.waves} waves on a {MULTIPROCESSORS[r.arch].gpu}"
         )
         print(
             f"sm_{r.arch:<3d} {r.dtype:8s} C{r.channels:<3d} T{r.words:<2d} {r.kernel:28s} {r.config:75s} {status}"

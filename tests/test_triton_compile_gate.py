@@ -72,6 +72,24 @@ def test_shipped_kernels_compile_without_spills_within_shared_memory(dtypes, tmp
     assert {str(r["arch"]) for r in results} == set(archs)
     assert {r["dtype"] for r in results} == set(dtypes)
     assert all(0 < r["registers"] <= 255 and 0 < r["shared_bytes"] <= r["shared_limit"] for r in results)
+    # Residency and waves are reported for every launch: each fits at least once on its GPU.
+    assert all(r["resident_per_sm"] >= 1 and r["programs"] >= 1 and r["waves"] > 0 for r in results)
+
+
+@pytest.mark.parametrize(
+    ("arch", "registers", "threads", "shared", "expected"),
+    [
+        (90, 255, 256, 23_552, 1),  # 64 K registers hold one 256-thread program at 255 a thread
+        (90, 128, 128, 8_192, 4),  # 128 registers x 128 threads: four
+        (90, 32, 64, 0, 32),  # the block-slot limit
+        (86, 64, 256, 60_000, 1),  # shared memory: 100 KiB a multiprocessor on sm_86
+        (86, 32, 1024, 0, 1),  # threads: 1,536 on sm_86
+    ],
+)
+def test_residency_follows_the_scarcest_resource(arch, registers, threads, shared, expected):
+    from dmgan.kernels.compile_gate import resident_programs
+
+    assert resident_programs(arch, registers, threads, shared) == expected
 
 
 def test_the_gate_refuses_shared_memory_above_the_architecture_limit(tmp_path):
