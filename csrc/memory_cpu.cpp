@@ -14,7 +14,6 @@
 #include <torch/library.h>
 
 #include <algorithm>
-#include <bit>
 #include <cstdint>
 #include <cmath>
 #include <cstring>
@@ -144,7 +143,9 @@ inline float exp_vectorisable(float x) {
   p = p * r + 1.6666665459e-1f;
   p = p * r + 5.0000001201e-1f;
   p = p * r * r + r + 1.0f;
-  return p * std::bit_cast<float>((static_cast<int32_t>(n) + 127) << 23);
+  // __builtin_bit_cast is what std::bit_cast (C++20) is made of; the extension is C++17 for torch
+  // 2.11, whose cpp_extension passes -std=c++17 (GCC 11+, Clang 9+ have the builtin).
+  return p * __builtin_bit_cast(float, (static_cast<int32_t>(n) + 127) << 23);
 }
 
 inline double exp_vectorisable(double x) { return std::exp(x); }
