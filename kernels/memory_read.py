@@ -35,7 +35,8 @@ from dmgan.ops import library
 def launch_config(channels: int, t_pad: int, backward: bool, fp32: bool) -> dict[str, int]:
     """Pixels per tile and warps. The C x T key / value tiles and the C x BLOCK_N pixel tiles
     share the registers; the backward holds about twice as many tiles plus its dK / dV sums, and
-    fp32 operands (3xTF32 dots) take more registers still. From the register / spill reports of
+    fp32 operands take more registers still (fp32 tiles, and dots in IEEE fp32 on the FMA units:
+    :func:`dmgan.kernels._common.dot`). From the register / spill reports of
     ``python -m dmgan.kernels.compile_gate``. No loop is pipelined: one stage."""
     size = channels * max(t_pad, 32)
     if fp32:

@@ -35,7 +35,6 @@ BACKEND_MODULES: dict[str, str] = {
     "cpp": "dmgan.ops._cpp",
 }
 BACKENDS = ("auto", *BACKEND_MODULES)  # what a model or a command line may ask for
-# What backend="auto" tries, per device type, fastest first.
 # What backend="auto" tries, per (device type, op), fastest first, as measured side by side at the
 # bird preset's shapes in fp32 and bf16 (benchmarks/RESULTS.md, "Which backend auto picks"). On a
 # CPU the C++ reading kernels beat eager several times over, but oneDNN's 1x1 convolutions beat the
