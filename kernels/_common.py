@@ -1,8 +1,10 @@
-"""What the Triton ops share: launches on the inputs' device, output buffers, dot products."""
+"""What the Triton ops share: launches on the inputs' device, output buffers, dot products, and
+the one kernel that finishes a backward's per-program partial sums."""
 
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -58,11 +60,16 @@ class Launch:
     def __call__(self) -> None:
         if 0 in self.grid:  # an empty batch or image: nothing to compute
             return
-        device = self.args[0].device
+        device = next(a for a in _flat(self.args) if hasattr(a, "device")).device  # the first tensor
         # Triton launches on the current CUDA device and its current stream: make those the inputs'.
         guard = torch.cuda.device(device) if device.type == "cuda" else contextlib.nullcontext()
         with guard:
             self.kernel[self.grid](*self.args, **self.options)
+
+
+def _flat(args: Sequence) -> list:
+    """Launch arguments with tuples (of segments) opened."""
+    return [x for a in args for x in (_flat(a) if isinstance(a, tuple) else (a,))]
 
 
 @triton.jit
@@ -83,3 +90,56 @@ def load_tile(ptr, offs_c, offs_x, stride_c, stride_x, x_ok):
     return tl.load(
         ptr + offs_c[:, None] * stride_c + offs_x[None, :] * stride_x, mask=x_ok[None, :], other=0.0
     ).to(tl.float32)
+
+
+FINISH_BLOCK = 512  # sums per program of the finishing kernel
+
+
+@triton.jit
+def finish_sums_kernel(partials, outs, groups, rows, widths, row_strides, BLOCK: tl.constexpr):
+    """For each segment i: outs[i][g, w] = Σ_p partials[i][(g rows[i] + p) row_strides[i] + w]
+    (g < groups[i], w < widths[i], p < rows[i]), added in the order of p and stored in the dtype
+    of outs[i]. Program (j, i) finishes sums j BLOCK ... (j + 1) BLOCK - 1 of segment i."""
+    segment = tl.program_id(1)
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    for i in tl.static_range(len(outs)):
+        if segment == i:
+            width = widths[i]
+            if tl.program_id(0) * BLOCK < groups[i] * width:
+                ok = offs < groups[i] * width
+                group = (offs // width).to(tl.int64)
+                ptrs = partials[i] + group * rows[i] * row_strides[i] + offs % width
+                total = tl.zeros((BLOCK,), tl.float32)
+                for _ in range(rows[i]):
+                    total += tl.load(ptrs, mask=ok, other=0.0)
+                    ptrs += row_strides[i]
+                tl.store(outs[i] + offs, total.to(outs[i].dtype.element_ty), mask=ok)
+
+
+def plan_finish_sums(segments: Sequence[tuple[torch.Tensor, torch.Tensor]]) -> Launch | None:
+    """One launch that finishes every (partials, out) segment: ``partials`` a G x R x W view of
+    fp32 partial sums (unit stride along W, groups R rows apart), ``out`` a contiguous tensor of
+    G W elements that receives the sums over R in its own dtype. A backward's gradients of every
+    size and dtype come out of this one small kernel instead of a sum and a cast each. None when
+    there is no segment."""
+    if not segments:
+        return None
+    for partials, out in segments:
+        groups, rows, width = partials.shape
+        assert partials.stride(2) == 1 or width <= 1, "partial sums need unit stride along W"
+        assert groups <= 1 or partials.stride(0) == rows * partials.stride(1), "groups must follow rows"
+        assert out.is_contiguous() and out.numel() == groups * width, "out holds the G x W sums"
+    sizes = [p.shape[0] * p.shape[2] for p, _ in segments]
+    return Launch(
+        finish_sums_kernel,
+        (triton.cdiv(max(sizes), FINISH_BLOCK), len(segments)),
+        (
+            tuple(p for p, _ in segments),
+            tuple(out for _, out in segments),
+            tuple(p.shape[0] for p, _ in segments),
+            tuple(p.shape[1] for p, _ in segments),
+            tuple(p.shape[2] for p, _ in segments),
+            tuple(p.stride(1) for p, _ in segments),
+        ),
+        dict(BLOCK=FINISH_BLOCK, num_warps=4, num_stages=1),
+    )

@@ -14,7 +14,11 @@ Images are addressed through (channel, pixel) strides, so they come contiguous o
 forward runs one program per tile. The backward recomputes α instead of storing it and runs a few
 persistent programs per sample, each looping over a fixed set of its tiles with dK, dV and the
 gate gradients accumulated in registers; each program stores its sums once (C x T, not the padded
-width) and a fixed-order sum over a sample's programs finishes them: deterministic, no atomics.
+width) and one small kernel (:func:`dmgan.kernels._common.plan_finish_sums`) adds a sample's
+programs' sums in a fixed order into each gradient's dtype: deterministic, no atomics. The kernels
+take the gate's weights in their own dtype (fp32 parameters under autocast) and round them to the
+image's dtype in registers, and the padding mask as the bool tensor it is (viewed as bytes, any
+strides): no cast or copy runs around them.
 Registered as ``torch.ops.dmgan_triton.memory_read`` (+ ``memory_read_backward``); fake shapes and
 autograd come from :mod:`dmgan.ops.library`.
 """
@@ -28,7 +32,16 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from dmgan.kernels._common import Launch, alloc, alloc_like, dot, dot_in_fp32, load_tile, word_block
+from dmgan.kernels._common import (
+    Launch,
+    alloc,
+    alloc_like,
+    dot,
+    dot_in_fp32,
+    load_tile,
+    plan_finish_sums,
+    word_block,
+)
 from dmgan.ops import library
 
 
@@ -87,21 +100,26 @@ def _key_addressing(
     N,
     T,
     B,
+    stride_mask_b,
+    stride_mask_t,
     DTYPE: tl.constexpr,
     DOT_FP32: tl.constexpr,
     LEGACY_MASK: tl.constexpr,
 ):
-    """α = masked softmax over words of rᵀ K: BLOCK_N x T_PAD, rows of all-masked pixels are 0."""
+    """α = masked softmax over words of rᵀ K: BLOCK_N x T_PAD, rows of all-masked pixels are 0.
+    The mask (B x T bytes, nonzero = padding) is addressed through its strides."""
     scores = dot(tl.trans(r), keys, DTYPE, DOT_FP32)  # BLOCK_N x T_PAD
     t_ok = offs_t < T
     if LEGACY_MASK:
         # the reference's mask.repeat(queryL, 1): batch-major row b*N + q takes mask[row % B]
         rows = (((b * N) % B).to(tl.int32) + offs_n) % B  # 32-bit per pixel: fewer registers
         padded = tl.load(
-            mask_ptr + rows[:, None] * T + offs_t[None, :], mask=n_ok[:, None] & t_ok[None, :], other=1
+            mask_ptr + rows[:, None] * stride_mask_b + offs_t[None, :] * stride_mask_t,
+            mask=n_ok[:, None] & t_ok[None, :],
+            other=1,
         )
     else:
-        padded = tl.load(mask_ptr + b * T + offs_t, mask=t_ok, other=1)[None, :]
+        padded = tl.load(mask_ptr + b * stride_mask_b + offs_t * stride_mask_t, mask=t_ok, other=1)[None, :]
     masked = (padded != 0) | (offs_t[None, :] >= T)
     scores = tl.where(masked, float("-inf"), scores)
     row_max = tl.max(scores, axis=1)
@@ -141,6 +159,8 @@ def memory_read_forward_kernel(
     T,
     B,
     num_tiles,
+    stride_mask_b,
+    stride_mask_t,
     C: tl.constexpr,
     T_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -164,12 +184,16 @@ def memory_read_forward_kernel(
     r = load_tile(img_ptr + b * C * N, offs_c, offs_n, stride_c, stride_n, n_ok)  # C x BLOCK_N
     keys = load_tile(keys_ptr + b * C * T, offs_c, offs_t, T, 1, t_ok)  # C x T_PAD
     values = load_tile(values_ptr + b * C * T, offs_c, offs_t, T, 1, t_ok)
-    alpha = _key_addressing(r, keys, mask_ptr, b, offs_n, n_ok, offs_t, N, T, B, DTYPE, DOT_FP32, LEGACY_MASK)
+    alpha = _key_addressing(
+        r, keys, mask_ptr, b, offs_n, n_ok, offs_t, N, T, B, stride_mask_b, stride_mask_t, DTYPE, DOT_FP32,
+        LEGACY_MASK,
+    )  # fmt: skip
     o = dot(values, tl.trans(alpha), DTYPE, DOT_FP32)  # C x BLOCK_N
 
-    w_r = tl.load(gate_w_ptr + offs_c).to(tl.float32)
-    w_o = tl.load(gate_w_ptr + C + offs_c).to(tl.float32)
-    gate = _response_gate(r, o, w_r, w_o, tl.load(gate_b_ptr).to(tl.float32))
+    # The gate's weights in their own dtype, rounded to the image's as autocast would cast them.
+    w_r = tl.load(gate_w_ptr + offs_c).to(DTYPE).to(tl.float32)
+    w_o = tl.load(gate_w_ptr + C + offs_c).to(DTYPE).to(tl.float32)
+    gate = _response_gate(r, o, w_r, w_o, tl.load(gate_b_ptr).to(DTYPE).to(tl.float32))
     out = r + (o - r) * gate[None, :]
     tl.store(out_ptr + b * C * N + pixel_offs, out.to(DTYPE), mask=n_ok[None, :])
     if WRITE_ATTENTION:
@@ -195,6 +219,8 @@ def memory_read_backward_kernel(
     B,
     num_tiles,
     programs,
+    stride_mask_b,
+    stride_mask_t,
     C: tl.constexpr,
     T_PAD: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -213,9 +239,9 @@ def memory_read_backward_kernel(
     t_ok = offs_t < T
     keys = load_tile(keys_ptr + b * C * T, offs_c, offs_t, T, 1, t_ok)
     values = load_tile(values_ptr + b * C * T, offs_c, offs_t, T, 1, t_ok)
-    w_r = tl.load(gate_w_ptr + offs_c).to(tl.float32)
-    w_o = tl.load(gate_w_ptr + C + offs_c).to(tl.float32)
-    bias = tl.load(gate_b_ptr).to(tl.float32)
+    w_r = tl.load(gate_w_ptr + offs_c).to(DTYPE).to(tl.float32)  # rounded as in the forward
+    w_o = tl.load(gate_w_ptr + C + offs_c).to(DTYPE).to(tl.float32)
+    bias = tl.load(gate_b_ptr).to(DTYPE).to(tl.float32)
     d_keys = tl.zeros((C, T_PAD), tl.float32)
     d_values = tl.zeros((C, T_PAD), tl.float32)
     d_w_r = tl.zeros((C,), tl.float32)
@@ -231,8 +257,9 @@ def memory_read_backward_kernel(
         # Recompute the forward for this tile.
         r = load_tile(img_ptr + b * C * N, offs_c, offs_n, stride_c, stride_n, n_ok)
         alpha = _key_addressing(
-            r, keys, mask_ptr, b, offs_n, n_ok, offs_t, N, T, B, DTYPE, DOT_FP32, LEGACY_MASK
-        )
+            r, keys, mask_ptr, b, offs_n, n_ok, offs_t, N, T, B, stride_mask_b, stride_mask_t, DTYPE, DOT_FP32,
+            LEGACY_MASK,
+        )  # fmt: skip
         o = dot(values, tl.trans(alpha), DTYPE, DOT_FP32)
         gate = _response_gate(r, o, w_r, w_o, bias)
         # Response gate: r' = r + (o - r) g. Pixels past N have dy = 0, so they add nothing below.
@@ -263,7 +290,9 @@ def memory_read_backward_kernel(
 
 
 def _prepare(img: Tensor, keys: Tensor, values: Tensor, pad_mask: Tensor, gate_w: Tensor, gate_b: Tensor):
-    mask = pad_mask.to(torch.uint8).contiguous()
+    """The kernels' tensor arguments, copied only where they are not laid out as the kernels read
+    them (in the model: never). The bool mask is viewed as bytes, in its own strides."""
+    mask = pad_mask.view(torch.uint8) if pad_mask.dtype == torch.bool else pad_mask.to(torch.uint8)
     gate_w, gate_b = gate_w.reshape(-1).contiguous(), gate_b.reshape(-1).contiguous()
     return library.dense_image(img), keys.contiguous(), values.contiguous(), mask, gate_w, gate_b
 
@@ -283,7 +312,7 @@ def plan_forward(img, keys, values, pad_mask, gate_w, gate_b, out, attention, le
     options.update(LEGACY_MASK=legacy_mask, WRITE_ATTENTION=attention.numel() > 0)
     inputs = _prepare(img, keys, values, pad_mask, gate_w, gate_b)
     options.update(CHANNELS_LAST=library.is_channels_last(inputs[0]))
-    sizes = (height * width, num_words, batch, num_tiles)
+    sizes = (height * width, num_words, batch, num_tiles, *inputs[3].stride())
     return Launch(
         memory_read_forward_kernel, (num_tiles * batch,), (*inputs, out, attention, *sizes), options
     )
@@ -308,7 +337,7 @@ def plan_backward(grad_out, img, keys, values, pad_mask, gate_w, gate_b, buffers
     inputs = _prepare(img, keys, values, pad_mask, gate_w, gate_b)
     outputs = (buffers["grad_img"], buffers["keys"], buffers["values"], buffers["gate"])
     options.update(CHANNELS_LAST=library.is_channels_last(inputs[0]))
-    sizes = (height * width, num_words, batch, num_tiles, programs)
+    sizes = (height * width, num_words, batch, num_tiles, programs, *inputs[3].stride())
     args = (*inputs, library.like_image(grad_out, inputs[0]), *outputs, *sizes)
     return Launch(memory_read_backward_kernel, (batch * programs,), args, options)
 
@@ -324,7 +353,8 @@ def memory_read(
     return_attention: bool,
     legacy_mask: bool,
 ) -> tuple[Tensor, Tensor]:
-    """(r' B x C x H x W, α B x T x H x W or an empty tensor). All float inputs share one dtype."""
+    """(r' B x C x H x W, α B x T x H x W or an empty tensor), computed in the image's dtype;
+    keys and values in it too, the gate's weights in any float dtype, the mask bool (or bytes)."""
     batch, _, height, width = img.shape
     img = library.dense_image(img)
     out = alloc_like(img)
@@ -345,7 +375,8 @@ def memory_read_backward(
     gate_b: Tensor,
     legacy_mask: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients for (img, keys, values, gate_w, gate_b), each in its input's dtype and shape."""
+    """Gradients for (img, keys, values, gate_w, gate_b), each in its input's dtype and shape. Two
+    launches: the kernel, and the one that finishes the partial sums."""
     batch, channels, height, width = img.shape
     img = library.dense_image(img)
     num_words = keys.shape[2]
@@ -355,14 +386,31 @@ def memory_read_backward(
     # With no pixel (H W = 0) each program still runs once and stores zero sums.
     buffers = backward_buffers(img, num_words, programs)
     plan_backward(grad_out, img, keys, values, pad_mask, gate_w, gate_b, buffers, legacy_mask)()
-    gate = buffers["gate"]
-    return (
-        buffers["grad_img"],
-        buffers["keys"].sum(1).to(keys.dtype),
-        buffers["values"].sum(1).to(values.dtype),
-        gate[:, : 2 * channels].sum(0).view(gate_w.shape).to(gate_w.dtype),
-        gate[:, 2 * channels :].sum(0).view(gate_b.shape).to(gate_b.dtype),
-    )
+    grads = tuple(alloc(t.shape, t.dtype, t.device) for t in (keys, values, gate_w, gate_b))
+    finish = plan_finish(buffers, *grads)
+    if finish is not None:
+        finish()
+    return (buffers["grad_img"], *grads)
+
+
+def plan_finish(
+    buffers: dict[str, Tensor],
+    grad_keys: Tensor,
+    grad_values: Tensor,
+    grad_gate_w: Tensor,
+    grad_gate_b: Tensor,
+) -> Launch | None:
+    """The launch that adds the backward's partial sums, in a fixed order, into the gradients of
+    the keys and values (per sample, over its programs) and of the gate (over every program), each
+    in its own dtype."""
+    batch, programs, channels, num_words = buffers["keys"].shape
+    gate = buffers["gate"][None]  # 1 x (B programs) x (2C + 1)
+    return plan_finish_sums([
+        (buffers["keys"].view(batch, programs, channels * num_words), grad_keys),
+        (buffers["values"].view(batch, programs, channels * num_words), grad_values),
+        (gate[:, :, : 2 * channels], grad_gate_w),
+        (gate[:, :, 2 * channels :], grad_gate_b),
+    ])  # fmt: skip
 
 
 def backward_bytes(

@@ -9,22 +9,32 @@ so the gain is one launch instead of about a dozen. With words W (N_w x T) and r
     M   = F_w g + f_r (1 - g)                    N_m x T
     K   = ReLU(W_k M + b_k),  V = ReLU(W_v M + b_v)    N_r x T
 
-The backward recomputes the forward per program; weight gradients leave each program as fp32
-partials summed afterwards, so they are deterministic. Registered as
+The kernels compute in the dtype of the keys and values (the autocast dtype under autocast) and
+take every other input as it is: weights in their own dtype (fp32 parameters under autocast),
+words in any dtype and strides (the text encoder's B x N_w x T transpose), each rounded to the
+compute dtype in registers as autocast's casts would round it, so no cast kernel runs first.
+The backward recomputes the forward per program; gradients summed over words leave each program
+as fp32 partials that one small kernel (:func:`dmgan.kernels._common.plan_finish_sums`) adds in a
+fixed order and stores in each input's dtype, so they are deterministic. It computes only the
+gradients asked for: the frozen encoder's words and the detached r̄ need none. Registered as
 ``torch.ops.dmgan_triton.memory_write`` (+ ``memory_write_backward``); fake shapes and autograd
 come from :mod:`dmgan.ops.library`.
 """
 
 from __future__ import annotations
 
+import math
+from collections.abc import Sequence
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from dmgan.kernels._common import Launch, alloc, dot, dot_in_fp32
+from dmgan.kernels._common import Launch, alloc, alloc_like, dot, dot_in_fp32, plan_finish_sums
 from dmgan.ops import library
 
+NUM_INPUTS = 12  # words, r̄ and the ten weights
 BLOCK_T = 16  # words per program (tl.dot needs >= 16); BLOCK_K chunks N_w, BLOCK_R the N_r rows
 
 
@@ -54,6 +64,9 @@ def _write_forward(
     offs_t,
     T,
     NW,
+    stride_wb,
+    stride_wk,
+    stride_wt,
     NR: tl.constexpr,
     NM: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -63,31 +76,32 @@ def _write_forward(
     DOT_FP32: tl.constexpr,
 ):
     """Recomputable part of the forward for sample b, words offs_t: F_w and f_r before their
-    ReLUs, and g. Weights are streamed in chunks so no N_m x N_w or N_m x N_r tile is held."""
+    ReLUs, and g. Weights are streamed in chunks so no N_m x N_w or N_m x N_r tile is held. Every
+    input is rounded to DTYPE as it is loaded (what autocast's casts would have stored)."""
     offs_m = tl.arange(0, NM)
     t_ok = offs_t < T
-    image_pre = tl.load(M_r_b_ptr + offs_m).to(tl.float32)
+    image_pre = tl.load(M_r_b_ptr + offs_m).to(DTYPE).to(tl.float32)
     gate_pre = tl.zeros((BLOCK_T,), tl.float32)
     for r0 in range(0, NR, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        rbar = tl.load(rbar_ptr + b * NR + offs_r).to(tl.float32)
-        M_r = tl.load(M_r_ptr + offs_m[:, None] * NR + offs_r[None, :]).to(tl.float32)
+        rbar = tl.load(rbar_ptr + b * NR + offs_r).to(DTYPE).to(tl.float32)
+        M_r = tl.load(M_r_ptr + offs_m[:, None] * NR + offs_r[None, :]).to(DTYPE).to(tl.float32)
         image_pre += tl.sum(M_r * rbar[None, :], axis=1)
-        gate_pre += tl.sum(tl.load(B_ptr + offs_r).to(tl.float32) * rbar, axis=0)
+        gate_pre += tl.sum(tl.load(B_ptr + offs_r).to(DTYPE).to(tl.float32) * rbar, axis=0)
     words_pre = tl.zeros((NM, BLOCK_T), tl.float32)
     for k0 in range(0, NW, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < NW
         w = tl.load(
-            words_ptr + b * NW * T + offs_k[:, None] * T + offs_t[None, :],
+            words_ptr + b * stride_wb + offs_k[:, None] * stride_wk + offs_t[None, :] * stride_wt,
             mask=k_ok[:, None] & t_ok[None, :],
             other=0.0,
-        )
+        ).to(DTYPE)
         M_w = tl.load(M_w_ptr + offs_m[:, None] * NW + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-        words_pre += dot(M_w, w, DTYPE, DOT_FP32)
-        A = tl.load(A_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        words_pre += dot(M_w.to(DTYPE), w, DTYPE, DOT_FP32)
+        A = tl.load(A_ptr + offs_k, mask=k_ok, other=0.0).to(DTYPE).to(tl.float32)
         gate_pre += tl.sum(A[:, None] * w.to(tl.float32), axis=0)
-    words_pre += tl.load(M_w_b_ptr + offs_m).to(tl.float32)[:, None]
+    words_pre += tl.load(M_w_b_ptr + offs_m).to(DTYPE).to(tl.float32)[:, None]
     return words_pre, image_pre, tl.sigmoid(gate_pre)
 
 
@@ -109,6 +123,9 @@ def memory_write_forward_kernel(
     values_ptr,
     T,
     NW,
+    stride_wb,
+    stride_wk,
+    stride_wt,
     NR: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
@@ -118,7 +135,7 @@ def memory_write_forward_kernel(
     b = tl.program_id(0).to(tl.int64)
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     NM: tl.constexpr = 2 * NR
-    DTYPE: tl.constexpr = words_ptr.dtype.element_ty
+    DTYPE: tl.constexpr = keys_ptr.dtype.element_ty  # the compute dtype
     words_pre, image_pre, gate = _write_forward(
         words_ptr,
         rbar_ptr,
@@ -132,6 +149,9 @@ def memory_write_forward_kernel(
         offs_t,
         T,
         NW,
+        stride_wb,
+        stride_wk,
+        stride_wt,
         NR,
         NM,
         BLOCK_T,
@@ -149,12 +169,13 @@ def memory_write_forward_kernel(
         w_offs = offs_r[:, None] * NM + offs_m[None, :]
         out_offs = b * NR * T + offs_r[:, None] * T + offs_t[None, :]
         keys = (
-            dot(tl.load(key_w_ptr + w_offs), memory, DTYPE, DOT_FP32) + tl.load(key_b_ptr + offs_r)[:, None]
+            dot(tl.load(key_w_ptr + w_offs).to(DTYPE), memory, DTYPE, DOT_FP32)
+            + tl.load(key_b_ptr + offs_r).to(DTYPE)[:, None]
         )
         tl.store(keys_ptr + out_offs, tl.maximum(keys, 0.0).to(DTYPE), mask=t_ok)
         values = (
-            dot(tl.load(value_w_ptr + w_offs), memory, DTYPE, DOT_FP32)
-            + tl.load(value_b_ptr + offs_r)[:, None]
+            dot(tl.load(value_w_ptr + w_offs).to(DTYPE), memory, DTYPE, DOT_FP32)
+            + tl.load(value_b_ptr + offs_r).to(DTYPE)[:, None]
         )
         tl.store(values_ptr + out_offs, tl.maximum(values, 0.0).to(DTYPE), mask=t_ok)
 
@@ -183,8 +204,8 @@ def _project_backward(
     d_memory = tl.zeros((NM, offs_t.shape[0]), tl.float32)
     for r0 in range(0, NR, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        weight = tl.load(w_ptr + offs_r[:, None] * NM + offs_m[None, :])
-        pre = dot(weight, memory, DTYPE, DOT_FP32) + tl.load(b_ptr + offs_r).to(tl.float32)[:, None]
+        weight = tl.load(w_ptr + offs_r[:, None] * NM + offs_m[None, :]).to(DTYPE)
+        pre = dot(weight, memory, DTYPE, DOT_FP32) + tl.load(b_ptr + offs_r).to(DTYPE).to(tl.float32)[:, None]
         grad = tl.load(
             grad_out_ptr + b * NR * T + offs_r[:, None] * T + offs_t[None, :], mask=t_ok, other=0.0
         )
@@ -228,17 +249,25 @@ def memory_write_backward_kernel(
     grad_value_b_part,
     T,
     NW,
+    stride_wb,
+    stride_wk,
+    stride_wt,
     NR: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    WORDS_GRAD: tl.constexpr,
+    RBAR_GRAD: tl.constexpr,
 ):
+    """The forward recomputed, then every gradient: the words' stored in place (with the words'
+    strides), the rest as this program's fp32 partial sums. WORDS_GRAD / RBAR_GRAD off: those
+    gradients are neither computed nor stored (their pointers may be anything)."""
     b = tl.program_id(0).to(tl.int64)
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
     part = b * tl.num_programs(1) + tl.program_id(1)  # this program's slot in the partial buffers
     NM: tl.constexpr = 2 * NR
-    DTYPE: tl.constexpr = words_ptr.dtype.element_ty
+    DTYPE: tl.constexpr = grad_keys_ptr.dtype.element_ty  # the compute dtype (the keys' own)
     offs_m = tl.arange(0, NM)
     t_ok = offs_t < T
     words_pre, image_pre, gate = _write_forward(
@@ -254,6 +283,9 @@ def memory_write_backward_kernel(
         offs_t,
         T,
         NW,
+        stride_wb,
+        stride_wk,
+        stride_wt,
         NR,
         NM,
         BLOCK_T,
@@ -312,22 +344,21 @@ def memory_write_backward_kernel(
     tl.store(grad_M_r_b_part + part * NM + offs_m, d_image_pre)
     for r0 in range(0, NR, BLOCK_R):
         offs_r = r0 + tl.arange(0, BLOCK_R)
-        rbar = tl.load(rbar_ptr + b * NR + offs_r).to(tl.float32)
+        rbar = tl.load(rbar_ptr + b * NR + offs_r).to(DTYPE).to(tl.float32)
         M_r_offs = offs_m[:, None] * NR + offs_r[None, :]
         tl.store(grad_M_r_part + part * NM * NR + M_r_offs, d_image_pre[:, None] * rbar[None, :])
         tl.store(grad_B_part + part * NR + offs_r, d_gate_total * rbar)
-        M_r = tl.load(M_r_ptr + M_r_offs).to(tl.float32)
-        d_rbar = tl.sum(M_r * d_image_pre[:, None], axis=0)
-        d_rbar += d_gate_total * tl.load(B_ptr + offs_r).to(tl.float32)
-        tl.store(grad_rbar_part + part * NR + offs_r, d_rbar)
+        if RBAR_GRAD:
+            M_r = tl.load(M_r_ptr + M_r_offs).to(DTYPE).to(tl.float32)
+            d_rbar = tl.sum(M_r * d_image_pre[:, None], axis=0)
+            d_rbar += d_gate_total * tl.load(B_ptr + offs_r).to(DTYPE).to(tl.float32)
+            tl.store(grad_rbar_part + part * NR + offs_r, d_rbar)
 
     for k0 in range(0, NW, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < NW
-        words_offs = b * NW * T + offs_k[:, None] * T + offs_t[None, :]
-        words = tl.load(words_ptr + words_offs, mask=k_ok[:, None] & t_ok[None, :], other=0.0)
-        M_w = tl.load(M_w_ptr + offs_m[:, None] * NW + offs_k[None, :], mask=k_ok[None, :], other=0.0)
-        A = tl.load(A_ptr + offs_k, mask=k_ok, other=0.0).to(tl.float32)
+        words_offs = b * stride_wb + offs_k[:, None] * stride_wk + offs_t[None, :] * stride_wt
+        words = tl.load(words_ptr + words_offs, mask=k_ok[:, None] & t_ok[None, :], other=0.0).to(DTYPE)
         grad_M_w = dot(d_words_pre, tl.trans(words), DTYPE, DOT_FP32)  # NM x BLOCK_K
         tl.store(
             grad_M_w_part + part * NM * NW + offs_m[:, None] * NW + offs_k[None, :],
@@ -339,12 +370,19 @@ def memory_write_backward_kernel(
             tl.sum(words.to(tl.float32) * d_gate_pre[None, :], axis=1),
             mask=k_ok,
         )
-        d_words = dot(tl.trans(M_w), d_words_pre, DTYPE, DOT_FP32) + A[:, None] * d_gate_pre[None, :]
-        tl.store(grad_words_ptr + words_offs, d_words.to(DTYPE), mask=k_ok[:, None] & t_ok[None, :])
+        if WORDS_GRAD:
+            M_w = tl.load(M_w_ptr + offs_m[:, None] * NW + offs_k[None, :], mask=k_ok[None, :], other=0.0)
+            A = tl.load(A_ptr + offs_k, mask=k_ok, other=0.0).to(DTYPE).to(tl.float32)
+            d_words = (
+                dot(tl.trans(M_w.to(DTYPE)), d_words_pre, DTYPE, DOT_FP32) + A[:, None] * d_gate_pre[None, :]
+            )
+            # In DTYPE, as autocast computes it, then in the words' own dtype.
+            d_words = d_words.to(DTYPE).to(grad_words_ptr.dtype.element_ty)
+            tl.store(grad_words_ptr + words_offs, d_words, mask=k_ok[:, None] & t_ok[None, :])
 
 
-def _options(words: Tensor, rbar: Tensor, backward: bool) -> dict[str, object]:
-    nr, fp32 = rbar.shape[1], dot_in_fp32(words.dtype)
+def _options(dtype: torch.dtype, rbar: Tensor, backward: bool) -> dict[str, object]:
+    nr, fp32 = rbar.shape[1], dot_in_fp32(dtype)
     return dict(NR=nr, BLOCK_T=BLOCK_T, DOT_FP32=fp32, **launch_config(nr, backward, fp32))
 
 
@@ -352,30 +390,57 @@ def _grid(words: Tensor) -> tuple[int, int]:
     return (words.shape[0], triton.cdiv(words.shape[2], BLOCK_T))  # samples x word blocks
 
 
+def _sizes(words: Tensor) -> tuple[int, int, int, int, int]:
+    """T, N_w and the words' (sample, feature, word) strides: any layout is read where it lies."""
+    return (words.shape[2], words.shape[1], *words.stride())
+
+
 def plan_forward(
     words: Tensor, rbar: Tensor, weights: tuple[Tensor, ...], keys: Tensor, values: Tensor
 ) -> Launch:
-    tensors = (words.contiguous(), rbar.contiguous(), *(w.contiguous() for w in weights))
+    """The forward launch; it computes in the dtype of ``keys`` and ``values``."""
+    tensors = (words, rbar.contiguous(), *(w.contiguous() for w in weights))
     return Launch(
         memory_write_forward_kernel,
         _grid(words),
-        (*tensors, keys, values, words.shape[2], words.shape[1]),
-        _options(words, rbar, backward=False),
+        (*tensors, keys, values, *_sizes(words)),
+        _options(keys.dtype, rbar, backward=False),
     )
 
 
-def backward_buffers(words: Tensor, rbar: Tensor, weights: tuple[Tensor, ...]) -> dict[str, object]:
-    """grad_words and the per-program fp32 partial sums of every other gradient."""
-    programs = _grid(words)[0] * _grid(words)[1]
+def _all_inputs(needs_input_grad: Sequence[bool] | None) -> tuple[bool, ...]:
+    return (True,) * NUM_INPUTS if needs_input_grad is None else tuple(needs_input_grad[:NUM_INPUTS])
+
+
+def backward_buffers(
+    words: Tensor, rbar: Tensor, weights: tuple[Tensor, ...], needs_input_grad: Sequence[bool] | None = None
+) -> dict[str, object]:
+    """grad_words (in the words' dtype and strides) and the per-program fp32 partial sums of r̄'s
+    and the weights' gradients, all partials in one buffer. The words' and r̄'s are None when
+    ``needs_input_grad`` (one flag per input, words first) does not ask for them; the weights'
+    partials are always stored (the kernel computes them together), only finished when asked."""
+    needs = _all_inputs(needs_input_grad)
+    batch, tiles = _grid(words)
+    rbar_shape = (batch, tiles, rbar.shape[1]) if needs[1] else (0,)
+    shapes = [rbar_shape, *((batch * tiles, *w.shape) for w in weights)]
+    sizes = [math.prod(shape) for shape in shapes]
+    scratch = alloc((sum(sizes),), torch.float32, words.device)
+    parts = [part.view(shape) for part, shape in zip(scratch.split(sizes), shapes)]
     return dict(
-        grad_words=alloc(words.shape, words.dtype, words.device),
-        rbar=alloc((words.shape[0], _grid(words)[1], rbar.shape[1]), torch.float32, words.device),
-        weights=[alloc((programs, *w.shape), torch.float32, words.device) for w in weights],
+        grad_words=alloc_like(words) if needs[0] else None,
+        rbar=parts[0] if needs[1] else None,
+        weights=parts[1:],
+        scratch=scratch,
     )
 
 
 def plan_backward(grad_keys, grad_values, words, rbar, weights, buffers) -> Launch:
-    tensors = (words.contiguous(), rbar.contiguous(), *(w.contiguous() for w in weights))
+    """The backward launch; it computes in the dtype of ``grad_keys`` (the keys' own)."""
+    grad_words, grad_rbar = buffers["grad_words"], buffers["rbar"]
+    if grad_words is not None:  # stored with the words' strides
+        assert _same_strides(grad_words, words), "grad_words must lie like the words"
+    tensors = (words, rbar.contiguous(), *(w.contiguous() for w in weights))
+    unused = buffers["scratch"]  # stands in for a gradient not computed: never written
     return Launch(
         memory_write_backward_kernel,
         _grid(words),
@@ -383,14 +448,47 @@ def plan_backward(grad_keys, grad_values, words, rbar, weights, buffers) -> Laun
             *tensors,
             grad_keys.contiguous(),
             grad_values.contiguous(),
-            buffers["grad_words"],
-            buffers["rbar"],
+            unused if grad_words is None else grad_words,
+            unused if grad_rbar is None else grad_rbar,
             *buffers["weights"],
-            words.shape[2],
-            words.shape[1],
+            *_sizes(words),
         ),
-        _options(words, rbar, backward=True),
+        dict(
+            _options(grad_keys.dtype, rbar, backward=True),
+            WORDS_GRAD=grad_words is not None,
+            RBAR_GRAD=grad_rbar is not None,
+        ),
     )
+
+
+def _same_strides(a: Tensor, b: Tensor) -> bool:
+    """Same shape and the same strides along every dimension longer than 1."""
+    return a.shape == b.shape and all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
+
+
+def _dense(t: Tensor) -> bool:
+    """No gaps and no overlaps, in any order of the dimensions: ``empty_like`` gives a tensor
+    that lies exactly like it."""
+    expected = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
+        if stride != expected:
+            return False
+        expected *= size
+    return True
+
+
+def plan_finish(
+    buffers: dict[str, object], grad_rbar: Tensor | None, weight_grads: Sequence[Tensor | None]
+) -> Launch | None:
+    """The launch that adds the partial sums into the gradients asked for (r̄'s per sample over
+    its word blocks, the weights' over every program), each in its output's dtype."""
+    segments = []
+    if grad_rbar is not None:
+        segments.append((buffers["rbar"], grad_rbar))
+    for part, grad in zip(buffers["weights"], weight_grads):
+        if grad is not None:
+            segments.append((part.view(1, part.shape[0], grad.numel()), grad))
+    return plan_finish_sums(segments)
 
 
 @torch.library.custom_op("dmgan_triton::memory_write", mutates_args=())
@@ -407,11 +505,14 @@ def memory_write(
     key_b: Tensor,
     value_w: Tensor,
     value_b: Tensor,
+    dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """(keys, values), each B x N_r x T. All float inputs share one dtype."""
+    """(keys, values), each B x N_r x T, computed in and returned in ``dtype`` (default: the
+    words'). The inputs may have any float dtypes, the words any strides."""
     weights = (A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)
     shape = (words.shape[0], rbar.shape[1], words.shape[2])
-    keys, values = alloc(shape, words.dtype, words.device), alloc(shape, words.dtype, words.device)
+    dtype = dtype or words.dtype
+    keys, values = alloc(shape, dtype, words.device), alloc(shape, dtype, words.device)
     plan_forward(words, rbar, weights, keys, values)()
     return keys, values
 
@@ -432,15 +533,27 @@ def memory_write_backward(
     key_b: Tensor,
     value_w: Tensor,
     value_b: Tensor,
+    needs_input_grad: list[bool] | None = None,
 ) -> list[Tensor]:
-    """Gradients for (words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)."""
+    """Gradients for (words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b),
+    each in its input's dtype, computed in the dtype of ``grad_keys``; an empty tensor for each
+    input that ``needs_input_grad`` says needs none. Two launches: the kernel, and the one that
+    finishes the partial sums."""
     weights = (A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)
-    buffers = backward_buffers(words, rbar, weights)
+    needs = _all_inputs(needs_input_grad)
+    if needs[0] and not _dense(words):
+        words = words.contiguous()  # grad_words is stored where the words lie: no gaps, no overlaps
+    buffers = backward_buffers(words, rbar, weights, needs)
     plan_backward(grad_keys, grad_values, words, rbar, weights, buffers)()
-    # The per-program partials summed in a fixed order: deterministic gradients.
-    grad_rbar = buffers["rbar"].sum(1).to(rbar.dtype)
-    weight_grads = (p.sum(0).to(w.dtype) for p, w in zip(buffers["weights"], weights))
-    return [buffers["grad_words"], grad_rbar, *weight_grads]
+    grad_rbar = alloc(rbar.shape, rbar.dtype, rbar.device) if needs[1] else None
+    weight_grads = [
+        alloc(w.shape, w.dtype, w.device) if need else None for w, need in zip(weights, needs[2:])
+    ]
+    finish = plan_finish(buffers, grad_rbar, weight_grads)
+    if finish is not None:
+        finish()
+    grads = (buffers["grad_words"], grad_rbar, *weight_grads)
+    return [g if g is not None else t.new_empty(0) for g, t in zip(grads, (words, rbar, *weights))]
 
 
 library.register_memory_write("dmgan_triton")

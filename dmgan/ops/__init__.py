@@ -46,6 +46,11 @@ AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
     ("cpu", "memory_write"): ("eager", "cpp"),
 }
 
+# Backends whose kernels take the inputs as they are (weights in their own dtype, words and the
+# padding mask in any strides) and round them to the compute dtype in registers, so that no cast
+# or copy runs before them; the others take contiguous tensors of one dtype.
+TAKES_INPUTS_AS_THEY_ARE = ("triton",)
+
 _loaded: dict[str, ModuleType | None] = {"eager": reference}
 _load_errors: dict[str, str] = {}
 
@@ -113,10 +118,14 @@ def _kernel_dtype(tensor: Tensor) -> torch.dtype:
     return tensor.dtype
 
 
+def _as_they_are(impl: ModuleType) -> bool:
+    return impl.__name__ in {BACKEND_MODULES[name] for name in TAKES_INPUTS_AS_THEY_ARE}
+
+
 def _fused_inputs(impl: ModuleType, dtype: torch.dtype, tensors: tuple[Tensor, ...]) -> tuple[Tensor, ...]:
-    """Fused kernels take contiguous tensors of one dtype. The eager reference takes the inputs as
-    they are, so autocast handles it op by op."""
-    if impl is reference:
+    """The C++ kernels take contiguous tensors of one dtype. The eager reference takes the inputs
+    as they are, so autocast handles it op by op; so do the Triton kernels (in registers)."""
+    if impl is reference or _as_they_are(impl):
         return tensors
     return tuple(t.to(dtype).contiguous() for t in tensors)
 
@@ -179,6 +188,8 @@ def memory_write(
     call = OpInput("memory_write", words.device, dtype, batch, rbar.shape[1], num_words, word_dim=word_dim)
     impl = _resolve(backend, call)
     tensors = (words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)
+    if _as_they_are(impl):  # computes in dtype whatever the inputs' own dtypes and strides
+        return impl.memory_write(*tensors, dtype)
     return impl.memory_write(*_fused_inputs(impl, dtype, tensors))
 
 
@@ -218,22 +229,19 @@ def memory_read(
         "memory_read", img.device, dtype, batch, channels, keys.shape[2], num_pixels=height * width
     )
     impl = _resolve(backend, call)
-    keys, values, gate_w, gate_b = _fused_inputs(impl, dtype, (keys, values, gate_w, gate_b))
+    if _as_they_are(impl):  # keys and values as the kernels compute (no-ops after memory_write)
+        keys, values = (t.to(dtype) for t in (keys, values))
+    else:
+        keys, values, gate_w, gate_b = _fused_inputs(impl, dtype, (keys, values, gate_w, gate_b))
+        pad_mask = pad_mask if impl is reference else pad_mask.contiguous()
     r_new, attention = impl.memory_read(
-        _fused_image(impl, dtype, img),
-        keys,
-        values,
-        pad_mask.contiguous(),
-        gate_w,
-        gate_b,
-        return_attention,
-        legacy_mask,
+        _fused_image(impl, dtype, img), keys, values, pad_mask, gate_w, gate_b, return_attention, legacy_mask
     )
-    if impl is not reference:
-        out_dtype, attention_dtype = _eager_read_dtypes(img, dtype)
-        r_new = r_new.to(out_dtype)
-        attention = attention.to(attention_dtype)
-    return r_new, attention if return_attention else None
+    if impl is reference:
+        return r_new, attention
+    out_dtype, attention_dtype = _eager_read_dtypes(img, dtype)
+    r_new = r_new.to(out_dtype)
+    return r_new, attention.to(attention_dtype) if return_attention else None
 
 
 __all__ = ["AUTO_ORDER", "available_backends", "memory_read", "memory_write"]

@@ -3,9 +3,10 @@
 A fused backend is a namespace of four ops with the reference's arguments (positional, as in the
 C++ schemas of ``csrc/memory_cpu.cpp``)::
 
-    memory_write(words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)
+    memory_write(words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b[, dtype])
         -> (keys, values)                                   B x N_r x T each
-    memory_write_backward(grad_keys, grad_values, words, rbar, *weights) -> gradients of the 12 inputs
+    memory_write_backward(grad_keys, grad_values, words, rbar, *weights[, needs_input_grad])
+        -> gradients of the 12 inputs
     memory_read(img, keys, values, pad_mask, gate_w, gate_b, return_attention, legacy_mask)
         -> (r' B x N_r x H x W, attention B x T x H x W or an empty tensor)
     memory_read_backward(grad_out, img, keys, values, pad_mask, gate_w, gate_b, legacy_mask)
@@ -22,6 +23,13 @@ emulated on the CPU in the tests register their fake shapes and autograd here, o
 namespace (:func:`register_memory_ops`, or one op at a time), so ``torch.compile`` traces them
 and autograd differentiates them the same way.
 :class:`OpInput` describes a call for the backends' ``unsupported_reason``.
+
+Two arguments are optional, for backends whose kernels take mixed inputs (the Triton ones; the
+C++ schemas have neither): memory_write's ``dtype``, the dtype it computes in and returns (its
+inputs then come in their own dtypes: fp32 weights under autocast), and memory_write_backward's
+``needs_input_grad``, one flag per input: the gradients not asked for are not computed and come
+back as empty tensors (training asks for none of the frozen encoder's words nor of the detached
+r̄). The autograd below passes ``needs_input_grad`` to a backward whose schema takes it.
 """
 
 from __future__ import annotations
@@ -88,13 +96,22 @@ class OpInput:
         return None
 
 
-def _write_fake(words, rbar, *weights):
+WRITE_INPUTS = 12  # words, rbar and the ten weights
+
+
+def _write_fake(words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b, dtype=None):
     shape = (words.shape[0], rbar.shape[1], words.shape[2])
-    return words.new_empty(shape), words.new_empty(shape)
+    return words.new_empty(shape, dtype=dtype), words.new_empty(shape, dtype=dtype)
 
 
-def _write_backward_fake(grad_keys, grad_values, words, rbar, *weights):
-    return [t.new_empty(t.shape) for t in (words, rbar, *weights)]
+def _write_backward_fake(
+    grad_keys, grad_values, words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b,
+    needs_input_grad=None,
+):  # fmt: skip
+    inputs = (words, rbar, A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)
+    needs = needs_input_grad or (True,) * WRITE_INPUTS
+    grads = [torch.empty_like(words)] + [t.new_empty(t.shape) for t in inputs[1:]]  # words': their layout
+    return [g if need else t.new_empty(0) for g, t, need in zip(grads, inputs, needs)]
 
 
 def _read_fake(img, keys, values, pad_mask, gate_w, gate_b, return_attention, legacy_mask):
@@ -108,7 +125,9 @@ def _read_backward_fake(grad_out, img, keys, values, pad_mask, gate_w, gate_b, l
 
 
 def _save_write_inputs(ctx, inputs, output) -> None:
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs[:WRITE_INPUTS])
+    ctx.keys_dtype = output[0].dtype
+    ctx.set_materialize_grads(False)  # an unused output's gradient: None, not a zero-filled tensor
 
 
 def _save_read_inputs(ctx, inputs, output) -> None:
@@ -116,23 +135,34 @@ def _save_read_inputs(ctx, inputs, output) -> None:
     ctx.save_for_backward(img, keys, values, pad_mask, gate_w, gate_b)
     ctx.legacy_mask = legacy_mask
     ctx.mark_non_differentiable(output[1])  # the attention map is for looking at, not training
+    ctx.set_materialize_grads(False)  # so no zero-filled gradient of the attention map is made
+
+
+def _takes(op, argument: str) -> bool:
+    return any(a.name == argument for a in op.default._schema.arguments)
 
 
 def register_memory_write(namespace: str) -> None:
     """Fake shapes and autograd for ``<namespace>::memory_write`` (+ ``memory_write_backward``).
 
     The backward is an op of its own, so a compiled graph holds it as one node. Output gradients
-    reach it contiguous; a missing one (an output that was not used) as zeros.
+    reach it contiguous; a missing one (an output that was not used) as zeros. Only the inputs
+    that need a gradient get one (None for the others).
     """
     ops = getattr(torch.ops, namespace)
+    takes_needs = _takes(ops.memory_write_backward, "needs_input_grad")
 
     def backward(ctx, grad_keys: Tensor | None, grad_values: Tensor | None):
         inputs = ctx.saved_tensors
+        needs = list(ctx.needs_input_grad[:WRITE_INPUTS])
         shape = (inputs[0].shape[0], inputs[1].shape[1], inputs[0].shape[2])
         grads = [
-            inputs[0].new_zeros(shape) if g is None else g.contiguous() for g in (grad_keys, grad_values)
+            inputs[0].new_zeros(shape, dtype=ctx.keys_dtype) if g is None else g.contiguous()
+            for g in (grad_keys, grad_values)
         ]
-        return tuple(ops.memory_write_backward(*grads, *inputs))
+        result = ops.memory_write_backward(*grads, *inputs, *([needs] if takes_needs else []))
+        extra = len(ctx.needs_input_grad) - WRITE_INPUTS  # memory_write's dtype, where it has one
+        return (*(g if need else None for g, need in zip(result, needs)), *(None,) * extra)
 
     torch.library.register_fake(f"{namespace}::memory_write")(_write_fake)
     torch.library.register_fake(f"{namespace}::memory_write_backward")(_write_backward_fake)
@@ -143,12 +173,17 @@ def register_memory_read(namespace: str) -> None:
     """Fake shapes and autograd for ``<namespace>::memory_read`` (+ ``memory_read_backward``)."""
     ops = getattr(torch.ops, namespace)
 
-    def backward(ctx, grad_out: Tensor, _grad_attention: Tensor):
+    def backward(ctx, grad_out: Tensor | None, _grad_attention: None):
+        if grad_out is None:  # only the attention map was used: it has no gradient
+            return (None,) * 8
         img, keys, values, pad_mask, gate_w, gate_b = ctx.saved_tensors
         grads = ops.memory_read_backward(
             like_image(grad_out, img), img, keys, values, pad_mask, gate_w, gate_b, ctx.legacy_mask
         )
-        grad_img, grad_keys, grad_values, grad_gate_w, grad_gate_b = grads
+        needs = [ctx.needs_input_grad[i] for i in (0, 1, 2, 4, 5)]
+        grad_img, grad_keys, grad_values, grad_gate_w, grad_gate_b = (
+            g if need else None for g, need in zip(grads, needs)
+        )
         return grad_img, grad_keys, grad_values, None, grad_gate_w, grad_gate_b, None, None
 
     torch.library.register_fake(f"{namespace}::memory_read")(_read_fake)
