@@ -21,8 +21,10 @@ from dmgan.ops.parity import (
     WRITE_SHAPES,
     ReadShape,
     WriteShape,
+    assert_matches,
     check_memory_read,
     check_memory_write,
+    poisoned_outputs,
     read_case,
     run,
     write_case,
@@ -298,6 +300,90 @@ def test_opcheck(backend):
         torch.library.opcheck(namespace.memory_read.default, args)
     write = write_case(WriteShape(2, 32, 32, 3), torch.float32, DEVICE)
     torch.library.opcheck(namespace.memory_write.default, [v.requires_grad_() for v in write.values()])
+
+
+def test_opcheck_of_the_triton_ops_mixed_inputs():
+    """The Triton ops' optional arguments: memory_write's compute dtype (fp32 weights, words of
+    another dtype and layout) and, through autograd, memory_write_backward's needs_input_grad
+    (words and r̄ without gradients); memory_read with fp32 gate weights and a sliced mask."""
+    if "triton" not in FUSED:
+        pytest.skip("triton backend unavailable")
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    write = write_case(WriteShape(2, 32, 32, 3), torch.float32, DEVICE)
+    words = write.pop("words").transpose(1, 2).contiguous().transpose(1, 2)
+    rbar = write.pop("rbar").to(dtype)
+    args = (words, rbar, *(v.requires_grad_() for v in write.values()), dtype)
+    torch.library.opcheck(torch.ops.dmgan_triton.memory_write.default, args)
+    read = read_case(ReadShape(2, 32, 3, 5, (4, 2), num_words=6), dtype, DEVICE)
+    read["pad_mask"] = read["pad_mask"][:, :4]  # as a batch's words are sliced: not contiguous
+    read["keys"], read["values"] = read["keys"][:, :, :4], read["values"][:, :, :4]
+    read.update(gate_w=read["gate_w"].float(), gate_b=read["gate_b"].float())
+    read = {k: (v.contiguous().requires_grad_() if v.is_floating_point() else v) for k, v in read.items()}
+    torch.library.opcheck(torch.ops.dmgan_triton.memory_read.default, (*read.values(), False, False))
+
+
+def _stage_memory_op(backend: str, dtype: torch.dtype, write: dict, read: dict, grad: torch.Tensor) -> dict:
+    """One stage's memory op under autocast, as training calls it; outputs and the gradients of
+    every input that requires one."""
+    weights = {k: v.detach().clone().requires_grad_() for k, v in write.items() if k not in ("words", "rbar")}
+    img = read["img"].detach().clone().requires_grad_()
+    gate = {k: read[k].detach().clone().requires_grad_() for k in ("gate_w", "gate_b")}
+    with torch.autocast(DEVICE, dtype=dtype):
+        keys, values = ops.memory_write(write["words"], write["rbar"], **weights, backend=backend)
+        r_new, _ = ops.memory_read(img, keys, values, read["pad_mask"], **gate, backend=backend)
+    r_new.backward(grad)
+    result = {"keys": keys.detach(), "values": values.detach(), "r_new": r_new.detach(), "grad_img": img.grad}
+    result.update({f"grad_{k}": v.grad for k, v in (*weights.items(), *gate.items())})
+    return result
+
+
+@pytest.mark.parametrize("backend", FUSED)
+def test_inputs_as_training_hands_them_over_match_eager(backend):
+    """Under autocast, training hands the memory op fp32 parameters, the frozen text encoder's
+    words (fp32 here, no gradient, the B x N_w x T transpose of its B x T x N_w output), r̄
+    detached, a 16-bit image and a padding mask sliced from the captions. The Triton kernels take
+    them as they are (casts in registers, strides read where they lie, no gradient for the words
+    and r̄); outputs and gradients match eager under the same autocast, each in eager's dtype."""
+    dtype = torch.bfloat16 if ON_GPU else torch.float16
+    write = write_case(WriteShape(3, 24, 32, 6), torch.float32, DEVICE)
+    write["words"] = write["words"].transpose(1, 2).contiguous().transpose(1, 2)
+    read = read_case(ReadShape(3, 32, 5, 7, (6, 3, 0), num_words=9), dtype, DEVICE)
+    read["pad_mask"] = read["pad_mask"][:, :6]
+    read.update(gate_w=read["gate_w"].float(), gate_b=read["gate_b"].float())
+    grad = torch.randn(read["img"].shape, generator=torch.Generator().manual_seed(5)).to(read["img"])
+    with poisoned_outputs():
+        got = _stage_memory_op(backend, dtype, write, read, grad)
+    want = _stage_memory_op("eager", dtype, write, read, grad)
+    assert {k: v.dtype for k, v in got.items()} == {k: v.dtype for k, v in want.items()}
+    assert_matches(got, want, torch.bfloat16)  # both sides round to 16 bits: the wider tolerance
+
+
+@pytest.mark.parametrize("layout", ["transposed", "gapped"])
+@pytest.mark.parametrize("backend", FUSED)
+def test_memory_write_takes_words_in_any_layout(backend, layout):
+    """Words in the text encoder's transposed layout are read (and their gradient written) where
+    they lie; words with gaps between them get their gradient all the same."""
+    case = write_case(WriteShape(2, 24, 32, 6), torch.float32, DEVICE)
+    words = case["words"]
+    if layout == "transposed":
+        laid_out = words.transpose(1, 2).contiguous().transpose(1, 2)
+    else:
+        laid_out = torch.stack((words, torch.full_like(words, float("nan"))), dim=3).flatten(2)[:, :, ::2]
+    assert torch.equal(laid_out, words) and not laid_out.is_contiguous()
+    inputs = {k: v.detach().clone().requires_grad_() for k, v in case.items() if k != "words"}
+    words_in = laid_out.detach().requires_grad_()
+    with poisoned_outputs():
+        keys, values = ops.memory_write(words_in, **inputs, backend=backend)
+    grads_out = [torch.randn(keys.shape, generator=torch.Generator().manual_seed(s)) for s in (1, 2)]
+    got = dict(zip(("keys", "values"), (keys.detach(), values.detach())))
+    got.update(
+        zip(("words", *inputs), torch.autograd.grad((keys, values), (words_in, *inputs.values()), grads_out))
+    )
+    wide = {k: v.detach().double().requires_grad_() for k, v in case.items()}
+    want_keys, want_values = ops.memory_write(**wide, backend="eager")
+    want = {"keys": want_keys.detach(), "values": want_values.detach()}
+    want.update(zip(wide, torch.autograd.grad((want_keys, want_values), list(wide.values()), grads_out)))
+    assert_matches(got, want, torch.float32)
 
 
 @pytest.mark.parametrize("backend", FUSED)
