@@ -3,24 +3,24 @@
     python -m benchmarks.device_check OUT_DIR            # on a GPU machine, from the checkout
     python -m benchmarks.device_check OUT_DIR --dry-run  # every stage at tiny sizes on the CPU (CI)
 
-Made for a bare machine with torch, triton, nvcc, ninja and pytest but no package index: nothing
-is installed, the checkout is imported from where it stands. The stages run in this order, each
-in its own process under a time budget; a stage that fails or runs out of time is recorded and
-the next one runs:
+Made for a bare machine with torch, triton, nvcc, ninja and pytest but no package index (and
+perhaps no git): nothing is installed, the checkout is imported from where it stands. The stages
+run in this order, what matters most first, each in its own process (and process group) under a
+time budget; a stage that fails or runs out of time is recorded and the next one runs:
 
 ============ ========================================================================== ========
 stage        what it does                                                               on H200
 ============ ========================================================================== ========
-environment  devices, versions, compiler                                                ~5 s
+environment  devices, versions, compiler, the commit ("unknown" without git)            ~5 s
 build        dmgan._C (CPU + CUDA kernels) for this GPU's architecture only, with ninja ~90 s
 gpu-tests    parity of both fused backends on the GPU (fp32 / fp16 / bf16, the 16-bit   ~90 s
              tensor-core dots), opcheck, torch.compile(fullgraph) of a stage, a second
              stream, a second device when present, batches beyond 65,535
-sanitizer    compute-sanitizer memcheck and racecheck over a small parity run           ~45 s
 memory-bench the memory ops at the bird shapes, every implementation side by side,      ~120 s
              fp32 and bf16, forward and forward+backward, against the HBM floor
 train-step   the whole training step at the bird preset on synthetic data: eager vs     ~50 s
              fused memory op, AMP off vs bf16, images/s
+sanitizer    compute-sanitizer memcheck and racecheck over a small parity run           ~45 s
 profile      a few profiled training steps with NVML readings                           ~25 s
 train-options the training options at the bird preset (bf16, fused ops), side by side: ~120 s
              as built, channels-last, --accumulate 2, --compile with channels-last,
@@ -30,13 +30,24 @@ train-options the training options at the bird preset (bf16, fused ops), side by
 The expected times are estimates from this project's CPU measurements and published H200
 figures; the first GPU run replaces them with measured ones (summary.json).
 
+Every stage inherits the same build settings from the driver, so the extension is built once:
+``TORCH_CUDA_ARCH_LIST`` (as set, else the visible GPUs' architectures from nvidia-smi, else
+9.0, the H200's; torch's JIT build rebuilds everything when a later process sees another list)
+and a fresh ``TORCH_EXTENSIONS_DIR`` (a new temporary folder, removed at the end, so no lock left
+by an earlier, killed build can hang a stage). When the build stage fails, every later stage runs
+with ``DMGAN_SKIP_CPP_REASON`` set to its error: the ``cpp`` backend counts as unavailable there
+(its tests and benchmarks skip instead of rebuilding), and the summary quotes the error.
+
 The stages share one deadline (``--total-budget``, 560 s): a stage gets at most what is left of
-it, and one that would start with under 10 s left is skipped, so the whole fits a device call of
-ten minutes. OUT_DIR receives, as it goes: ``summary.json`` (every stage's status, time and
-results), ``summary.md`` (the same as tables), ``log.txt`` (every stage's output), ``tests.xml``
+it less a grace period, and one that would start with under 10 s is skipped, so the whole fits a
+run of ten minutes. A stage that runs out of time gets SIGINT (its whole process group):
+pytest stops and still writes its JUnit and benchmark reports for the tests that ran, the
+training-options file keeps the variants done; after the grace period (``GRACE_S``, bounded by
+what is left) the group gets SIGKILL. OUT_DIR receives, as it goes: ``summary.json`` (the
+settings, every stage's status, time, results and, for a stage that did not pass, its last
+lines), ``summary.md`` (the same as tables), ``log.txt`` (every stage's output), ``tests.xml``
 (JUnit), ``memory_bench.json`` and ``train_step.json`` (pytest-benchmark), ``profile.json`` and
-``train_options.json`` (rewritten after each variant): eight files, flat, as the device tool
-brings back.
+``train_options.json`` (rewritten after each variant): eight files, flat.
 """
 
 from __future__ import annotations
@@ -44,16 +55,20 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TextIO
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULT_PREFIX = "DEVICE_CHECK_RESULT "
+STAGE_ENV_PREFIX = "DEVICE_CHECK_STAGE_ENV "
 
 
 @dataclass(frozen=True)
@@ -63,17 +78,27 @@ class Stage:
     expected_s: int  # what it is expected to take on an H200
 
 
+# What matters most first: kernel parity, the memory-op benchmark, the training step, the rest.
 STAGES = [
     Stage("environment", 20, 5),
     Stage("build", 150, 90),
     Stage("gpu-tests", 110, 90),
-    Stage("sanitizer", 60, 45),
     Stage("memory-bench", 130, 120),
     Stage("train-step", 60, 50),
+    Stage("sanitizer", 60, 45),
     Stage("profile", 40, 25),
     Stage("train-options", 150, 120),
 ]  # expected about 9 minutes in all; the shared deadline (TOTAL_BUDGET_S) caps it
-TOTAL_BUDGET_S = 560  # a device call may take 600 s
+TOTAL_BUDGET_S = 560  # the whole run within ten minutes, with room for the driver
+GRACE_S = 8  # between a late stage's SIGINT and its SIGKILL: pytest writes its reports in it
+MIN_STAGE_S = 10  # a stage that would get less is skipped
+
+# The settings every stage inherits from the driver (and reports back, so the summary shows it).
+ARCH_LIST = "TORCH_CUDA_ARCH_LIST"
+EXTENSIONS_DIR = "TORCH_EXTENSIONS_DIR"
+SKIP_CPP = "DMGAN_SKIP_CPP_REASON"  # honoured by dmgan.ops._cpp: the cpp backend does not load
+SHARED_SETTINGS = (ARCH_LIST, EXTENSIONS_DIR, SKIP_CPP)
+FALLBACK_ARCH_LIST = "9.0"  # the H200 this script is made for, when no GPU answers nvidia-smi
 
 
 def _report(result: dict) -> None:
@@ -81,10 +106,34 @@ def _report(result: dict) -> None:
     print(RESULT_PREFIX + json.dumps(result), flush=True)
 
 
+_interrupted = False  # set when this stage process got SIGINT while a child ran
+
+
+def _note_interrupt(signum: int, frame: object) -> None:
+    global _interrupted
+    _interrupted = True
+
+
+def _call(command: list[str], env: dict | None = None) -> int:
+    """Runs ``command`` to its end and returns its exit code, even when this process gets SIGINT.
+
+    The driver stops a late stage with SIGINT to its whole process group, so the child (pytest)
+    gets it too, stops and writes its partial reports. subprocess.call would instead kill the
+    child 0.25 s into a KeyboardInterrupt; this waits for it (the driver's SIGKILL after the grace
+    period is the backstop). A Python-level handler, unlike SIG_IGN, is reset to the default in
+    the child, so the child's Python still turns SIGINT into KeyboardInterrupt.
+    """
+    print("$", " ".join(command), flush=True)
+    previous = signal.signal(signal.SIGINT, _note_interrupt)
+    try:
+        return subprocess.call(command, cwd=ROOT, env=env)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+
+
 def _pytest(arguments: list[str], env: dict | None = None) -> int:
     command = [sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *arguments]
-    print("$", " ".join(command), flush=True)
-    return subprocess.call(command, cwd=ROOT, env={**os.environ, **(env or {})})
+    return _call(command, env={**os.environ, **(env or {})})
 
 
 def _xdist_workers(dry_run: bool) -> list[str]:
@@ -94,6 +143,15 @@ def _xdist_workers(dry_run: bool) -> list[str]:
     if dry_run or importlib.util.find_spec("xdist") is None:
         return []
     return ["-n", str(min(8, os.cpu_count() or 1))]
+
+
+def _commit() -> str:
+    """The checkout's commit, or "unknown" where git or the repository is missing."""
+    git = shutil.which("git")
+    if git is None:
+        return "unknown"
+    run = subprocess.run([git, "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True)
+    return run.stdout.strip() if run.returncode == 0 and run.stdout.strip() else "unknown"
 
 
 # --- the stages (each runs in a process of its own: python -m benchmarks.device_check OUT --stage NAME)
@@ -125,30 +183,33 @@ def stage_environment(out: Path, dry_run: bool) -> None:
         if nvcc
         else None
     )
-    result["commit"] = (
-        subprocess.run(["git", "rev-parse", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
-        or None
-    )
+    result["commit"] = _commit()
+    # The arch list the driver fixed for every stage: does it hold this machine's GPUs?
+    archs = {a.removesuffix("+PTX") for a in re.split(r"[ ;]+", os.environ.get(ARCH_LIST, "")) if a}
+    result["arch_list"] = os.environ.get(ARCH_LIST)
+    if result.get("devices"):
+        result["arch_list_covers_devices"] = all(d["capability"] in archs for d in result["devices"])
     _report(result)
 
 
 def stage_build(out: Path, dry_run: bool) -> None:
-    """Builds (or loads) dmgan._C for this machine: on a GPU, CUDA kernels for its architecture
-    only. An extension built against another torch does not load, so it is built here."""
-    import torch
-
-    if torch.cuda.is_available():
-        major, minor = torch.cuda.get_device_capability()
-        os.environ["TORCH_CUDA_ARCH_LIST"] = f"{major}.{minor}"
+    """Builds (or loads) dmgan._C for this machine: on a GPU, CUDA kernels for the architectures
+    the driver fixed (TORCH_CUDA_ARCH_LIST), into the run's fresh TORCH_EXTENSIONS_DIR, where
+    every later stage finds it. An extension built against another torch does not load, so it is
+    built here. On failure the error is reported: the driver hands it to the later stages."""
     os.environ.setdefault("MAX_JOBS", str(os.cpu_count() or 1))
     start = time.perf_counter()
-    from dmgan.ops import _cpp  # builds on first use when no prebuilt dmgan._C loads
-
+    settings = {"arch_list": os.environ.get(ARCH_LIST), "extensions_dir": os.environ.get(EXTENSIONS_DIR)}
+    try:
+        from dmgan.ops import _cpp  # builds on first use when no prebuilt dmgan._C loads
+    except Exception as e:  # ImportError with the compiler's output, or DMGAN_FORCE_CUDA's error
+        _report({"error": f"{type(e).__name__}: {e}", **settings, "seconds": time.perf_counter() - start})
+        sys.exit(1)
     _report(
         {
             "how": _cpp.HOW_LOADED,
             "cuda_kernels": _cpp._HAS_CUDA_KERNELS,
-            "arch_list": os.environ.get("TORCH_CUDA_ARCH_LIST"),
+            **settings,
             "seconds": time.perf_counter() - start,
         }
     )
@@ -188,14 +249,15 @@ def stage_sanitizer(out: Path, dry_run: bool) -> None:
         result["note"] = (
             "compute-sanitizer not run (" + ("dry run" if dry_run else "not found") + "): the case alone"
         )
-        result["case"] = subprocess.call(case, cwd=ROOT)
+        result["case"] = _call(case)
     else:
         # No caching allocator: out-of-bounds accesses inside a cached block would go unseen.
         env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
         for tool in ("memcheck", "racecheck"):
             command = [sanitizer, "--tool", tool, "--error-exitcode", "99", "--print-limit", "20", *case]
-            print("$", " ".join(command), flush=True)
-            result[tool] = subprocess.call(command, cwd=ROOT, env=env)
+            result[tool] = _call(command, env=env)
+            if _interrupted:
+                break
     _report(result)
     sys.exit(0 if all(code == 0 for key, code in result.items() if key != "note") else 1)
 
@@ -250,6 +312,10 @@ def stage_memory_bench(out: Path, dry_run: bool) -> None:
             *size,
         ]
     )
+    if _interrupted:  # out of time: the partial JSON is in OUT, the floors can wait for a later run
+        done = len(json.loads(report.read_text())["benchmarks"]) if report.exists() else 0
+        _report({"exit_code": code, "interrupted": True, "benchmarks_done": done})
+        sys.exit(code)
     device = "cuda" if torch.cuda.is_available() else "cpu"
     bandwidth = measured_peaks(device)["copy_bytes_per_s"]
     rows = _floors(json.loads(report.read_text()), bandwidth) if report.exists() else []
@@ -314,7 +380,7 @@ def stage_train_options(out: Path, dry_run: bool) -> None:
     import torch
 
     from dmgan.config import TINY_OVERRIDES, get_preset, override
-    from dmgan.trainer import GAN, synthetic_batch
+    from dmgan.training_step import TrainingState, synthetic_batch
 
     on_gpu = torch.cuda.is_available()
     device, amp = ("cuda", "bf16") if on_gpu else ("cpu", "off")
@@ -327,16 +393,16 @@ def stage_train_options(out: Path, dry_run: bool) -> None:
             continue  # a cold inductor compile takes minutes on two CPU cores
         torch.manual_seed(0)
         torch._dynamo.reset()
-        gan = GAN.build(cfg, 100, device, amp=amp, **options)
+        state = TrainingState.build(cfg, 100, device=device, amp=amp, **options)
         batch = synthetic_batch(cfg, 100, cfg.train.batch_size, device)
         start = time.perf_counter()
         for _ in range(2):
-            gan.step(batch)
+            state.step(batch)
         sync()
         first = time.perf_counter() - start
         start = time.perf_counter()
         for _ in range(steps):
-            logs = gan.step(batch)
+            logs = state.step(batch)
         sync()
         seconds = (time.perf_counter() - start) / steps
         rows.append(
@@ -346,12 +412,14 @@ def stage_train_options(out: Path, dry_run: bool) -> None:
                 "amp": amp,
                 "first_two_steps_s": round(first, 2),
                 "images_per_s": round(cfg.train.batch_size / seconds, 2),
-                "finite": bool(all(torch.isfinite(v).all() for v in logs.values())),
+                # every loss finite, and no step skipped for a non-finite one ("nonfinite": 1.0)
+                "finite": bool(all(torch.isfinite(v).all() for v in logs.values()))
+                and float(logs.get("nonfinite", 0.0)) == 0.0,
             }
         )
         (out / "train_options.json").write_text(json.dumps(rows, indent=2) + "\n")
         print(json.dumps(rows[-1]), flush=True)
-        del gan
+        del state
     _report({"variants": rows})
 
 
@@ -359,58 +427,167 @@ STAGE_FUNCTIONS = {
     "environment": stage_environment,
     "build": stage_build,
     "gpu-tests": stage_gpu_tests,
-    "sanitizer": stage_sanitizer,
     "memory-bench": stage_memory_bench,
     "train-step": stage_train_step,
+    "sanitizer": stage_sanitizer,
     "profile": stage_profile,
     "train-options": stage_train_options,
 }
 
 
+def _run_here(name: str, out: Path, dry_run: bool) -> None:
+    """One stage in this process, as the driver starts it. It first reports the shared settings
+    it inherited, so the summary shows that every stage built and loaded with the same ones."""
+    print(STAGE_ENV_PREFIX + json.dumps({key: os.environ.get(key) for key in SHARED_SETTINGS}), flush=True)
+    # A driver started in the background of a shell ignores SIGINT, and so would this stage: the
+    # driver's SIGINT must still stop it (a Python handler, unlike SIG_IGN, is not inherited).
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    STAGE_FUNCTIONS[name](out, dry_run)
+
+
 # --- the driver
 
 
-def _run_stage(stage: Stage, out: Path, dry_run: bool, log, budget_s: int) -> dict:
+def _device_capabilities() -> list[str]:
+    """The visible GPUs' compute capabilities ("9.0"), from nvidia-smi: no torch import and no
+    CUDA context in the driver, which lives as long as the whole run."""
+    nvidia_smi = shutil.which("nvidia-smi")
+    if nvidia_smi is None:
+        return []
+    command = [nvidia_smi, "--query-gpu=compute_cap", "--format=csv,noheader"]
+    if os.environ.get("CUDA_VISIBLE_DEVICES"):  # indices or UUIDs, as nvidia-smi --id takes them
+        command.append(f"--id={os.environ['CUDA_VISIBLE_DEVICES']}")
+    try:
+        run = subprocess.run(command, capture_output=True, text=True, timeout=20)
+    except (OSError, subprocess.TimeoutExpired):
+        return []
+    found = {line.strip() for line in run.stdout.splitlines() if re.fullmatch(r"\d+\.\d+", line.strip())}
+    return sorted(found, key=lambda c: tuple(map(int, c.split(".")))) if run.returncode == 0 else []
+
+
+def _arch_list() -> tuple[str, str]:
+    """The GPU architectures to build for, fixed once for every stage, and where they came from.
+    torch's JIT build writes the list into its ninja file: a stage that saw another list than the
+    build stage (torch's default of five architectures, say) would rebuild inside its own budget."""
+    if os.environ.get(ARCH_LIST):
+        return os.environ[ARCH_LIST], f"{ARCH_LIST} as set"
+    capabilities = _device_capabilities()
+    if capabilities:
+        return " ".join(capabilities), "the visible GPUs (nvidia-smi)"
+    return FALLBACK_ARCH_LIST, "no GPU answered nvidia-smi: the H200's"
+
+
+def _stage_command(stage: Stage, out: Path, dry_run: bool) -> list[str]:
     command = [sys.executable, "-m", "benchmarks.device_check", str(out), "--stage", stage.name]
-    if dry_run:
-        command.append("--dry-run")
+    return [*command, "--dry-run"] if dry_run else command
+
+
+def _signal_group(process: subprocess.Popen, signum: int) -> None:
+    """``signum`` to the stage and every process it started (its own process group)."""
+    try:
+        os.killpg(process.pid, signum)
+    except ProcessLookupError:  # the whole group has exited already
+        pass
+
+
+def _stop(process: subprocess.Popen, grace_s: float) -> tuple[str, str]:
+    """Stops a late stage: SIGINT, up to ``grace_s`` for it to finish its reports, then SIGKILL.
+    Returns its output (communicate keeps what it read before a timeout) and what it took."""
+    _signal_group(process, signal.SIGINT)
+    try:
+        output, _ = process.communicate(timeout=grace_s)
+        return output or "", "SIGINT; it stopped within the grace period"
+    except subprocess.TimeoutExpired:
+        pass
+    _signal_group(process, signal.SIGKILL)
+    try:
+        output, _ = process.communicate(timeout=GRACE_S)
+    except subprocess.TimeoutExpired:  # a process outside the group still holds the pipe open
+        process.stdout.close()
+        process.wait()
+        output = "(output lost: a process outside the stage's group kept its pipe open)"
+    return output or "", f"SIGINT, then SIGKILL after {grace_s:.0f} s"
+
+
+def _run_stage(
+    stage: Stage, out: Path, dry_run: bool, log: TextIO, budget_s: int, deadline: float, env: dict[str, str]
+) -> dict:
+    command = _stage_command(stage, out, dry_run)
     log.write(f"\n===== {stage.name} (budget {budget_s} s) =====\n$ {' '.join(command)}\n")
     log.flush()
     start = time.perf_counter()
     record: dict = {"stage": stage.name, "budget_s": budget_s, "expected_s": stage.expected_s}
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
     process = subprocess.Popen(
         command,
         cwd=ROOT,
-        env=env,
+        env={**env, "PYTHONUNBUFFERED": "1"},
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        start_new_session=True,
+        start_new_session=True,  # its own process group: a signal to it reaches pytest, ninja, ...
     )
-    lines: list[str] = []
     try:
         output, _ = process.communicate(timeout=None if dry_run else budget_s)
-        lines = output.splitlines()
         record["status"] = "passed" if process.returncode == 0 else f"failed (exit {process.returncode})"
     except subprocess.TimeoutExpired:
-        os.killpg(process.pid, 9)  # the stage and every process it started
-        output, _ = process.communicate()
-        lines = (output or "").splitlines()
-        record["status"] = f"stopped after its {budget_s} s budget"
+        grace_s = max(1.0, min(GRACE_S, deadline - time.perf_counter()))
+        output, how = _stop(process, grace_s)
+        record["status"] = f"stopped after its {budget_s} s budget ({how})"
+    except KeyboardInterrupt:  # Ctrl-C reaches only the driver: the stage has a session of its own
+        _stop(process, GRACE_S)
+        raise
     record["seconds"] = round(time.perf_counter() - start, 1)
-    for line in lines:
-        if line.startswith(RESULT_PREFIX):
-            record["result"] = json.loads(line[len(RESULT_PREFIX) :])
+    logged = []
+    for line in output.splitlines():
+        for prefix, key in ((RESULT_PREFIX, "result"), (STAGE_ENV_PREFIX, "settings_seen")):
+            if line.startswith(prefix):
+                try:
+                    record[key] = json.loads(line[len(prefix) :])
+                    break
+                except json.JSONDecodeError:  # cut short by SIGKILL: keep it in the log
+                    pass
         else:
-            log.write(line + "\n")
+            logged.append(line)
+    log.write("".join(line + "\n" for line in logged))
     log.flush()
+    if record["status"] != "passed":
+        record["output_tail"] = logged[-20:]
     return record
 
 
-def _markdown(records: list[dict]) -> str:
-    lines = ["| stage | status | seconds | expected on H200 |", "|---|---|---:|---:|"]
+def _clip(text: str, limit: int) -> str:
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _quote_error(text: str, limit: int = 1500) -> str:
+    """A build error short enough for an environment variable and a table cell: the lines that name
+    an error, else the last ones, each clipped (torch's message puts the compiler's whole command
+    line before the compiler's ``error:`` lines)."""
+    lines = [_clip(line.strip(), 300) for line in text.splitlines() if line.strip()]
+    return _clip(" | ".join([line for line in lines if "error" in line.lower()] or lines[-5:]), limit)
+
+
+def _build_failure(record: dict) -> str | None:
+    """Why the later stages must not use the cpp backend, or None when the build stage passed."""
+    if record["status"] == "passed":
+        return None
+    error = record.get("result", {}).get("error") or "\n".join(record.get("output_tail", []))
+    return _quote_error(f"the build stage {record['status']}: {error}")
+
+
+def _markdown(settings: dict, records: list[dict]) -> str:
+    lines = [
+        f"Every stage ran with `{ARCH_LIST}={settings['arch_list']}` ({settings['arch_list_source']})"
+        f" and one fresh `{EXTENSIONS_DIR}`.",
+        "",
+        "| stage | status | seconds | expected on H200 |",
+        "|---|---|---:|---:|",
+    ]
     lines += [f"| {r['stage']} | {r['status']} | {r['seconds']} | {r['expected_s']} |" for r in records]
+    skipped = [r["stage"] for r in records if r.get("cpp_skipped")]
+    if skipped:
+        reason = next(r["cpp_skipped"] for r in records if r.get("cpp_skipped"))
+        lines += ["", f"The cpp backend was skipped in {', '.join(skipped)}: {reason}"]
     for record in records:
         result = record.get("result", {})
         if record["stage"] == "memory-bench" and result.get("reads_against_floor"):
@@ -460,27 +637,47 @@ def main(argv: list[str] | None = None) -> int:
     args.out.mkdir(parents=True, exist_ok=True)
     out = args.out.resolve()
     if args.stage:
-        STAGE_FUNCTIONS[args.stage](out, args.dry_run)
+        _run_here(args.stage, out, args.dry_run)
         return 0
 
     records: list[dict] = []
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     deadline = time.perf_counter() + args.total_budget
-    with open(out / "log.txt", "w") as log:
-        for stage in STAGES:
-            if args.only and stage.name not in args.only:
-                continue
-            left = int(deadline - time.perf_counter())
-            if left < 10 and not args.dry_run:
-                record = {"stage": stage.name, "budget_s": 0, "expected_s": stage.expected_s, "seconds": 0.0}
-                records.append({**record, "status": "skipped: the shared deadline had passed"})
-            else:
-                records.append(_run_stage(stage, out, args.dry_run, log, min(stage.budget_s, left)))
-            record = records[-1]
-            print(f"{record['stage']:13s} {record['status']:35s} {record['seconds']:7.1f} s", flush=True)
-            summary = {"started": started, "dry_run": args.dry_run, "stages": records}
-            (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")  # after every stage
-            (out / "summary.md").write_text(_markdown(records))
+    arch_list, arch_source = _arch_list()
+    # Fresh per run: a JIT build killed mid-way leaves a lock file in its build folder on which
+    # every later load of the extension waits (torch 2.11), and a cache from another torch or
+    # another arch list would be rebuilt inside some stage's budget anyway.
+    extensions_dir = tempfile.mkdtemp(prefix="dmgan-device-check-extensions-")
+    env = {**os.environ, ARCH_LIST: arch_list, EXTENSIONS_DIR: extensions_dir}
+    env.pop(SKIP_CPP, None)  # set below only when this run's build fails
+    settings = {"arch_list": arch_list, "arch_list_source": arch_source, "extensions_dir": extensions_dir}
+    try:
+        with open(out / "log.txt", "w") as log:
+            for stage in STAGES:
+                if args.only and stage.name not in args.only:
+                    continue
+                budget = min(stage.budget_s, int(deadline - time.perf_counter()) - GRACE_S)
+                if budget < min(stage.budget_s, MIN_STAGE_S) and not args.dry_run:
+                    record = {"stage": stage.name, "budget_s": 0, "expected_s": stage.expected_s}
+                    record.update(seconds=0.0, status="skipped: the shared deadline had passed")
+                else:
+                    record = _run_stage(stage, out, args.dry_run, log, budget, deadline, env)
+                if SKIP_CPP in env:
+                    record["cpp_skipped"] = env[SKIP_CPP]
+                if stage.name == "build" and (reason := _build_failure(record)):
+                    env[SKIP_CPP] = reason  # later stages: cpp unavailable, no rebuild in their budgets
+                records.append(record)
+                print(f"{record['stage']:13s} {record['status']:35s} {record['seconds']:7.1f} s", flush=True)
+                summary = {
+                    "started": started,
+                    "dry_run": args.dry_run,
+                    "settings": settings,
+                    "stages": records,
+                }
+                (out / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")  # after every stage
+                (out / "summary.md").write_text(_markdown(settings, records))
+    finally:
+        shutil.rmtree(extensions_dir, ignore_errors=True)
     return 0 if all(r["status"] == "passed" for r in records) else 1
 
 
