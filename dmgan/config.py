@@ -9,12 +9,28 @@ trains on two CPU cores, for the built-in procedurally drawn dataset.
     (64, 10)
     >>> override(cfg, **{"train.batch_size": 4}).train.batch_size
     4
+
+Every value is checked against its field's type (``--set`` reads its values as JSON, else as text):
+
+    >>> override(cfg, **{"train.batch_size": "abc"})
+    Traceback (most recent call last):
+    ...
+    ValueError: train.batch_size: expected int, got 'abc' (str)
+    >>> override(cfg, **{"train.betas": [0.5, 0.9], "train.g_lr": 1}).train
+    TrainConfig(batch_size=10, ..., g_lr=1.0, ..., betas=(0.5, 0.9), ...)
+
+:func:`load_config_file` reads a run's ``config.json`` (to replay it) or a hand-written file.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import json
+import types
+import typing
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 
@@ -153,9 +169,20 @@ TINY_OVERRIDES: dict[str, Any] = {
 }
 
 
+# Fields that older checkpoints and config files stored in the model config but that are choices of
+# a run, not of the model (the memory op's backend is an argument of the generator and of the
+# command lines): the run option of the same name now.
+RUNTIME_CHOICES_ONCE_STORED = frozenset({"memory_backend"})
+
+
 def overrides_as_flags(changes: dict[str, Any]) -> list[str]:
-    """``--set GROUP.FIELD=VALUE`` command-line arguments for config changes."""
-    return [arg for key, value in changes.items() for arg in ("--set", f"{key}={value}")]
+    """``--set GROUP.FIELD=VALUE`` command-line arguments for config changes (values written as JSON,
+    as ``--set`` reads them, so ``True`` and tuples survive the trip; text stays text)."""
+    return [
+        arg
+        for key, value in changes.items()
+        for arg in ("--set", f"{key}={value if isinstance(value, str) else json.dumps(value)}")
+    ]
 
 
 def get_preset(name: str) -> Config:
@@ -166,25 +193,136 @@ def get_preset(name: str) -> Config:
         raise ValueError(f"unknown preset {name!r}; choose one of {sorted(PRESETS)}") from None
 
 
+# --------------------------------------------------------------------------------------------
+# Values checked against their fields' types
+
+
+class _MismatchError(Exception):
+    """A value that does not fit an annotation; :func:`check_type` words the error."""
+
+
+def check_type(name: str, value: Any, annotation: Any) -> Any:
+    """``value`` as a field annotated ``annotation`` holds it, else a ValueError naming the field, the
+    value and the expected type. Strict where a loose reading would hide a typo (a bool is only
+    true or false, not 1 or "yes"; an int is no float and no bool), lenient where JSON cannot say
+    more (a float takes an int, a fixed-length tuple a list; both are converted).
+
+    >>> check_type("train.betas", [0.5, 1], tuple[float, float])
+    (0.5, 1.0)
+    >>> check_type("eval_every", None, int | None) is None
+    True
+    >>> check_type("resume", 1, bool)
+    Traceback (most recent call last):
+    ...
+    ValueError: resume: expected bool (true or false), got 1 (int)
+    """
+    try:
+        return _coerce(value, annotation)
+    except _MismatchError:
+        raise ValueError(
+            f"{name}: expected {_type_name(annotation)}, got {value!r} ({type(value).__name__})"
+        ) from None
+
+
+def _coerce(value: Any, annotation: Any) -> Any:
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if annotation is Any:
+        return value
+    if origin in (typing.Union, types.UnionType):  # e.g. int | None: the first that fits
+        for option in args:
+            try:
+                return _coerce(value, option)
+            except _MismatchError:
+                pass
+    elif annotation is type(None):
+        if value is None:
+            return None
+    elif annotation is bool:
+        if isinstance(value, bool):
+            return value
+    elif annotation is int:
+        if isinstance(value, int) and not isinstance(value, bool):  # bool is an int in Python
+            return value
+    elif annotation is float:
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            return float(value)
+    elif origin is tuple:
+        if isinstance(value, (list, tuple)):
+            if len(args) == 2 and args[1] is Ellipsis:
+                return tuple(_coerce(v, args[0]) for v in value)
+            if len(value) == len(args):
+                return tuple(_coerce(v, a) for v, a in zip(value, args))
+    elif origin is dict:
+        if isinstance(value, dict):
+            key_type, value_type = args or (Any, Any)
+            return {_coerce(k, key_type): _coerce(v, value_type) for k, v in value.items()}
+    elif isinstance(annotation, type):
+        if isinstance(value, annotation):
+            return value
+    else:
+        return value  # an annotation this checker does not read: no check, rather than a false error
+    raise _MismatchError
+
+
+def _type_name(annotation: Any) -> str:
+    if typing.get_origin(annotation) in (typing.Union, types.UnionType):
+        return " or ".join(_type_name(a) for a in typing.get_args(annotation))
+    if annotation is type(None):
+        return "None"
+    if annotation is bool:
+        return "bool (true or false)"
+    if isinstance(annotation, type):
+        return annotation.__name__
+    return repr(annotation).replace("typing.", "")  # tuple[float, float], dict[str, Any]
+
+
+@functools.cache
+def _field_types(cls: type) -> dict[str, Any]:
+    """A dataclass's fields and their annotations, resolved (``from __future__ import annotations``
+    leaves them as strings)."""
+    hints = typing.get_type_hints(cls)
+    return {f.name: hints[f.name] for f in dataclasses.fields(cls)}
+
+
+GROUPS = ("model", "text", "train")
+
+
+def check_override(dotted: str, value: Any) -> Any:
+    """``value`` checked (and converted, see :func:`check_type`) for the config field ``dotted``
+    (``GROUP.FIELD``); a ValueError names an unknown group or field, or a value of the wrong type."""
+    group, _, name = dotted.partition(".")
+    if not name or group not in GROUPS:
+        raise ValueError(f"override {dotted!r} is not of the form model|text|train.<field>")
+    known = _field_types(_field_types(Config)[group])
+    if name not in known:
+        moved = group == "model" and name in RUNTIME_CHOICES_ONCE_STORED
+        hint = f" (a run option now: --{name.replace('_', '-')})" if moved else ""
+        raise ValueError(f"{group} has no field {name!r}{hint}; known: {sorted(known)}")
+    return check_type(dotted, value, known[name])
+
+
 def override(cfg: Config, **changes: Any) -> Config:
-    """Return ``cfg`` with dotted fields replaced, e.g. ``override(cfg, **{"model.r_num": 3})``."""
+    """Return ``cfg`` with dotted fields replaced, e.g. ``override(cfg, **{"model.r_num": 3})``; each
+    value is checked against its field's type (:func:`check_override`)."""
     groups: dict[str, dict[str, Any]] = {}
     for dotted, value in changes.items():
         group, _, name = dotted.partition(".")
-        if not name or group not in {"model", "text", "train"}:
-            raise ValueError(f"override {dotted!r} is not of the form model|text|train.<field>")
-        known = {f.name for f in dataclasses.fields(getattr(cfg, group))}
-        if name not in known:
-            raise ValueError(f"{group} has no field {name!r}; known: {sorted(known)}")
-        groups.setdefault(group, {})[name] = value
+        groups.setdefault(group, {})[name] = check_override(dotted, value)
     return dataclasses.replace(
         cfg, **{g: dataclasses.replace(getattr(cfg, g), **kv) for g, kv in groups.items()}
     )
 
 
-# Fields that older checkpoints stored in the model config but that are choices of a run, not of
-# the model (the memory op's backend is an argument of the generator and of the command lines).
-RUNTIME_CHOICES_ONCE_STORED = frozenset({"memory_backend"})
+def config_fields(cfg: Config) -> dict[str, Any]:
+    """Every field of ``cfg`` under its dotted name.
+
+    >>> cfg = get_preset("coco")
+    >>> config_fields(cfg)["model.r_num"]
+    3
+    >>> override(get_preset("bird"), **config_fields(cfg)) == dataclasses.replace(cfg, name="bird")
+    True
+    """
+    return {f"{g}.{k}": v for g in GROUPS for k, v in dataclasses.asdict(getattr(cfg, g)).items()}
 
 
 def config_from_dict(data: dict[str, Any]) -> Config:
@@ -202,4 +340,119 @@ def config_from_dict(data: dict[str, Any]) -> Config:
         model=ModelConfig(**model),
         text=TextConfig(**data["text"]),
         train=TrainConfig(**train),
+    )
+
+
+# --------------------------------------------------------------------------------------------
+# Config files: a run's config.json, replayed, or a hand-written one
+
+# Keys of a run's config.json that record the run rather than ask anything of it: read past.
+RECORD_ONLY_KEYS = frozenset({"environment"})
+
+
+def load_config_file(path: str | Path, options_class: type) -> tuple[dict[str, Any], dict[str, Any]]:
+    """(run options, config overrides under dotted names) from a JSON file, for a command line to
+    apply first, its flags and ``--set`` values then winning over the file's.
+
+    ``options_class`` is the run options' dataclass (``dmgan.runtime.RunOptions``, passed in since
+    the runtime imports this module): option names are checked against its fields and values against
+    their types, as config values are against theirs. The options returned never hold
+    ``overrides``: those are the second value. The file is one of two shapes:
+
+    - **A run's** ``config.json``, as ``dmgan.runtime.describe`` writes it: ``{"options": {...},
+      "config": {"name": ..., "model": {...}, "text": {...}, "train": {...}}}``. The ``config``
+      section is what the run used, so it decides: the overrides are the run's own
+      ``options.overrides`` (each must agree with ``config``) plus every field in which ``config``
+      differs from the preset ``config.name``; that gives the run's configuration even where the
+      preset's defaults have changed since. Either section may be missing; keys in
+      :data:`RECORD_ONLY_KEYS` (``environment``) are records and read past.
+    - **Hand-written**: run options at the top level and config groups holding only the fields to
+      change, e.g. ``{"preset": "shapes", "max_steps": 100, "train": {"batch_size": 8}}``; a dotted
+      ``"overrides": {"train.batch_size": 8}`` is read too (a field set in both is an error).
+
+    ``model.memory_backend`` (a model field in older files) becomes the run option
+    ``memory_backend``. Unknown keys, options and fields, and values of the wrong type, raise a
+    ValueError that names them and the file.
+    """
+    try:
+        data = json.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise ValueError(f"{path}: not a readable JSON config file: {e}") from e
+    try:
+        if not isinstance(data, dict):
+            raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+        if "options" in data or "config" in data:
+            options, overrides = _from_run_record(data, options_class)
+        else:
+            options, overrides = _from_hand_written(data)
+        return _checked(options, overrides, options_class)
+    except ValueError as e:
+        raise ValueError(f"{path}: {e}") from None
+
+
+def _object(where: str, value: Any) -> dict[str, Any]:
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ValueError(f"{where}: expected an object, got {value!r} ({type(value).__name__})")
+    return dict(value)
+
+
+def _from_hand_written(data: dict[str, Any]) -> tuple[dict[str, Any], dict[str, Any]]:
+    options = {k: v for k, v in data.items() if k not in GROUPS}
+    overrides = _object("overrides", options.pop("overrides", None))
+    for group in GROUPS:
+        for name, value in _object(group, data.get(group)).items():
+            if f"{group}.{name}" in overrides:
+                raise ValueError(f"{group}.{name} is set both in 'overrides' and in '{group}'")
+            overrides[f"{group}.{name}"] = value
+    return options, overrides
+
+
+def _from_run_record(data: dict[str, Any], options_class: type) -> tuple[dict[str, Any], dict[str, Any]]:
+    unknown = set(data) - {"options", "config"} - RECORD_ONLY_KEYS
+    if unknown:
+        raise ValueError(f"unknown keys {sorted(unknown)} beside 'options' and 'config'")
+    options = _object("options", data.get("options"))
+    config = _object("config", data.get("config"))
+    if unknown := set(config) - {"name", *GROUPS}:
+        raise ValueError(f"config: unknown keys {sorted(unknown)}")
+    asked = _object("options.overrides", options.pop("overrides", None))
+    used = {f"{g}.{k}": v for g in GROUPS for k, v in _object(f"config.{g}", config.get(g)).items()}
+    _move_run_choices(asked, options)
+    _move_run_choices(used, options)
+    if "name" in config and options.setdefault("preset", config["name"]) != config["name"]:
+        raise ValueError(f"options.preset {options['preset']!r} and config.name {config['name']!r} differ")
+    preset = options.get("preset", {f.name: f.default for f in dataclasses.fields(options_class)}["preset"])
+    defaults = config_fields(get_preset(check_type("preset", preset, str)))
+    asked = {k: check_override(k, v) for k, v in asked.items()}
+    used = {k: check_override(k, v) for k, v in used.items()}
+    for key, value in asked.items():
+        if key in used and used[key] != value:
+            raise ValueError(
+                f"options.overrides sets {key}={value!r} but config holds {used[key]!r}; the config "
+                "section decides: change both, or remove the override"
+            )
+    return options, {**asked, **{k: v for k, v in used.items() if k not in asked and v != defaults[k]}}
+
+
+def _move_run_choices(overrides: dict[str, Any], options: dict[str, Any]) -> None:
+    """Old files' ``model.memory_backend`` (and the like) to the run option it is now."""
+    for name in RUNTIME_CHOICES_ONCE_STORED:
+        if f"model.{name}" in overrides:
+            value = overrides.pop(f"model.{name}")
+            if options.setdefault(name, value) != value:
+                raise ValueError(f"model.{name} is {value!r} but the run option {name} is {options[name]!r}")
+
+
+def _checked(
+    options: dict[str, Any], overrides: dict[str, Any], options_class: type
+) -> tuple[dict[str, Any], dict[str, Any]]:
+    _move_run_choices(overrides, options)
+    known = {k: v for k, v in _field_types(options_class).items() if k != "overrides"}
+    if unknown := sorted(set(options) - set(known)):
+        raise ValueError(f"unknown run options {unknown}; known: {sorted(known)}")
+    return (
+        {k: check_type(k, v, known[k]) for k, v in options.items()},
+        {k: check_override(k, v) for k, v in overrides.items()},
     )
