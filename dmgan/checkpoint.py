@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -50,11 +51,52 @@ def save(state: dict[str, Any], path: str | os.PathLike) -> Path:
     return path
 
 
+def link_atomically(target: str | os.PathLike, link: str | os.PathLike) -> None:
+    """Make ``link`` another name of ``target``'s file (a hard link: the bytes are written once),
+    swapped in atomically, so a crash leaves the old ``link`` or the new one. A copy where the
+    file system has no hard links."""
+    link = Path(link)
+    tmp = link.with_name(f".{link.name}.{os.getpid()}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(target, tmp)
+    except OSError:
+        shutil.copyfile(target, tmp)
+    os.replace(tmp, link)
+
+
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
     return torch.load(path, map_location=map_location, weights_only=True)
+
+
+def load_state_checked(
+    module: torch.nn.Module,
+    state: dict[str, torch.Tensor],
+    source: str | os.PathLike,
+    what: str,
+    hint: str = "",
+) -> None:
+    """Load ``state`` into ``module``, or say which keys or shapes do not fit (naming ``source``
+    and ``what`` it was expected to hold). Batch norms' ``num_batches_tracked`` may be missing
+    (files of PyTorch 0.4 have none); they start fresh."""
+    expected = module.state_dict()
+    wanted = {k for k in expected if not k.endswith("num_batches_tracked")}
+    missing, unexpected = sorted(wanted - state.keys()), sorted(state.keys() - expected.keys())
+    if missing or unexpected:
+        raise ValueError(
+            f"{source}: expected the {what}; {len(missing)} of its keys are missing (e.g. {missing[:3]}) and "
+            f"{len(unexpected)} keys are not its (e.g. {unexpected[:3]}){hint}"
+        )
+    for key, value in state.items():
+        if value.shape != expected[key].shape:
+            raise ValueError(
+                f"{source}: expected the {what}, but {key} has shape {tuple(value.shape)}, "
+                f"not {tuple(expected[key].shape)}"
+            )
+    module.load_state_dict(state, strict=False)
 
 
 def all_finite(state_dict: dict[str, Any]) -> bool:

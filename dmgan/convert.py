@@ -29,7 +29,6 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from torch import nn
 
 from dmgan import checkpoint
 from dmgan.cli import HelpFormatter, add_shared_flags
@@ -86,27 +85,6 @@ def read_state_dict(path: str | Path, what: str) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in state.items()}
 
 
-def _load_checked(
-    module: nn.Module, state: dict[str, torch.Tensor], path: str | Path, what: str, hint: str = ""
-) -> None:
-    """Load ``state`` into ``module``, or say which keys or shapes do not fit."""
-    expected = module.state_dict()
-    wanted = {k for k in expected if not k.endswith("num_batches_tracked")}  # PyTorch 0.4 had none
-    missing, unexpected = sorted(wanted - state.keys()), sorted(state.keys() - expected.keys())
-    if missing or unexpected:
-        raise ValueError(
-            f"{path}: expected the {what}; {len(missing)} of its keys are missing (e.g. {missing[:3]}) and "
-            f"{len(unexpected)} keys are not its (e.g. {unexpected[:3]}){hint}"
-        )
-    for key, value in state.items():
-        if value.shape != expected[key].shape:
-            raise ValueError(
-                f"{path}: expected the {what}, but {key} has shape {tuple(value.shape)}, "
-                f"not {tuple(expected[key].shape)}"
-            )
-    module.load_state_dict(state, strict=False)  # num_batches_tracked: fresh where it is absent
-
-
 def convert_reference(
     preset: str,
     netG: str | Path,
@@ -123,7 +101,7 @@ def convert_reference(
     g_state = read_state_dict(netG, "generator (netG)")
     d_keys = {k for d in build_discriminators(cfg.model) for k in d.state_dict()}
     hint = " - it looks like a discriminator (netD), not a generator" if g_state.keys() <= d_keys else ""
-    _load_checked(generator, g_state, netG, f"DM-GAN generator of the {preset} preset", hint)
+    checkpoint.load_state_checked(generator, g_state, netG, f"DM-GAN generator of the {preset} preset", hint)
     text = build_text_encoder(cfg.model, len(vocab))
     t_state = read_state_dict(text_encoder, "DAMSM text encoder")
     rows = t_state.get("encoder.weight")
@@ -132,9 +110,9 @@ def convert_reference(
             f"{text_encoder}: the text encoder was trained with {rows.shape[0]} words, "
             f"{captions} has {len(vocab)}: they are not from the same dataset"
         )
-    _load_checked(text, t_state, text_encoder, f"DAMSM text encoder of the {preset} preset")
+    checkpoint.load_state_checked(text, t_state, text_encoder, f"DAMSM text encoder of the {preset} preset")
     image = build_image_encoder(cfg.model.image_encoder, cfg.model.embedding_dim)
-    _load_checked(
+    checkpoint.load_state_checked(
         image,
         read_state_dict(image_encoder, "DAMSM image encoder"),
         image_encoder,

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import datetime
 import json
 import os
 import signal
@@ -69,7 +70,20 @@ class RunOptions:
     text_encoder: str | None = _option(None, "released DAMSM text encoder (skips pretraining)")
     image_encoder: str | None = _option(None, "released DAMSM image encoder (skips pretraining)")
     inception_weights: str | None = _option(None, SHARED_FLAGS["inception-weights"]["help"])
-    resume: bool = _option(False, "continue from the checkpoints in the output folder")
+    resume: str | None = _option(
+        None,
+        "continue a run: from the output folder's checkpoints (no value, or 'latest') or from a training "
+        "checkpoint PATH (its GAN stage)",
+        nargs="?",
+        const="latest",
+        metavar="latest|PATH",
+    )
+    init_from: str | None = _option(
+        None,
+        "start a new run from the generator (and discriminators) of a training checkpoint, a converted "
+        "reference model or an export, with fresh optimizers at step 0",
+        metavar="CHECKPOINT",
+    )
     amp: str | None = _option(
         None,
         "mixed precision (default: bf16 on GPUs and on CPUs with bf16 matrix instructions, else off)",
@@ -102,7 +116,19 @@ class RunOptions:
     workers: int | None = _option(None, "data-loading processes (default: 0 on a CPU, 4 on a GPU)")
     sync_bn: bool = _option(False, "synchronised batch norm in G across processes")
     log_every: int = _option(25, "steps between metrics-log lines")
-    checkpoint_every: int = _option(500, "steps between checkpoints")
+    checkpoint_every: int | None = _option(
+        None,
+        "steps between checkpoints, each kept as checkpoints/step-NNNNNN.pt beside latest.pt "
+        "(default: the preset's train.snapshot_interval epochs)",
+    )
+    keep_checkpoints: int | None = _option(
+        None, "keep only the newest N step checkpoints (latest.pt and best.pt are kept apart)"
+    )
+    dist_timeout: float = _option(30, "minutes a process waits for the others in a collective (torchrun)")
+    main_work_timeout: float = _option(
+        600,
+        "minutes the other processes wait while the first evaluates, samples or writes a checkpoint (torchrun)",
+    )
     sample_every: int = _option(500, "steps between sample grids")
     num_samples: int = _option(8, "captions in each sample grid")
     max_nonfinite: int = _option(5, "stop after this many NaN/Inf steps in a row")
@@ -113,6 +139,8 @@ class RunOptions:
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "overrides", dict(self.overrides or {}))
+        if isinstance(self.resume, bool):  # RunOptions(resume=True) from Python: the folder's latest
+            object.__setattr__(self, "resume", "latest" if self.resume else None)
         choices = (
             ("preset", PRESETS), ("stage", STAGES), ("amp", (None, *AMP_MODES)), ("channels_last", (None, *ONOFF)),
             ("memory_backend", BACKENDS),
@@ -152,7 +180,7 @@ class RunOptions:
             channels_last=self.channels_last or default_channels_last(device),
             device=str(device),
             workers=self.workers if self.workers is not None else (4 if device.type == "cuda" else 0),
-            resume=self.resume or self.stage == "eval",  # evaluation reads the trained checkpoint
+            resume=self.resume or ("latest" if self.stage == "eval" else None),  # eval reads the trained one
             eval_every=self.eval_every
             if self.eval_every is not None
             else DEFAULT_EVAL_EVERY.get(self.config().name),
@@ -200,20 +228,40 @@ class Runtime:
     def is_main(self) -> bool:
         return self.rank == 0
 
+    main_work_group: Any = None  # a Gloo group whose timeout covers the first process's own work
+
     @classmethod
-    def start(cls, device: str | None) -> Runtime:
-        """Join the ``torchrun`` process group when launched by it (NCCL on GPUs, Gloo on CPU)."""
+    def start(
+        cls, device: str | None, timeout_minutes: float = 30, main_work_minutes: float = 600
+    ) -> Runtime:
+        """Join the ``torchrun`` process group when launched by it (NCCL on GPUs, Gloo on CPU),
+        with ``timeout_minutes`` for its collectives, and a second (Gloo) group for waiting up to
+        ``main_work_minutes`` while the first process works alone (:meth:`wait_for_main`)."""
         world_size = int(os.environ.get("WORLD_SIZE", "1"))
         wanted = device or default_device()
         if world_size == 1:
             return cls(torch.device(wanted))
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        timeout = datetime.timedelta(minutes=timeout_minutes)
         if wanted.startswith("cuda"):
             torch.cuda.set_device(local_rank)
-            dist.init_process_group("nccl")
-            return cls(torch.device("cuda", local_rank), dist.get_rank(), world_size)
-        dist.init_process_group("gloo")
-        return cls(torch.device("cpu"), dist.get_rank(), world_size)
+            dist.init_process_group("nccl", timeout=timeout)
+            runtime = cls(torch.device("cuda", local_rank), dist.get_rank(), world_size)
+        else:
+            dist.init_process_group("gloo", timeout=timeout)
+            runtime = cls(torch.device("cpu"), dist.get_rank(), world_size)
+        # Made now, while every process is here: making a group is itself a collective.
+        runtime.main_work_group = dist.new_group(
+            backend="gloo", timeout=datetime.timedelta(minutes=main_work_minutes)
+        )
+        return runtime
+
+    def wait_for_main(self) -> None:
+        """Every process waits here while the first one works alone (an evaluation, a sample grid,
+        a checkpoint): on a group whose timeout is longer than the collectives', which an
+        evaluation at paper scale would outlast. Gloo, so NCCL's watchdog is not involved."""
+        if self.world_size > 1:
+            dist.barrier(group=self.main_work_group)
 
     def wrap(self, module: nn.Module, sync_bn: bool = False) -> nn.Module:
         if self.world_size == 1:
@@ -323,14 +371,87 @@ class TrainingRun:
         return Path(self.options.out)
 
 
+# What each stage writes in the output folder, and what it resumes from there.
+DAMSM_STATE, GAN_LATEST = Path("damsm") / "damsm_state.pt", Path("checkpoints") / "latest.pt"
+DAMSM_ENCODER = Path("damsm") / "text_encoder.pth"
+# Settings a resumed run cannot change: the networks' shapes and the captions they read.
+BREAKING_GROUPS = ("model", "text")
+
+
+def check_run_folder(options: RunOptions, cfg: Config) -> None:
+    """Runs never clobber each other: a new run refuses a folder where its stages already wrote,
+    and ``--resume`` needs something to resume and settings that fit it (differences are listed;
+    those that would break the run are refused)."""
+    out = Path(options.out)
+    runs_damsm = options.stage in ("all", "damsm") and not (options.text_encoder and options.image_encoder)
+    runs_gan = options.stage in ("all", "gan")
+    ours = [DAMSM_STATE, DAMSM_ENCODER] * runs_damsm + [GAN_LATEST] * runs_gan
+    if options.resume is None:
+        found = [str(out / p) for p in ours if (out / p).exists()]
+        if found:
+            fresh = next(f"{out}-{k}" for k in range(2, 10_000) if not Path(f"{out}-{k}").exists())
+            raise SystemExit(
+                f"{out} already holds a run ({', '.join(found)}): continue it with --resume, "
+                f"or start a new one with --out {fresh}"
+            )
+        return
+    if options.stage == "eval" and options.resume == "latest" and not (out / GAN_LATEST).is_file():
+        raise SystemExit(f"--stage eval needs a trained checkpoint: {out / GAN_LATEST} does not exist")
+    if options.resume == "latest":
+        if not any((out / p).exists() for p in (DAMSM_STATE, DAMSM_ENCODER, GAN_LATEST)):
+            raise SystemExit(
+                f"--resume: nothing to resume in {out} (no {DAMSM_STATE} and no {GAN_LATEST}); "
+                "leave out --resume to start a run there"
+            )
+        stored_path = out / "config.json"
+        stored = json.loads(stored_path.read_text())["config"] if stored_path.is_file() else None
+    else:
+        stored_path = Path(options.resume)
+        if not stored_path.is_file():
+            raise SystemExit(f"--resume {stored_path}: no such checkpoint")
+        from dmgan import checkpoint
+
+        stored = checkpoint.load(stored_path).get("config")
+    if stored is not None:
+        compare_settings(stored, dataclasses.asdict(cfg), stored_path)
+
+
+def compare_settings(stored: dict[str, Any], wanted: dict[str, Any], source: Path) -> None:
+    """Print what a resumed run changes of the configuration it resumes (as stored in ``source``);
+    refuse changes of the networks or the captions, under which the checkpoint cannot go on."""
+    changed = {
+        f"{group}.{key}": (old, wanted[group].get(key))
+        for group in ("model", "text", "train")
+        for key, old in stored.get(group, {}).items()
+        if key in wanted[group] and _comparable(old) != _comparable(wanted[group][key])
+    }
+    if stored.get("name") != wanted["name"]:
+        changed["preset"] = (stored.get("name"), wanted["name"])
+    if not changed:
+        return
+    listing = "; ".join(f"{k}: {old!r} -> {new!r}" for k, (old, new) in changed.items())
+    breaking = [k for k in changed if k == "preset" or k.split(".")[0] in BREAKING_GROUPS]
+    if breaking:
+        raise SystemExit(
+            f"--resume: {source} was made with other settings ({listing}); {', '.join(breaking)} "
+            "cannot change in a resumed run (start a new run, or --init-from its weights)"
+        )
+    print(f"resuming with changed settings against {source}: {listing}", flush=True)
+
+
+def _comparable(value: Any) -> Any:
+    return list(value) if isinstance(value, tuple | list) else value
+
+
 @contextlib.contextmanager
 def start_run(options: RunOptions) -> Iterator[TrainingRun]:
     """Start a run: threads, the process group, the metrics log and ``config.json``; the process
-    group ends when the block does."""
+    group ends when the block does. A new run refuses a folder that holds another run's outputs."""
     cfg = options.config()
     if options.threads:
         torch.set_num_threads(options.threads)
-    runtime = Runtime.start(options.device)
+    check_run_folder(options.resolved(torch.device(options.device or default_device())), cfg)
+    runtime = Runtime.start(options.device, options.dist_timeout, options.main_work_timeout)
     try:
         options = options.resolved(runtime.device)
         torch.manual_seed(options.seed)  # the same initial weights on every rank

@@ -39,24 +39,51 @@ def _parse_override(text: str) -> tuple[str, Any]:
         return key.strip(), value
 
 
+# --help's sections: every field of RunOptions in one of them.
+OPTION_GROUPS: dict[str, tuple[str, ...]] = {
+    "what to train": (
+        "preset", "overrides", "data_dir", "out", "stage", "text_encoder", "image_encoder", "inception_weights",
+    ),
+    "a run's life (resuming, checkpoints, evaluation, samples, logs)": (
+        "resume", "init_from", "max_steps", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_images",
+        "sample_every", "num_samples", "log_every", "max_nonfinite",
+    ),
+    "how it computes (the results do not depend on these but for rounding)": (
+        "device", "amp", "memory_backend", "compile", "channels_last", "accumulate", "seed", "workers",
+        "threads",
+    ),
+    "several processes (torchrun)": ("sync_bn", "dist_timeout", "main_work_timeout"),
+    "the built-in shapes data": ("shapes_train", "shapes_test", "shapes_seed"),
+}  # fmt: skip
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """One flag per field of :class:`RunOptions`, with the field's help, choices and default."""
+    """One flag per field of :class:`RunOptions`, with the field's help, choices and default,
+    in the sections of :data:`OPTION_GROUPS`."""
     p = argparse.ArgumentParser(
         description="Train DM-GAN: DAMSM pretraining, then the GAN, then a short evaluation. With no "
         "arguments: the built-in shapes data end to end (sized for about 15 minutes on two CPU cores).",
         formatter_class=HelpFormatter,
     )
     hints = typing.get_type_hints(RunOptions)
-    for f in dataclasses.fields(RunOptions):
-        meta = dict(f.metadata)
-        flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
-        if f.name == "overrides":
-            p.add_argument(flag, dest=f.name, action="append", default=[], type=_parse_override, **meta)
-        elif hints[f.name] is bool:
-            p.add_argument(flag, dest=f.name, action="store_true", **meta)
-        else:
-            kind = int if int in typing.get_args(hints[f.name]) or hints[f.name] is int else str
-            p.add_argument(flag, dest=f.name, type=kind, default=f.default, **meta)
+    fields = {f.name: f for f in dataclasses.fields(RunOptions)}
+    for title, names in OPTION_GROUPS.items():
+        group = p.add_argument_group(title)
+        for name in names:
+            f = fields[name]
+            meta = dict(f.metadata)
+            flag = meta.pop("flag", "--" + f.name.replace("_", "-"))
+            if f.name == "overrides":
+                group.add_argument(
+                    flag, dest=f.name, action="append", default=[], type=_parse_override, **meta
+                )
+            elif hints[f.name] is bool:
+                group.add_argument(flag, dest=f.name, action="store_true", **meta)
+            else:
+                kind = next(
+                    (t for t in (int, float) if t in (hints[name], *typing.get_args(hints[name]))), str
+                )
+                group.add_argument(flag, dest=f.name, type=kind, default=f.default, **meta)
     p.add_argument(
         "--print-config", action="store_true", help="print the resolved options and config, then exit"
     )

@@ -195,13 +195,13 @@ class LoopState:
 
 def save_training_checkpoint(
     path: Path, state: TrainingState, loop: LoopState, vocab: Vocabulary, data_dir: Path
-) -> None:
+) -> Path:
     """The training state, the loop's position and RNG states, and what sampling needs (the
     config, the encoders, the vocabulary: a model, see :mod:`dmgan.checkpoint`), atomically."""
     weights = state.state_dict()
     if not checkpoint.all_finite(weights):
         raise SystemExit("refusing to write a checkpoint: the weights hold NaN/Inf")
-    checkpoint.save(
+    return checkpoint.save(
         {
             "gan": weights,
             "rng": all_rng_states(),
@@ -218,23 +218,46 @@ def save_training_checkpoint(
     )
 
 
-def resume_gan(run: TrainingRun, state: TrainingState, path: Path) -> LoopState:
-    """The loop where ``path`` left it when resuming from it, else at its start."""
-    if not (run.options.resume and path.is_file()):
-        if run.options.stage == "eval":
-            raise SystemExit(f"--stage eval needs a trained checkpoint: {path} does not exist")
-        return LoopState()
-    saved = checkpoint.load(path)
-    state.load_state_dict(saved["gan"])
-    restore_all_rng_states(saved["rng"])
-    if run.runtime.is_main:
-        print(f"resumed from {path} at step {saved['step']}", flush=True)
-    return LoopState(saved["step"], saved["position"], saved.get("best", LoopState().best))
+def save_snapshot(
+    folder: Path, state: TrainingState, loop: LoopState, vocab: Vocabulary, data_dir: Path, keep: int | None
+) -> Path:
+    """``step-NNNNNN.pt``, then ``latest.pt`` pointed at it (a hard link swapped in atomically:
+    the same bytes, written once), then the oldest snapshots beyond ``keep`` removed, each only
+    after what replaces it is safe on disk."""
+    snapshot = save_training_checkpoint(folder / f"step-{loop.step:06d}.pt", state, loop, vocab, data_dir)
+    checkpoint.link_atomically(snapshot, folder / "latest.pt")
+    if keep is not None:
+        for old in sorted(folder.glob("step-*.pt"))[:-keep]:
+            old.unlink()
+    return snapshot
+
+
+def resume_gan(run: TrainingRun, state: TrainingState) -> LoopState:
+    """The loop where the checkpoint ``--resume`` names left it, or at its start (with the
+    generator and discriminators of ``--init-from`` when it names one)."""
+    opts = run.options
+    path = run.out / "checkpoints" / "latest.pt" if opts.resume == "latest" else Path(opts.resume or "")
+    if opts.resume is not None and path.is_file():
+        saved = checkpoint.load(path)
+        state.load_state_dict(saved["gan"])
+        restore_all_rng_states(saved["rng"])
+        if run.runtime.is_main:
+            print(f"resumed from {path} at step {saved['step']}", flush=True)
+        return LoopState(saved["step"], saved["position"], saved.get("best", LoopState().best))
+    if opts.init_from is not None:
+        try:
+            loaded = state.load_weights(checkpoint.read_model(opts.init_from), opts.init_from)
+        except (FileNotFoundError, ValueError) as e:
+            raise SystemExit(f"--init-from: {e}") from None
+        if run.runtime.is_main:
+            print(f"--init-from: {' and '.join(loaded)} from {opts.init_from}, fresh optimizers", flush=True)
+    return LoopState()
 
 
 def train_gan(run: TrainingRun, root: Path) -> TrainingState:
     """Train DM-GAN (or, for ``stage="eval"``, load the trained checkpoint) and return it, with
-    the checkpoint ``checkpoints/latest.pt`` and sample grids written on the way."""
+    checkpoints (``checkpoints/step-NNNNNN.pt``, ``latest.pt``, ``best.pt``) and sample grids
+    written on the way."""
     opts, cfg, rt = run.options, run.config, run.runtime
     dataset = dataset_for(cfg, root, "train", train=True, seed=opts.seed)
     loader = make_loader(
@@ -261,108 +284,128 @@ def train_gan(run: TrainingRun, root: Path) -> TrainingState:
         channels_last=opts.channels_last == "on",
         memory_backend=opts.memory_backend,
     )
-    latest = run.out / "checkpoints" / "latest.pt"
-    loop = resume_gan(run, state, latest)
+    loop = resume_gan(run, state)
     state.netG = rt.wrap(state.netG, opts.sync_bn)  # DDP broadcasts rank 0's weights to every rank
     state.netsD = [rt.wrap(d) for d in state.netsD]
     if rt.rank > 0:  # every rank its own noise (a resumed rank got rank 0's RNG state)
         torch.manual_seed(opts.seed + 1000 * loop.step + rt.rank)
-    per_epoch = loader.sampler.batches_per_epoch  # type: ignore[union-attr]
-    total = loop.step if opts.stage == "eval" else opts.max_steps or cfg.train.max_epoch * per_epoch
-    test = dataset_for(cfg, root, "test", train=False, seed=opts.seed)
-    rng = test.item_rng(0)  # fixed captions and noise: grids at different steps are comparable
-    pairs = [test.caption(i, rng, which=0) for i in range(min(opts.num_samples, len(test)))]
-    samples = Captions.from_pairs(pairs, test.vocab)
-    interval = IntervalMeans()
-    bar = tqdm(total=total, initial=loop.step, disable=not rt.is_main, desc="DM-GAN", dynamic_ncols=True)
-    while loop.step < total:
-        epoch, skip = divmod(loop.position, per_epoch)
-        step_at_epoch_start = loop.step
-        for batch in epoch_batches(loader, epoch, skip):
-            loop.position += 1
-            loop.skipped_images += batch.skipped
-            if rt.any_true(len(batch.captions) < 2):  # (almost) nothing readable in this batch
-                continue
-            start = time.perf_counter()
-            check_word_ids(batch.captions, len(dataset.vocab))  # on the host copy: no wait
-            logs = state.step(batch.to(rt.device))
-            if not count_step(run, loop, logs, latest):
-                continue
-            interval.add(logs, len(batch.captions) * rt.world_size, time.perf_counter() - start)
-            bar.update()
-            after_step(
-                run, root, state, loop, interval, bar, samples, dataset.vocab, at_end=loop.step == total
-            )
-            if loop.step == total:
-                break
-        if loop.step == step_at_epoch_start and loop.step < total:
-            raise SystemExit(f"a whole epoch gave no training step ({loop.skipped_images} unreadable images)")
-    bar.close()
-    if rt.is_main and (loop.skipped_images or loop.skipped_steps):
-        print(
-            f"skipped {loop.skipped_images} unreadable images and {loop.skipped_steps} steps with NaN/Inf losses"
-        )
+    GanLoop(run, root, state, loop, loader, dataset.vocab).train()
     state.netG, state.netsD = unwrap(state.netG), [unwrap(d) for d in state.netsD]
     return state
 
 
-def count_step(run: TrainingRun, loop: LoopState, logs: dict[str, torch.Tensor], latest: Path) -> bool:
-    """Whether the step took effect: the step's one wait for the device, to learn whether a loss
-    went non-finite on any rank (then every rank skips it). Too many in a row stop the run."""
-    if run.runtime.any_true(logs["nonfinite"]):
-        loop.nonfinite_in_row += 1
-        loop.skipped_steps += 1
-        if loop.nonfinite_in_row >= run.options.max_nonfinite:
-            last = {k: round(float(v), 4) for k, v in logs.items()}
-            raise SystemExit(
-                f"stopping: {loop.nonfinite_in_row} steps in a row had NaN/Inf losses "
-                f"(last: {last}); the last good checkpoint is {latest}"
+@dataclass
+class GanLoop:
+    """The GAN stage's loop over batches: a step, then what falls due after it."""
+
+    run: TrainingRun
+    root: Path
+    state: TrainingState
+    loop: LoopState
+    loader: torch.utils.data.DataLoader
+    vocab: Vocabulary
+    interval: IntervalMeans = field(default_factory=IntervalMeans)
+
+    def __post_init__(self) -> None:
+        opts, cfg = self.run.options, self.run.config
+        self.per_epoch = self.loader.sampler.batches_per_epoch  # type: ignore[union-attr]
+        self.total = (
+            self.loop.step if opts.stage == "eval" else opts.max_steps or cfg.train.max_epoch * self.per_epoch
+        )
+        self.checkpoint_every = opts.checkpoint_every or cfg.train.snapshot_interval * self.per_epoch
+        self.checkpoints = self.run.out / "checkpoints"
+        test = dataset_for(cfg, self.root, "test", train=False, seed=opts.seed)
+        rng = test.item_rng(0)  # fixed captions and noise: grids at different steps are comparable
+        pairs = [test.caption(i, rng, which=0) for i in range(min(opts.num_samples, len(test)))]
+        self.samples = Captions.from_pairs(pairs, test.vocab)
+
+    def train(self) -> None:
+        """Steps until the total, epoch after epoch, from where the loop state stands."""
+        rt, loop = self.run.runtime, self.loop
+        self.bar = tqdm(
+            total=self.total, initial=loop.step, disable=not rt.is_main, desc="DM-GAN", dynamic_ncols=True
+        )
+        while loop.step < self.total:
+            epoch, skip = divmod(loop.position, self.per_epoch)
+            step_at_epoch_start = loop.step
+            for batch in epoch_batches(self.loader, epoch, skip):
+                loop.position += 1
+                loop.skipped_images += batch.skipped
+                if rt.any_true(len(batch.captions) < 2):  # (almost) nothing readable in this batch
+                    continue
+                start = time.perf_counter()
+                check_word_ids(batch.captions, len(self.vocab))  # on the host copy: no wait
+                logs = self.state.step(batch.to(rt.device))
+                if not self.count_step(logs):
+                    continue
+                self.interval.add(logs, len(batch.captions) * rt.world_size, time.perf_counter() - start)
+                self.bar.update()
+                self.after_step()
+                if loop.step == self.total:
+                    break
+            if loop.step == step_at_epoch_start and loop.step < self.total:
+                raise SystemExit(
+                    f"a whole epoch gave no training step ({loop.skipped_images} unreadable images)"
+                )
+        self.bar.close()
+        if rt.is_main and (loop.skipped_images or loop.skipped_steps):
+            print(
+                f"skipped {loop.skipped_images} unreadable images and {loop.skipped_steps} steps with NaN/Inf losses"
             )
-        return False
-    loop.nonfinite_in_row = 0
-    loop.step += 1
-    return True
 
+    def count_step(self, logs: dict[str, torch.Tensor]) -> bool:
+        """Whether the step took effect: the step's one wait for the device, to learn whether a
+        loss went non-finite on any rank (then every rank skips it). Too many in a row stop the run."""
+        loop = self.loop
+        if self.run.runtime.any_true(logs["nonfinite"]):
+            loop.nonfinite_in_row += 1
+            loop.skipped_steps += 1
+            if loop.nonfinite_in_row >= self.run.options.max_nonfinite:
+                last = {k: round(float(v), 4) for k, v in logs.items()}
+                raise SystemExit(
+                    f"stopping: {loop.nonfinite_in_row} steps in a row had NaN/Inf losses "
+                    f"(last: {last}); the last good checkpoint is {self.checkpoints / 'latest.pt'}"
+                )
+            return False
+        loop.nonfinite_in_row = 0
+        loop.step += 1
+        return True
 
-def after_step(
-    run: TrainingRun,
-    root: Path,
-    state: TrainingState,
-    loop: LoopState,
-    interval: IntervalMeans,
-    bar: tqdm,
-    samples: Captions,
-    vocab: Vocabulary,
-    at_end: bool,
-) -> None:
-    """What falls due after a step: the log line, an evaluation (and ``best.pt``), the checkpoint,
-    a sample grid; and stopping, when a signal asked for it (checkpoint first)."""
-    opts, rt, step = run.options, run.runtime, loop.step
-    latest = run.out / "checkpoints" / "latest.pt"
-    if step % opts.log_every == 0 or at_end:
-        means = interval.take()  # the losses' means since the last line, in one transfer
-        d_loss = sum(v for k, v in means.items() if k.startswith("d_loss"))
-        bar.set_postfix(D=f"{d_loss:.2f}", G=f"{means['g_loss']:.2f}", img_s=f"{means['images_per_s']:.1f}")
-        counts = {"skipped_steps": loop.skipped_steps, "skipped_images": loop.skipped_images}
-        run.log.write("gan", step, {**means, **counts})
-    stopping = rt.any_true(bool(run.stop))
-    if not rt.is_main:
+    def after_step(self) -> None:
+        """What falls due after a step: the log line, an evaluation (and ``best.pt``), a
+        checkpoint, a sample grid; and stopping, when a signal asked for it (checkpoint first).
+        The first process does the writing while the others wait for it."""
+        run, opts, rt, loop = self.run, self.run.options, self.run.runtime, self.loop
+        step, at_end = loop.step, loop.step == self.total
+        if step % opts.log_every == 0 or at_end:
+            means = self.interval.take()  # the losses' means since the last line, in one transfer
+            d_loss = sum(v for k, v in means.items() if k.startswith("d_loss"))
+            self.bar.set_postfix(
+                D=f"{d_loss:.2f}", G=f"{means['g_loss']:.2f}", img_s=f"{means['images_per_s']:.1f}"
+            )
+            counts = {"skipped_steps": loop.skipped_steps, "skipped_images": loop.skipped_images}
+            run.log.write("gan", step, {**means, **counts})
+        stopping = rt.any_true(bool(run.stop))
+        evaluate = bool(opts.eval_every) and step % opts.eval_every == 0
+        save = at_end or stopping or step % self.checkpoint_every == 0
+        sample = at_end or step % opts.sample_every == 0
+        if rt.is_main and evaluate:
+            scores = evaluate_while_training(run, self.root, self.state, self.vocab)
+            run.log.write("eval", step, scores)
+            if loop.best["fid"] is None or scores["fid"] < loop.best["fid"]:
+                loop.best = {"fid": scores["fid"], "step": step}
+                save_training_checkpoint(
+                    self.checkpoints / "best.pt", self.state, loop, self.vocab, self.root
+                )
+        if rt.is_main and save:
+            save_snapshot(self.checkpoints, self.state, loop, self.vocab, self.root, opts.keep_checkpoints)
+        if rt.is_main and sample:
+            stages, _ = self.state.pipeline(self.vocab).generate(self.samples, seed=0)
+            stage_grid(stages, self.samples.texts, run.out / "samples" / f"step{step:06d}.png")
+        if evaluate or save or sample:
+            rt.wait_for_main()
         if stopping:
-            raise Interrupted(run.stop.signal or signal.SIGTERM, latest)
-        return
-    if opts.eval_every and step % opts.eval_every == 0:
-        scores = evaluate_while_training(run, root, state, vocab)
-        run.log.write("eval", step, scores)
-        if loop.best["fid"] is None or scores["fid"] < loop.best["fid"]:
-            loop.best = {"fid": scores["fid"], "step": step}
-            save_training_checkpoint(latest.with_name("best.pt"), state, loop, vocab, root)
-    if at_end or stopping or step % opts.checkpoint_every == 0:
-        save_training_checkpoint(latest, state, loop, vocab, root)
-    if at_end or step % opts.sample_every == 0:
-        stages, _ = state.pipeline(vocab).generate(samples, seed=0)
-        stage_grid(stages, samples.texts, run.out / "samples" / f"step{step:06d}.png")
-    if stopping:
-        raise Interrupted(run.stop.signal or signal.SIGTERM, latest)
+            raise Interrupted(run.stop.signal or signal.SIGTERM, self.checkpoints / "latest.pt")
 
 
 # --------------------------------------------------------------------------------------------

@@ -16,6 +16,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import os
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.parallel import DistributedDataParallel
 
+from dmgan import checkpoint
 from dmgan.config import Config
 from dmgan.data import Batch, Vocabulary
 from dmgan.ema import ParameterEMA
@@ -303,6 +305,24 @@ class TrainingState:
         netG._compiled_call_impl = None  # sample eagerly (other shapes, eval mode): no recompiles
         netG = self.ema.copy_to(netG).eval()
         return TextToImage(self.cfg, netG, self.text_encoder, self.image_encoder, vocab)  # type: ignore[arg-type]
+
+    def load_weights(self, model: dict[str, Any], source: str | os.PathLike) -> list[str]:
+        """Start from the weights of ``model`` (:func:`dmgan.checkpoint.read_model`: a training
+        checkpoint, a converted reference model or an export): the generator and its average, and
+        the discriminators where it holds them; the optimizers stay fresh. Returns what was
+        loaded; a model of other shapes is refused with the keys that do not fit."""
+        gan, netG = model["gan"], unwrap(self.netG)
+        checkpoint.load_state_checked(netG, gan["netG"], source, "generator of this run's configuration")
+        self.ema = ParameterEMA(netG, self.cfg.train.ema_decay)
+        if "ema" in gan:
+            self.ema.load_state_dict(gan["ema"])
+        if "netsD" not in gan:
+            return ["G"]
+        for i, (netD, saved) in enumerate(zip(self.netsD, gan["netsD"], strict=True)):
+            checkpoint.load_state_checked(
+                unwrap(netD), saved, source, f"discriminator {i} of this run's configuration"
+            )
+        return ["G", "the Ds"]
 
     def state_dict(self) -> dict[str, Any]:
         return {

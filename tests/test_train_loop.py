@@ -155,6 +155,36 @@ def test_two_gloo_processes_keep_identical_generators(data_dir, encoders, tmp_pa
     assert "cpu x 2" in proc.stdout
 
 
+def test_the_other_processes_wait_out_an_evaluation_longer_than_the_collectives_timeout(
+    data_dir, encoders, tmp_path
+):
+    """Under torchrun the first process evaluates alone; the others wait for it on a group of
+    their own (--main-work-timeout), not in the next collective, whose timeout (--dist-timeout,
+    6 s here) the evaluation (12 s) outlasts."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(REPO),
+        "DMGAN_TEST_EVALUATION_SECONDS": "12",
+    }
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(REPO / "tests" / "_ddp_worker.py"),
+        str(tmp_path),
+        *gan_args(data_dir, tmp_path / "out", encoders, "--max-steps", "2", "--device", "cpu"),
+        *("--eval-every", "1", "--dist-timeout", "0.1"),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert [r["step"] for r in metrics(tmp_path / "out", stage="eval")] == [1, 2]
+    assert checkpoint.load(tmp_path / "out" / "checkpoints" / "latest.pt")["step"] == 2
+
+
 def test_nonfinite_steps_are_skipped_then_training_stops(data_dir, encoders, tmp_path, monkeypatch):
     import dmgan.training_step as train_module
 
