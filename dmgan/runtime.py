@@ -22,7 +22,6 @@ import datetime
 import json
 import os
 import signal
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -37,6 +36,7 @@ from dmgan.cli import SHARED_FLAGS, default_device
 from dmgan.config import PRESETS, Config, get_preset, override
 from dmgan.data import shapes as shapes_data
 from dmgan.ops import BACKENDS
+from dmgan.tracking import REPORT_TO, Tracker, check_report_to, open_tracker
 from dmgan.training_step import AMP_DTYPES
 
 AMP_MODES = tuple(AMP_DTYPES)
@@ -116,6 +116,13 @@ class RunOptions:
     workers: int | None = _option(None, "data-loading processes (default: 0 on a CPU, 4 on a GPU)")
     sync_bn: bool = _option(False, "synchronised batch norm in G across processes")
     log_every: int = _option(25, "steps between metrics-log lines")
+    report_to: str = _option(
+        "none",
+        "where else the metrics, sample grids and attention maps go besides metrics.jsonl "
+        "(tensorboard and wandb come with the install extras of those names; wandb runs offline unless "
+        "WANDB_MODE says otherwise)",
+        choices=REPORT_TO,
+    )
     checkpoint_every: int | None = _option(
         None,
         "steps between checkpoints, each kept as checkpoints/step-NNNNNN.pt beside latest.pt "
@@ -144,6 +151,7 @@ class RunOptions:
         choices = (
             ("preset", PRESETS), ("stage", STAGES), ("amp", (None, *AMP_MODES)), ("channels_last", (None, *ONOFF)),
             ("memory_backend", BACKENDS),
+            ("report_to", REPORT_TO),
         )  # fmt: skip
         for name, allowed in choices:
             if getattr(self, name) not in allowed:
@@ -320,28 +328,6 @@ class Interrupted(SystemExit):
         super().__init__(128 + signum)
 
 
-class MetricsLog:
-    """JSON lines (one object per logged step), plus TensorBoard when it is installed."""
-
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled, self.writer = path, enabled, None
-        if enabled:
-            path.parent.mkdir(parents=True, exist_ok=True)
-            with contextlib.suppress(ImportError):
-                from torch.utils.tensorboard import SummaryWriter
-
-                self.writer = SummaryWriter(str(path.parent / "tensorboard"))
-
-    def write(self, stage: str, step: int, values: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps({"stage": stage, "step": step, "time": time.time(), **values}) + "\n")
-        if self.writer is not None:
-            for k, v in values.items():
-                self.writer.add_scalar(f"{stage}/{k}", v, step)
-
-
 def all_rng_states() -> dict[str, Any]:
     """The CPU's and every GPU's generator: what a checkpoint keeps to resume the same draws."""
     state: dict[str, Any] = {"torch": torch.get_rng_state()}
@@ -363,7 +349,7 @@ class TrainingRun:
     options: RunOptions  # resolved: no default left open
     config: Config
     runtime: Runtime
-    log: MetricsLog
+    tracker: Tracker
     stop: StopRequest = field(default_factory=StopRequest)
 
     @property
@@ -445,21 +431,26 @@ def _comparable(value: Any) -> Any:
 
 @contextlib.contextmanager
 def start_run(options: RunOptions) -> Iterator[TrainingRun]:
-    """Start a run: threads, the process group, the metrics log and ``config.json``; the process
-    group ends when the block does. A new run refuses a folder that holds another run's outputs."""
+    """Start a run: threads, the process group, the tracker and ``config.json``; the tracker and
+    the process group end when the block does. A new run refuses a folder that holds another
+    run's outputs."""
     cfg = options.config()
     if options.threads:
         torch.set_num_threads(options.threads)
     check_run_folder(options.resolved(torch.device(options.device or default_device())), cfg)
+    check_report_to(options.report_to)  # a missing package stops every process before anything runs
     runtime = Runtime.start(options.device, options.dist_timeout, options.main_work_timeout)
-    try:
+    with contextlib.ExitStack() as stack:
+        stack.callback(runtime.stop)
         options = options.resolved(runtime.device)
         torch.manual_seed(options.seed)  # the same initial weights on every rank
-        log = MetricsLog(Path(options.out) / "metrics.jsonl", runtime.is_main)
-        started = TrainingRun(options, cfg, runtime, log)
+        out = Path(options.out)
+        tracker = open_tracker(
+            options.report_to, out, run_name=out.name, config=describe(options, cfg), enabled=runtime.is_main
+        )
+        stack.callback(tracker.close)
+        started = TrainingRun(options, cfg, runtime, tracker)
         if runtime.is_main:
             started.out.mkdir(parents=True, exist_ok=True)
             (started.out / "config.json").write_text(json.dumps(describe(options, cfg), indent=2) + "\n")
         yield started
-    finally:
-        runtime.stop()

@@ -46,7 +46,7 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "a run's life (resuming, checkpoints, evaluation, samples, logs)": (
         "resume", "init_from", "max_steps", "checkpoint_every", "keep_checkpoints", "eval_every", "eval_images",
-        "sample_every", "num_samples", "log_every", "max_nonfinite",
+        "sample_every", "num_samples", "log_every", "report_to", "max_nonfinite",
     ),
     "how it computes (the results do not depend on these but for rounding)": (
         "device", "amp", "memory_backend", "compile", "channels_last", "accumulate", "seed", "workers",
@@ -67,6 +67,9 @@ def build_parser() -> argparse.ArgumentParser:
     )
     hints = typing.get_type_hints(RunOptions)
     fields = {f.name: f for f in dataclasses.fields(RunOptions)}
+    grouped = [name for names in OPTION_GROUPS.values() for name in names]
+    if sorted(grouped) != sorted(fields):  # a new option needs its section
+        raise AssertionError(f"OPTION_GROUPS lists {sorted(set(grouped) ^ set(fields))} wrongly")
     for title, names in OPTION_GROUPS.items():
         group = p.add_argument_group(title)
         for name in names:

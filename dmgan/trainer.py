@@ -45,7 +45,7 @@ from dmgan.runtime import (
     start_run,
 )
 from dmgan.training_step import IntervalMeans, TrainingState, adam, unwrap
-from dmgan.visualize import stage_grid
+from dmgan.visualize import render_attention, stage_grid
 
 # --------------------------------------------------------------------------------------------
 # Stage 1: DAMSM pretraining
@@ -149,7 +149,7 @@ def damsm_epoch(
         step += 1
         bar.set_postfix(w=f"{w_loss.item():.2f}", s=f"{s_loss.item():.2f}")
         if step % opts.log_every == 0:
-            run.log.write("damsm", step, {"w_loss": w_loss.item(), "s_loss": s_loss.item(), "lr": lr})
+            run.tracker.scalars("damsm", step, {"w_loss": w_loss.item(), "s_loss": s_loss.item(), "lr": lr})
     return step
 
 
@@ -353,6 +353,18 @@ class GanLoop:
                 f"skipped {loop.skipped_images} unreadable images and {loop.skipped_steps} steps with NaN/Inf losses"
             )
 
+    def sample_grid(self, step: int) -> None:
+        """The fixed captions' images at every stage as ``samples/stepNNNNNN.png``, and to the
+        tracker with the first caption's word-attention maps of the last memory stage."""
+        stages, maps = self.state.pipeline(self.vocab).generate(self.samples, seed=0, return_attention=True)
+        texts = self.samples.texts
+        grid = stage_grid(stages, texts, self.run.out / "samples" / f"step{step:06d}.png")
+        figures: dict[str, Any] = {"samples": grid}
+        if maps:
+            first = [s[0] for s in stages]
+            figures["attention"] = render_attention(first, maps[-1][0], texts[0].split(), texts[0])
+        self.run.tracker.images("gan", step, figures)
+
     def count_step(self, logs: dict[str, torch.Tensor]) -> bool:
         """Whether the step took effect: the step's one wait for the device, to learn whether a
         loss went non-finite on any rank (then every rank skips it). Too many in a row stop the run."""
@@ -384,14 +396,14 @@ class GanLoop:
                 D=f"{d_loss:.2f}", G=f"{means['g_loss']:.2f}", img_s=f"{means['images_per_s']:.1f}"
             )
             counts = {"skipped_steps": loop.skipped_steps, "skipped_images": loop.skipped_images}
-            run.log.write("gan", step, {**means, **counts})
+            run.tracker.scalars("gan", step, {**means, **counts})
         stopping = rt.any_true(bool(run.stop))
         evaluate = bool(opts.eval_every) and step % opts.eval_every == 0
         save = at_end or stopping or step % self.checkpoint_every == 0
         sample = at_end or step % opts.sample_every == 0
         if rt.is_main and evaluate:
             scores = evaluate_while_training(run, self.root, self.state, self.vocab)
-            run.log.write("eval", step, scores)
+            run.tracker.scalars("eval", step, scores)
             if loop.best["fid"] is None or scores["fid"] < loop.best["fid"]:
                 loop.best = {"fid": scores["fid"], "step": step}
                 save_training_checkpoint(
@@ -400,8 +412,7 @@ class GanLoop:
         if rt.is_main and save:
             save_snapshot(self.checkpoints, self.state, loop, self.vocab, self.root, opts.keep_checkpoints)
         if rt.is_main and sample:
-            stages, _ = self.state.pipeline(self.vocab).generate(self.samples, seed=0)
-            stage_grid(stages, self.samples.texts, run.out / "samples" / f"step{step:06d}.png")
+            self.sample_grid(step)
         if evaluate or save or sample:
             rt.wait_for_main()
         if stopping:

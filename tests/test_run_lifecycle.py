@@ -64,11 +64,25 @@ def test_resume_lists_changed_settings_and_refuses_those_that_break_the_run(tmp_
 
 
 @pytest.mark.slow
-def test_snapshots_per_step_retention_and_init_from(tmp_path):
+def test_snapshots_per_step_retention_tensorboard_and_init_from(tmp_path):
     data = shapes_data.generate(tmp_path / "data", num_train=32, num_test=10, seed=2)
     run = tmp_path / "run"
     base = ["--data-dir", str(data), "--set", "train.encoder_max_epoch=1", *TINY]
-    main([*base, "--out", str(run), "--max-steps", "6", "--checkpoint-every", "2", "--keep-checkpoints", "2"])
+    main([*base, "--out", str(run), "--max-steps", "6", "--checkpoint-every", "2", "--keep-checkpoints", "2",
+          "--report-to", "tensorboard"])  # fmt: skip
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("gan/g_loss")] == [
+        1,
+        2,
+        3,
+        4,
+        5,
+        6,
+    ] and "damsm/w_loss" in events.Tags()["scalars"]
+    assert {"gan/samples", "gan/attention"} <= set(events.Tags()["images"])  # the grid, the word maps
     folder = run / "checkpoints"
     assert sorted(p.name for p in folder.glob("*.pt")) == ["latest.pt", "step-000004.pt", "step-000006.pt"]
     assert (folder / "latest.pt").stat().st_ino == (folder / "step-000006.pt").stat().st_ino  # written once
