@@ -30,7 +30,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from tqdm import tqdm
 
 from dmgan import metrics
 from dmgan.cli import HelpFormatter, add_shared_flags
@@ -38,6 +37,8 @@ from dmgan.config import Config
 from dmgan.data import TextImageDataset, dataset_for
 from dmgan.data.shapes import default_root, is_shapes_dataset
 from dmgan.pipeline import Captions, TextToImage
+from dmgan.progress import progress as progress_display
+from dmgan.provenance import environment_record
 from dmgan.visualize import save_images as save_images_as_files
 
 
@@ -127,8 +128,8 @@ def real_features(
             return torch.from_numpy(data["features"])
     parts = [
         features_of(network, real_images(dataset, chunk.tolist()), batch_size)
-        for chunk in tqdm(
-            torch.arange(len(dataset)).split(batch_size), desc="real features", disable=not progress
+        for chunk in progress_display(
+            torch.arange(len(dataset)).split(batch_size), desc="real features", enabled=progress
         )
     ]
     features = torch.cat(parts)
@@ -256,7 +257,7 @@ def generate_and_collect(
     a batch at a time, keeping of each batch only what the metrics read."""
     owners, captions = caption_plan(dataset, num_images, seed)
     codes, features, probs, images = [], [], [], []
-    for start in tqdm(range(0, num_images, batch_size), desc="generate", disable=not progress):
+    for start in progress_display(range(0, num_images, batch_size), desc="generate", enabled=progress):
         stages, _ = pipe.generate(
             captions[start : start + batch_size], seed=seed * 1_000_003 + start, batch_size=batch_size
         )
@@ -590,7 +591,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
         "source": settings_source,
         "settings": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
         | {"data_dir": str(data_dir), "num_images": results["num_images"]},
-        "torch": torch.__version__,
+        "environment": environment_record(args.device),  # versions, commit, devices
     }
     if args.checkpoint is not None and Path(args.checkpoint).is_file():
         report["checkpoint"], report["checkpoint_sha256"] = str(args.checkpoint), file_sha256(args.checkpoint)

@@ -38,7 +38,7 @@ def environment_record(device: torch.device | str, world_size: int = 1) -> dict[
         "dmgan": dmgan.__version__,
         "git": git_state(Path(dmgan.__file__).resolve().parent.parent),
         "python": platform.python_version(),
-        "torch": torch.__version__,
+        "torch": str(torch.__version__),  # a str subclass, which weights_only loading refuses
         "cuda": torch.version.cuda,  # the CUDA torch was built with (None: a CPU build)
         "cudnn": torch.backends.cudnn.version() if torch.backends.cudnn.is_available() else None,
         "triton": _package_version("triton"),

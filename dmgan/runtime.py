@@ -36,6 +36,7 @@ from dmgan.cli import SHARED_FLAGS, default_device
 from dmgan.config import PRESETS, Config, get_preset, override
 from dmgan.data import shapes as shapes_data
 from dmgan.ops import BACKENDS
+from dmgan.provenance import deterministic_state, environment_record, set_deterministic
 from dmgan.tracking import REPORT_TO, Tracker, check_report_to, open_tracker
 from dmgan.training_step import AMP_DTYPES
 
@@ -140,6 +141,11 @@ class RunOptions:
     num_samples: int = _option(8, "captions in each sample grid")
     max_nonfinite: int = _option(5, "stop after this many NaN/Inf steps in a row")
     threads: int | None = _option(None, "CPU threads for torch")
+    deterministic: bool = _option(
+        False,
+        "deterministic algorithms, cuDNN without autotuning, no TF32: repeatable runs, slower steps on "
+        "GPUs, and an error from any op torch has no deterministic version of",
+    )
     shapes_train: int = _option(4000, "built-in shapes: training images")
     shapes_test: int = _option(500, "built-in shapes: test images")
     shapes_seed: int = _option(0, "built-in shapes: drawing seed")
@@ -219,9 +225,12 @@ def default_channels_last(device: torch.device) -> str:
     return "on" if device.type == "cuda" else "off"
 
 
-def describe(options: RunOptions, cfg: Config) -> dict[str, Any]:
-    """What ``config.json`` holds: the options and the configuration the run uses."""
-    return {"options": dataclasses.asdict(options), "config": dataclasses.asdict(cfg)}
+def describe(options: RunOptions, cfg: Config, environment: dict[str, Any] | None = None) -> dict[str, Any]:
+    """What ``config.json`` holds: the options and the configuration the run uses (what
+    ``python train.py --config`` replays), and, for a started run, where it ran
+    (:func:`dmgan.provenance.environment_record`, with the determinism switches)."""
+    described = {"options": dataclasses.asdict(options), "config": dataclasses.asdict(cfg)}
+    return described if environment is None else {**described, "environment": environment}
 
 
 @dataclass
@@ -350,6 +359,7 @@ class TrainingRun:
     config: Config
     runtime: Runtime
     tracker: Tracker
+    environment: dict[str, Any] = field(default_factory=dict)  # provenance.environment_record
     stop: StopRequest = field(default_factory=StopRequest)
 
     @property
@@ -444,13 +454,18 @@ def start_run(options: RunOptions) -> Iterator[TrainingRun]:
         stack.callback(runtime.stop)
         options = options.resolved(runtime.device)
         torch.manual_seed(options.seed)  # the same initial weights on every rank
+        if options.deterministic:
+            stack.callback(set_deterministic, False)
+        switches = set_deterministic(True) if options.deterministic else deterministic_state()
+        environment = {**environment_record(runtime.device, runtime.world_size), "determinism": switches}
+        described = describe(options, cfg, environment)
         out = Path(options.out)
         tracker = open_tracker(
-            options.report_to, out, run_name=out.name, config=describe(options, cfg), enabled=runtime.is_main
+            options.report_to, out, run_name=out.name, config=described, enabled=runtime.is_main
         )
         stack.callback(tracker.close)
-        started = TrainingRun(options, cfg, runtime, tracker)
+        started = TrainingRun(options, cfg, runtime, tracker, environment)
         if runtime.is_main:
             started.out.mkdir(parents=True, exist_ok=True)
-            (started.out / "config.json").write_text(json.dumps(describe(options, cfg), indent=2) + "\n")
+            (started.out / "config.json").write_text(json.dumps(described, indent=2) + "\n")
         yield started

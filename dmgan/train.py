@@ -24,6 +24,7 @@ from typing import Any
 import torch
 
 from dmgan.cli import HelpFormatter, default_device
+from dmgan.config import load_config_file
 from dmgan.runtime import RunOptions, describe
 from dmgan.trainer import train
 from dmgan.training_step import TrainingState
@@ -50,7 +51,7 @@ OPTION_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "how it computes (the results do not depend on these but for rounding)": (
         "device", "amp", "memory_backend", "compile", "channels_last", "accumulate", "seed", "workers",
-        "threads",
+        "threads", "deterministic",
     ),
     "several processes (torchrun)": ("sync_bn", "dist_timeout", "main_work_timeout"),
     "the built-in shapes data": ("shapes_train", "shapes_test", "shapes_seed"),
@@ -88,19 +89,38 @@ def build_parser() -> argparse.ArgumentParser:
                 )
                 group.add_argument(flag, dest=f.name, type=kind, default=f.default, **meta)
     p.add_argument(
+        "--config",
+        metavar="FILE",
+        help="a JSON file of options and config fields (a run's config.json replays that run); the "
+        "flags and --set given beside it win over it",
+    )
+    p.add_argument(
         "--print-config", action="store_true", help="print the resolved options and config, then exit"
     )
     return p
 
 
 def parse_options(argv: Sequence[str] | None = None) -> tuple[RunOptions, bool]:
-    """(the run's options, whether only to print its configuration) from a command line."""
-    args = vars(build_parser().parse_args(argv))
+    """(the run's options, whether only to print its configuration) from a command line: a
+    ``--config`` file first, then the flags and ``--set`` values given beside it."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    file_overrides: dict[str, Any] = {}
+    if args.config is not None:
+        try:
+            file_options, file_overrides = load_config_file(args.config, RunOptions)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"train.py: --config {args.config}: {e}") from None
+        file_options.pop("resume", None)  # how that run went on in its folder, not its recipe
+        parser.set_defaults(**file_options)
+        args = parser.parse_args(argv)
+    args = vars(args)
     print_only = args.pop("print_config")
-    args["overrides"] = dict(args["overrides"])
+    args.pop("config")
+    args["overrides"] = {**file_overrides, **dict(args["overrides"])}
     try:
         options = RunOptions(**args)
-        options.config()  # refuse unknown config fields before anything starts
+        options.config()  # refuse unknown config fields and wrong types before anything starts
     except ValueError as e:
         raise SystemExit(f"train.py: {e}") from e
     return options, print_only

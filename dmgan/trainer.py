@@ -26,7 +26,6 @@ from typing import Any
 
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from dmgan import checkpoint
 from dmgan.data import Vocabulary, check_vocabulary, dataset_for, epoch_batches, make_loader
@@ -35,6 +34,7 @@ from dmgan.losses import damsm_loss
 from dmgan.models import build_image_encoder, build_text_encoder
 from dmgan.models.text import check_word_ids
 from dmgan.pipeline import Captions
+from dmgan.progress import progress
 from dmgan.runtime import (
     Interrupted,
     RunOptions,
@@ -85,9 +85,11 @@ def pretrain_damsm(run: TrainingRun, root: Path) -> tuple[nn.Module, nn.Module]:
         start_epoch = state["epoch"]
         restore_all_rng_states(state["rng"])
     text_ddp, image_ddp = rt.wrap(text_encoder), rt.wrap(image_encoder)
-    step = start_epoch * loader.sampler.batches_per_epoch  # type: ignore[union-attr]
+    per_epoch = loader.sampler.batches_per_epoch  # type: ignore[union-attr]
+    step = start_epoch * per_epoch
+    bar = progress(total=t.encoder_max_epoch * per_epoch, initial=step, desc="DAMSM", enabled=rt.is_main)
     for epoch in range(start_epoch, t.encoder_max_epoch):
-        step = damsm_epoch(run, loader, epoch, step, text_ddp, image_ddp, dataset.vocab)
+        step = damsm_epoch(run, loader, epoch, step, text_ddp, image_ddp, dataset.vocab, bar)
         if rt.is_main:
             state = {
                 "text_encoder": text_encoder.state_dict(),
@@ -97,7 +99,9 @@ def pretrain_damsm(run: TrainingRun, root: Path) -> tuple[nn.Module, nn.Module]:
             }
             checkpoint.save(state, path)
         if rt.any_true(bool(stop)):
+            bar.close()
             raise Interrupted(stop.signal or signal.SIGTERM, path)
+    bar.close()
     if rt.is_main:
         checkpoint.save(text_encoder.state_dict(), run.out / "damsm" / "text_encoder.pth")
         checkpoint.save(image_encoder.state_dict(), run.out / "damsm" / "image_encoder.pth")
@@ -113,19 +117,16 @@ def damsm_epoch(
     text_ddp: nn.Module,
     image_ddp: nn.Module,
     vocab: Vocabulary,
+    bar: Any,
 ) -> int:
     """One epoch of DAMSM pretraining (until a stop is asked for) on the encoders (DDP-wrapped
-    under torchrun); returns the step count after it."""
+    under torchrun), advancing the stage's progress ``bar``; returns the step count after it."""
     opts, t, rt = run.options, run.config.train, run.runtime
     params = [p for m in (text_ddp, image_ddp) for p in m.parameters() if p.requires_grad]
     lr = max(t.encoder_lr * 0.98**epoch, t.encoder_lr / 10)
     optimizer = adam(params, lr, t.betas)
     text_ddp.train(), image_ddp.train()
-    desc = f"DAMSM {epoch + 1}/{t.encoder_max_epoch}"
-    bar = tqdm(
-        epoch_batches(loader, epoch), total=len(loader), disable=not rt.is_main, desc=desc, dynamic_ncols=True
-    )
-    for batch in bar:
+    for batch in epoch_batches(loader, epoch):
         if run.stop:
             break
         batch = batch.to(rt.device)
@@ -147,7 +148,10 @@ def damsm_epoch(
         torch.nn.utils.clip_grad_norm_(text_ddp.parameters(), t.rnn_grad_clip)
         optimizer.step()
         step += 1
-        bar.set_postfix(w=f"{w_loss.item():.2f}", s=f"{s_loss.item():.2f}")
+        bar.update()
+        bar.set_postfix(
+            epoch=f"{epoch + 1}/{t.encoder_max_epoch}", w=f"{w_loss.item():.2f}", s=f"{s_loss.item():.2f}"
+        )
         if step % opts.log_every == 0:
             run.tracker.scalars("damsm", step, {"w_loss": w_loss.item(), "s_loss": s_loss.item(), "lr": lr})
     return step
@@ -194,10 +198,16 @@ class LoopState:
 
 
 def save_training_checkpoint(
-    path: Path, state: TrainingState, loop: LoopState, vocab: Vocabulary, data_dir: Path
+    path: Path,
+    state: TrainingState,
+    loop: LoopState,
+    vocab: Vocabulary,
+    data_dir: Path,
+    environment: dict[str, Any] | None = None,
 ) -> Path:
-    """The training state, the loop's position and RNG states, and what sampling needs (the
-    config, the encoders, the vocabulary: a model, see :mod:`dmgan.checkpoint`), atomically."""
+    """The training state, the loop's position and RNG states, what sampling needs (the config,
+    the encoders, the vocabulary: a model, see :mod:`dmgan.checkpoint`) and where it was made
+    (``environment``: versions, commit, devices), atomically."""
     weights = state.state_dict()
     if not checkpoint.all_finite(weights):
         raise SystemExit("refusing to write a checkpoint: the weights hold NaN/Inf")
@@ -213,23 +223,20 @@ def save_training_checkpoint(
             "data_dir": str(data_dir.resolve()),
             "text_encoder": state.text_encoder.state_dict(),
             "image_encoder": state.image_encoder.state_dict(),
+            "environment": environment or {},
         },
         path,
     )
 
 
-def save_snapshot(
-    folder: Path, state: TrainingState, loop: LoopState, vocab: Vocabulary, data_dir: Path, keep: int | None
-) -> Path:
-    """``step-NNNNNN.pt``, then ``latest.pt`` pointed at it (a hard link swapped in atomically:
-    the same bytes, written once), then the oldest snapshots beyond ``keep`` removed, each only
-    after what replaces it is safe on disk."""
-    snapshot = save_training_checkpoint(folder / f"step-{loop.step:06d}.pt", state, loop, vocab, data_dir)
-    checkpoint.link_atomically(snapshot, folder / "latest.pt")
+def keep_snapshot(snapshot: Path, keep: int | None) -> None:
+    """A new ``step-NNNNNN.pt`` becomes ``latest.pt`` (a hard link swapped in atomically: the same
+    bytes, written once); then the oldest snapshots beyond ``keep`` go, now that what replaces
+    them is safe on disk."""
+    checkpoint.link_atomically(snapshot, snapshot.with_name("latest.pt"))
     if keep is not None:
-        for old in sorted(folder.glob("step-*.pt"))[:-keep]:
+        for old in sorted(snapshot.parent.glob("step-*.pt"))[:-keep]:
             old.unlink()
-    return snapshot
 
 
 def resume_gan(run: TrainingRun, state: TrainingState) -> LoopState:
@@ -322,9 +329,7 @@ class GanLoop:
     def train(self) -> None:
         """Steps until the total, epoch after epoch, from where the loop state stands."""
         rt, loop = self.run.runtime, self.loop
-        self.bar = tqdm(
-            total=self.total, initial=loop.step, disable=not rt.is_main, desc="DM-GAN", dynamic_ncols=True
-        )
+        self.bar = progress(total=self.total, initial=loop.step, desc="DM-GAN", enabled=rt.is_main)
         while loop.step < self.total:
             epoch, skip = divmod(loop.position, self.per_epoch)
             step_at_epoch_start = loop.step
@@ -352,6 +357,11 @@ class GanLoop:
             print(
                 f"skipped {loop.skipped_images} unreadable images and {loop.skipped_steps} steps with NaN/Inf losses"
             )
+
+    def save_checkpoint(self, name: str) -> Path:
+        return save_training_checkpoint(
+            self.checkpoints / name, self.state, self.loop, self.vocab, self.root, self.run.environment
+        )
 
     def sample_grid(self, step: int) -> None:
         """The fixed captions' images at every stage as ``samples/stepNNNNNN.png``, and to the
@@ -406,11 +416,9 @@ class GanLoop:
             run.tracker.scalars("eval", step, scores)
             if loop.best["fid"] is None or scores["fid"] < loop.best["fid"]:
                 loop.best = {"fid": scores["fid"], "step": step}
-                save_training_checkpoint(
-                    self.checkpoints / "best.pt", self.state, loop, self.vocab, self.root
-                )
+                self.save_checkpoint("best.pt")
         if rt.is_main and save:
-            save_snapshot(self.checkpoints, self.state, loop, self.vocab, self.root, opts.keep_checkpoints)
+            keep_snapshot(self.save_checkpoint(f"step-{step:06d}.pt"), opts.keep_checkpoints)
         if rt.is_main and sample:
             self.sample_grid(step)
         if evaluate or save or sample:
@@ -435,9 +443,7 @@ def short_evaluation(run: TrainingRun, root: Path, state: TrainingState) -> dict
         f"(for FID: python -m dmgan.evaluate {opts.out}/checkpoints/latest.pt)",
         flush=True,
     )
-    return evaluate(
-        state.pipeline(test.vocab), root, len(test), image_metrics_on=False, seed=opts.seed, progress=False
-    )
+    return evaluate(state.pipeline(test.vocab), root, len(test), image_metrics_on=False, seed=opts.seed)
 
 
 def evaluate_while_training(
@@ -448,9 +454,7 @@ def evaluate_while_training(
     caption accuracy of each attribute: the numbers logged as stage "eval"."""
     from dmgan.evaluate import evaluate
 
-    results = evaluate(
-        state.pipeline(vocab), root, run.options.eval_images, seed=run.options.seed, progress=False
-    )
+    results = evaluate(state.pipeline(vocab), root, run.options.eval_images, seed=run.options.seed)
     scores = {"fid": results["fid"], "kid": results["kid"]["mean"]}
     scores |= {k: results[k] for k in ("precision", "recall", "density", "coverage")}
     if "r_precision" in results:

@@ -51,6 +51,14 @@ def test_resume_needs_something_to_resume(tmp_path):
     assert RunOptions(resume=True).resume == "latest" and RunOptions(resume=False).resume is None
 
 
+def test_config_values_are_checked_on_the_command_line():
+    from dmgan.train import parse_options
+
+    with pytest.raises(SystemExit, match=r"train.batch_size: expected int, got 'abc'"):
+        parse_options(["--set", "train.batch_size=abc"])
+    assert parse_options(["--set", "train.batch_size=8"])[0].config().train.batch_size == 8
+
+
 def test_resume_lists_changed_settings_and_refuses_those_that_break_the_run(tmp_path, capsys):
     out = folder_with(tmp_path, "checkpoints/latest.pt")
     stored = RunOptions(out=str(out))
@@ -84,6 +92,15 @@ def test_snapshots_per_step_retention_tensorboard_and_init_from(tmp_path):
     ] and "damsm/w_loss" in events.Tags()["scalars"]
     assert {"gan/samples", "gan/attention"} <= set(events.Tags()["images"])  # the grid, the word maps
     folder = run / "checkpoints"
+    record = json.loads((run / "config.json").read_text())
+    assert record["environment"]["torch"] == torch.__version__ and "dirty" in record["environment"]["git"]
+    assert checkpoint.load(folder / "latest.pt")["environment"] == record["environment"]  # loads weights-only
+    replay = tmp_path / "replay"
+    main(["--config", str(run / "config.json"), "--out", str(replay), "--max-steps", "1"])
+    replayed = json.loads((replay / "config.json").read_text())
+    assert replayed["config"] == record["config"]
+    changed = {k for k, v in record["options"].items() if replayed["options"][k] != v}
+    assert changed == {"out", "max_steps"}  # what the command line gave beside the file
     assert sorted(p.name for p in folder.glob("*.pt")) == ["latest.pt", "step-000004.pt", "step-000006.pt"]
     assert (folder / "latest.pt").stat().st_ino == (folder / "step-000006.pt").stat().st_ino  # written once
     assert checkpoint.load(folder / "step-000004.pt")["step"] == 4

@@ -28,6 +28,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from dmgan.progress import progress
+
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".webp", ".bmp")
 
 
@@ -130,7 +132,7 @@ def build(
     (out / "text").mkdir()
     taken: set[str] = set()
     keys = []
-    for path, name, captions in candidates:
+    for path, name, captions in progress(candidates, desc="copying images"):
         key = _key(path, source, taken)
         shutil.copyfile(path, out / "images" / f"{key}{path.suffix.lower()}")
         (out / "text" / f"{key}.txt").write_text("\n".join(captions) + "\n")

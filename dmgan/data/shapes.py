@@ -35,6 +35,8 @@ import torch
 from PIL import Image, ImageDraw
 from torch import Tensor
 
+from dmgan.progress import progress
+
 COLOURS: dict[str, tuple[int, int, int]] = {
     "red": (220, 30, 30),
     "green": (30, 170, 40),
@@ -206,7 +208,7 @@ def generate(
     attributes: dict[str, dict] = {}
     for split, count in (("train", num_train), ("test", num_test)):
         keys, classes = [], []
-        for i in range(count):
+        for i in progress(range(count), desc=f"drawing the {split} images"):
             key = f"{split}_{i:05d}"
             scene = sample_scene(rng)
             draw_scene(scene, rng).save(root / "images" / f"{key}.png")
