@@ -7,6 +7,10 @@ see dmgan/ops/_build.py). Building needs torch at build time, so install torch f
 ``pip install --no-build-isolation -e .``; without torch (pip's default isolated build) the
 extension is skipped here and built on first use instead. Tool settings live in pyproject.toml.
 
+Supported torch: ``TORCH_REQUIREMENT`` of dmgan/ops/_build.py, 2.11 (the GPU machine's, C++17) to
+2.14 (the pinned one, C++20); building with another torch stops with an error that names it
+(``DMGAN_ALLOW_ANY_TORCH=1`` builds anyway).
+
 ``dmgan/kernels`` is a link to the top-level ``kernels/`` folder, so the Triton code is importable
 as ``dmgan.kernels`` from a checkout, an editable install and a wheel alike, and no top-level
 ``kernels`` package (a name another project on the package index has) is ever installed.
@@ -36,6 +40,10 @@ def extension_args() -> dict:
         print("dmgan: torch is not importable at build time; dmgan._C will be built on first use")
         return {}
     build = _build_helpers()
+    try:
+        build.check_torch_version()
+    except RuntimeError as e:
+        raise SystemExit(f"dmgan: {e}") from None
     with_cuda = build.want_cuda()
     sources = [*build.sources(with_cuda), str(build.CSRC / "module.cpp")]
     sources = [str(Path(s).relative_to(Path(__file__).parent.resolve())) for s in sources]
@@ -62,7 +70,7 @@ setup(
     python_requires=">=3.10",
     packages=find_packages(include=["dmgan", "dmgan.*"]),
     install_requires=[
-        "torch>=2.11",
+        _build_helpers().TORCH_REQUIREMENT,  # torch>=2.11,<2.15
         "torchvision>=0.26",
         "numpy>=1.26",
         "pillow>=10",

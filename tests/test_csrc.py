@@ -116,7 +116,7 @@ def test_cuda_sources_compile_and_link_without_a_gpu(tmp_path):
         str(_build.CSRC / "memory_cuda.cu"),
         "-o",
         str(tmp_path / "memory_cuda.o"),
-        "-std=c++20",
+        f"-std={_build.cxx_standard()}",  # what this torch's cpp_extension compiles with
         "-O1",
         "--expt-relaxed-constexpr",
         "-gencode=arch=compute_90,code=sm_90",

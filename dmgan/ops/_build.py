@@ -5,6 +5,11 @@ the CUDA kernels are added when torch is a CUDA build and a CUDA toolkit is foun
 ``DMGAN_SKIP_CUDA=1`` builds the CPU kernels only, ``DMGAN_FORCE_CUDA=1`` makes a missing toolkit
 an error instead of a CPU-only build, and ``TORCH_CUDA_ARCH_LIST`` picks the architectures
 (default: 8.0 8.6 8.9 9.0 12.0+PTX).
+
+The torch releases the extension is built and tested with are :data:`TORCH_REQUIREMENT` (2.11, the
+GPU machine's, to 2.14, the pinned one); :func:`check_torch_version` refuses others, with
+``DMGAN_ALLOW_ANY_TORCH=1`` to try anyway. The sources are C++17: torch 2.11's ``cpp_extension``
+compiles with ``-std=c++17``, 2.12 and later with C++20 (:func:`cxx_standard`).
 """
 
 from __future__ import annotations
@@ -22,6 +27,53 @@ DEFAULT_ARCHS = (
 )
 CXX_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
+
+# The torch releases supported: the oldest and the newest minor release tested (tests/toolchain.py
+# builds and tests the oldest, the README's test command the pinned newest).
+TORCH_OLDEST, TORCH_NEWEST = (2, 11), (2, 14)
+TORCH_REQUIREMENT = f"torch>={TORCH_OLDEST[0]}.{TORCH_OLDEST[1]},<{TORCH_NEWEST[0]}.{TORCH_NEWEST[1] + 1}"
+ALLOW_ANY_TORCH = "DMGAN_ALLOW_ANY_TORCH"
+
+
+def _minor(version: str) -> tuple[int, int]:
+    match = re.match(r"(\d+)\.(\d+)", version)
+    if match is None:
+        raise ValueError(f"cannot read a torch version from {version!r}")
+    return int(match[1]), int(match[2])
+
+
+def torch_version_problem(version: str) -> str | None:
+    """Why the extension is not built for torch ``version`` (``torch.__version__``), or None."""
+    if TORCH_OLDEST <= _minor(version) <= TORCH_NEWEST:
+        return None
+    oldest, newest = (f"{a}.{b}" for a, b in (TORCH_OLDEST, TORCH_NEWEST))
+    return (
+        f"dmgan's C++/CUDA extension supports torch {oldest} to {newest} ({TORCH_REQUIREMENT}); torch"
+        f" {version} is installed. Install a torch in that range (the README's commands pin 2.14.1),"
+        f" or set {ALLOW_ANY_TORCH}=1 to build it anyway."
+    )
+
+
+def check_torch_version(version: str | None = None) -> None:
+    """Raise RuntimeError naming the installed torch and the supported range when it is outside."""
+    if os.environ.get(ALLOW_ANY_TORCH) == "1":
+        return
+    if version is None:
+        import torch
+
+        version = torch.__version__
+    problem = torch_version_problem(version)
+    if problem is not None:
+        raise RuntimeError(problem)
+
+
+def cxx_standard(version: str | None = None) -> str:
+    """The C++ standard torch ``version``'s cpp_extension compiles with: C++17 before 2.12."""
+    if version is None:
+        import torch
+
+        version = torch.__version__
+    return "c++17" if _minor(version) < (2, 12) else "c++20"
 
 
 def find_cuda_home() -> str | None:

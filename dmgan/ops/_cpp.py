@@ -6,7 +6,9 @@ If neither works, importing this module raises ImportError with the reason, whic
 reports (``backend="cpp"``) or warns about once and falls back to eager (``backend="auto"``).
 ``DMGAN_SKIP_CPP_REASON=<why>`` makes it raise that ImportError without trying, so the backend
 counts as unavailable (benchmarks.device_check sets it after its build stage failed, so that
-later stages skip cpp with the build's error instead of rebuilding).
+later stages skip cpp with the build's error instead of rebuilding). A torch outside the
+supported range (``_build.TORCH_REQUIREMENT``) is refused the same way, before anything is loaded
+or built, with an error naming the installed version and the range.
 
 The C++ side defines the schemas and the CPU / CUDA kernels; :mod:`dmgan.ops.library` gives them
 their fake (shape) implementations and autograd, so ``torch.compile`` and
@@ -26,6 +28,10 @@ from dmgan.ops import _build, library
 def _load_extension() -> str:
     if os.environ.get("DMGAN_SKIP_CPP_REASON"):
         raise ImportError(f"the C++ extension is skipped: {os.environ['DMGAN_SKIP_CPP_REASON']}")
+    try:
+        _build.check_torch_version()
+    except RuntimeError as e:
+        raise ImportError(str(e)) from None
     try:
         import dmgan._C  # noqa: F401  (built by setup.py; registers torch.ops.dmgan.*)
 
