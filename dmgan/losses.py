@@ -85,7 +85,8 @@ def words_loss(
     gamma1: float = 4.0,
     gamma2: float = 5.0,
     gamma3: float = 10.0,
-) -> tuple[Tensor, Tensor, Tensor]:
+    return_attention: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """DAMSM word-level loss, all caption x image pairs at once.
 
     img_features: B x D x h x w regions v; words_emb: B x D x T words e; only the first
@@ -96,7 +97,8 @@ def words_loss(
 
     ``scores[j, i] = γ3 R(i, j)`` (rows: images), same-class pairs masked to -inf, and the
     losses are the cross-entropies of its rows and of its columns. Returns (loss0, loss1,
-    attention B x T x h x w of each caption over its own image).
+    attention B x T x h x w of each caption over its own image, or None unless
+    ``return_attention``: training does not look at it).
     """
     batch, _, num_words = words_emb.shape
     regions = img_features.flatten(2).float()  # B_img x D x R
@@ -115,9 +117,12 @@ def words_loss(
     mask = _class_mask(class_ids, batch, words.device)
     if mask is not None:
         scores = scores.masked_fill(mask, float("-inf"))
-    own = attn[torch.arange(batch), torch.arange(batch)]  # B x T x R
     loss0, loss1 = _cross_entropy_both_ways(scores, labels)
-    return loss0, loss1, own.view(batch, num_words, *img_features.shape[2:])
+    if not return_attention:
+        return loss0, loss1, None
+    # attn[i, i] for every i: a view, so no index tensor (which must live on attn's device).
+    own = attn.diagonal(dim1=0, dim2=1).movedim(-1, 0)  # B x T x R
+    return loss0, loss1, own.unflatten(2, img_features.shape[2:])
 
 
 def sent_loss(

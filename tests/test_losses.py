@@ -96,12 +96,17 @@ def test_words_loss_equals_the_reference_loop(class_ids):
     cap_lens = torch.tensor([7, 3, 5, 1, 6])
     labels = torch.arange(batch)
     ids = None if class_ids is None else torch.from_numpy(class_ids)
-    got0, got1, got_att = words_loss(regions, words, labels, cap_lens, ids, GAMMA1, GAMMA2, GAMMA3)
+    gammas = (GAMMA1, GAMMA2, GAMMA3)
+    got0, got1, got_att = words_loss(regions, words, labels, cap_lens, ids, *gammas, return_attention=True)
     want0, want1, want_att = ref_words_loss(regions, words, labels, cap_lens, class_ids, batch)
     torch.testing.assert_close(got0, want0)
     torch.testing.assert_close(got1, want1)
+    assert got_att.shape == (batch, num_words, 4, 3)
     for i in range(batch):
         torch.testing.assert_close(got_att[i, : cap_lens[i]], want_att[i][0])
+    # Training asks for no attention: the same losses, bit for bit, and no attention made.
+    train0, train1, no_att = words_loss(regions, words, labels, cap_lens, ids, *gammas)
+    assert no_att is None and torch.equal(train0, got0) and torch.equal(train1, got1)
     g_got = torch.autograd.grad(got0 + 2 * got1, (regions, words))
     g_want = torch.autograd.grad(want0 + 2 * want1, (regions, words))
     for a, b in zip(g_got, g_want):
