@@ -8,6 +8,7 @@ import dataclasses
 import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.utils.rnn import pack_padded_sequence, pad_packed_sequence
 
 from dmgan import ops
 from dmgan.config import get_preset
@@ -270,6 +271,63 @@ def test_rnn_encoder_shapes_and_padding():
     w_alone, s_alone = rnn(captions[:1, :3], lens[:1])
     torch.testing.assert_close(w_alone, words[:1, :, :3])
     torch.testing.assert_close(s_alone, sent[:1])
+
+
+def unsorted_packing_forward(rnn, captions, lens, total_length=None):
+    """RNN_ENCODER's forward as it was before it sorted on the host (the reference's form):
+    pack_padded_sequence(enforce_sorted=False) and pad_packed_sequence."""
+    emb = rnn.drop(rnn.encoder(captions))
+    packed = pack_padded_sequence(emb, lens, batch_first=True, enforce_sorted=False)
+    output, (h_n, _) = rnn.rnn(packed)
+    output = pad_packed_sequence(output, batch_first=True, total_length=total_length)[0]
+    sent = h_n[-rnn.num_directions :].transpose(0, 1).reshape(captions.shape[0], -1)
+    return output.transpose(1, 2), sent
+
+
+def random_captions(lens, num_words, vocab):
+    captions = torch.randint(1, vocab, (len(lens), num_words))
+    captions[torch.arange(num_words)[None, :] >= torch.tensor(lens)[:, None]] = 0
+    return captions, torch.tensor(lens)
+
+
+@pytest.mark.parametrize(
+    "lens",
+    [
+        [7, 18, 1, 12, 7, 18, 3, 1, 9, 7],  # the longest (T), 1, ties, in no order
+        [18, 12, 9, 7, 7, 3, 1],  # already sorted: no permutation at all
+        [5],
+    ],
+    ids=["shuffled", "sorted", "one"],
+)
+@pytest.mark.parametrize("total_length", [None, 20])
+@pytest.mark.parametrize("training", [False, True], ids=["eval", "train"])
+def test_rnn_encoder_equals_unsorted_packing(lens, total_length, training):
+    """The bird encoder's sizes (what released text encoders load into): the same features, bit
+    for bit, and the same gradients, as packing with enforce_sorted=False (dropout draws alike)."""
+    rnn = RNN_ENCODER(300, ninput=300, nhidden=256).train(training)
+    captions, lens = random_captions(lens, 18, 300)
+    outputs, grads = [], []
+    for forward in (rnn.forward, lambda *a: unsorted_packing_forward(rnn, *a)):
+        torch.manual_seed(1)
+        words, sent = forward(captions, lens, total_length)
+        rnn.zero_grad()
+        (words.square().sum() + sent.sum()).backward()
+        outputs.append((words, sent))
+        grads.append([p.grad.clone() for p in rnn.parameters()])
+    (words, sent), (want_words, want_sent) = outputs
+    assert words.shape == (len(lens), 256, total_length or max(lens))
+    assert torch.equal(words, want_words) and torch.equal(sent, want_sent)
+    assert all(torch.equal(a, b) for a, b in zip(*grads))
+
+
+def test_rnn_encoder_takes_lengths_on_another_device_than_the_captions():
+    """Device captions with host lengths (what the training step passes): meta stands in for
+    the device, and the features come out there."""
+    rnn = RNN_ENCODER(50, ninput=16, nhidden=32).eval().to("meta")
+    captions, lens = random_captions([3, 5, 1], 5, 50)
+    words, sent = rnn(captions.to("meta"), lens)
+    assert words.device.type == sent.device.type == "meta"
+    assert words.shape == (3, 32, 5) and sent.shape == (3, 32)
 
 
 def test_rnn_encoder_rejects_unknown_words_and_bad_lengths():

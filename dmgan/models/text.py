@@ -64,10 +64,14 @@ class RNN_ENCODER(nn.Module):  # noqa: N801 (reference name)
     def forward(
         self, captions: Tensor, cap_lens: Tensor, total_length: int | None = None
     ) -> tuple[Tensor, Tensor]:
+        """``cap_lens`` may stay on the host while ``captions`` are on a device: packing needs the
+        lengths there, so lengths given on the host cost no wait for the device, and the whole
+        forward is queued without one (lengths on the device are copied to the host first)."""
         check = ShapeChecker("RNN_ENCODER")
         check("captions", captions, ("B", "L"), dtype=torch.long)
-        check("cap_lens", cap_lens, ("B",), dtype=torch.long)
-        # Packing needs the lengths on the host: lengths given there cost no wait for the device.
+        on_host = ShapeChecker("RNN_ENCODER")  # the lengths may be on another device: own checker
+        on_host.dims = check.dims
+        on_host("cap_lens", cap_lens, ("B",), dtype=torch.long)
         lens = cap_lens.cpu()
         if captions.numel() and (int(lens.min()) < 1 or int(lens.max()) > captions.shape[1]):
             raise ValueError(
@@ -76,12 +80,38 @@ class RNN_ENCODER(nn.Module):  # noqa: N801 (reference name)
         if captions.device.type == "cpu":  # on a GPU the caller checks its host copy (check_word_ids)
             check_word_ids(captions, self.ntoken)
         emb = self.drop(self.encoder(captions))
-        packed = pack_padded_sequence(emb, lens, batch_first=True, enforce_sorted=False)
+        # Longest caption first, as packing needs. This is pack_padded_sequence(enforce_sorted=
+        # False)'s sort (so the same order among equal lengths and the same features), but its
+        # permutation is applied with host indices: that function copies its sort indices to the
+        # device and pad_packed_sequence copies them back, a wait for the device each.
+        sorted_lens, order = torch.sort(lens, descending=True)
+        order_list = order.tolist()
+        packed = pack_padded_sequence(take(emb, order_list, 0), sorted_lens, batch_first=True)
         output, (h_n, _) = self.rnn(packed)
         output = pad_packed_sequence(output, batch_first=True, total_length=total_length)[0]
-        words_emb = output.transpose(1, 2)  # B x nhidden*dirs x T
-        sent_emb = h_n[-self.num_directions :].transpose(0, 1).reshape(captions.shape[0], -1)
-        return words_emb, sent_emb
+        restore = inverse_permutation(order_list)  # back to the captions' order
+        words_emb = take(output, restore, 0).transpose(1, 2)  # B x nhidden*dirs x T
+        sent_emb = take(h_n[-self.num_directions :], restore, 1)  # dirs x B x nhidden
+        return words_emb, sent_emb.transpose(0, 1).reshape(captions.shape[0], -1)
+
+
+def inverse_permutation(order: list[int]) -> list[int]:
+    """The permutation that undoes ``order``: ``inverse[order[k]] = k``."""
+    inverse = [0] * len(order)
+    for k, i in enumerate(order):
+        inverse[i] = k
+    return inverse
+
+
+def take(x: Tensor, index: list[int], dim: int) -> Tensor:
+    """``x.index_select(dim, torch.tensor(index))`` with the index kept on the host: the slices
+    of ``x`` stacked in that order. Exact copies, as index_select makes, but no index tensor goes
+    to x's device (on a GPU a copy that waits, and nothing a CUDA graph can capture). ``x`` itself
+    when the index is the identity."""
+    if index == list(range(x.shape[dim])):
+        return x
+    slices = x.unbind(dim)
+    return torch.stack([slices[i] for i in index], dim)
 
 
 _INCEPTION_TRUNK = (
