@@ -85,14 +85,17 @@ def test_the_cuda_kernels_refuse_float64_and_auto_falls_back():
 
 
 def test_a_training_step_does_not_wait_for_the_device():
-    """TrainingState.step queues its work: no device-to-host copy or synchronisation until the caller reads
-    the non-finite flag (the training loop's one wait a step)."""
+    """TrainingState.step queues its work: no device-to-host copy or synchronisation until the
+    caller reads the non-finite flag (the training loop's one wait a step). The caption lengths
+    the text encoder packs with stay on the host (Batch.to keeps a copy there). On the CPU,
+    tests/test_host_sync.py checks the same op by op, on fake CUDA and meta tensors."""
     from dmgan.config import get_preset
     from dmgan.training_step import TrainingState, synthetic_batch
 
     cfg = get_preset("shapes")
     gan = TrainingState.build(cfg, vocab_size=50, device="cuda", amp="bf16")
     batch = synthetic_batch(cfg, 50, batch_size=4, device="cpu").to("cuda")
+    assert batch.captions.is_cuda and batch.host_cap_lens.device.type == "cpu"
     gan.step(batch)  # warm-up: first-use builds and Triton compiles may synchronise
     torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
@@ -101,3 +104,34 @@ def test_a_training_step_does_not_wait_for_the_device():
     finally:
         torch.cuda.set_sync_debug_mode("default")
     assert logs["nonfinite"].item() == 0.0
+
+
+def test_the_text_encoder_and_the_word_loss_do_not_wait_for_the_device():
+    """The two parts of the step that used to wait, alone: the text encoder with host lengths (it
+    sorts and unsorts with host indices; cuDNN packs with host batch sizes) and the DAMSM word
+    loss (no host index into its attention). Lengths on the device make the encoder wait, as its
+    docstring says: it reads them on the host."""
+    from dmgan.losses import words_loss
+    from dmgan.models import RNN_ENCODER
+
+    rnn = RNN_ENCODER(50, ninput=16, nhidden=32).cuda().eval()
+    lengths = torch.tensor([5, 1, 3, 3])
+    captions = torch.randint(1, 50, (4, 5))
+    captions[torch.arange(5)[None, :] >= lengths[:, None]] = 0
+    captions, device_lengths = captions.cuda(), lengths.cuda()
+    regions, labels = torch.randn(4, 32, 4, 4, device="cuda"), torch.arange(4, device="cuda")
+
+    def encode_and_score(cap_lens):
+        words, _ = rnn(captions, cap_lens)
+        return words_loss(regions, words, labels, device_lengths, None)
+
+    encode_and_score(lengths)  # warm-up: cuDNN's handle and plans
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        loss0, loss1, attention = encode_and_score(lengths)
+        with pytest.raises(RuntimeError, match="synchroniz"):
+            rnn(captions, device_lengths)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    assert attention is None and torch.isfinite(loss0 + loss1).item()
