@@ -213,6 +213,41 @@ def test_caption_accuracy_counts_an_attribute_only_over_the_captions_that_name_i
     assert rates["background"]["captions"] == 1 and rates["background"]["chance"] == pytest.approx(1 / 3)
 
 
+def test_caption_accuracy_of_an_evaluation_equals_the_classifier_reading_every_image_at_once(trained):
+    """The reference for caption accuracy: the same images regenerated, kept all together and
+    read by :func:`dmgan.evaluate.caption_accuracy` at once. An evaluation in several batches must
+    give the same numbers, NaN for an attribute that no caption names included."""
+    from dmgan.attributes import load_attributes
+    from dmgan.evaluate import (
+        caption_accuracy,
+        caption_plan,
+        evaluate,
+        evaluation_split,
+        quantized,
+        real_images,
+    )
+
+    pipe = TextToImage.load(trained)
+    root, num_images, batch, seed = pipe.data_dir, 20, 6, 3
+    results = evaluate(
+        pipe, root, num_images, image_metrics_on=False, seed=seed, batch_size=batch, progress=False
+    )
+    dataset = evaluation_split(pipe.cfg, root)
+    owners, captions = caption_plan(dataset, num_images, seed)
+    images = torch.cat(
+        [
+            quantized(
+                pipe.generate(captions[s : s + batch], seed=seed * 1_000_003 + s, batch_size=batch)[0][-1]
+            )
+            for s in range(0, num_images, batch)
+        ]
+    )
+    want = caption_accuracy(
+        pipe.cfg, dataset, load_attributes(root), real_images(dataset), owners, captions.texts, images, seed
+    )
+    assert json.dumps({k: results[k] for k in want}, sort_keys=True) == json.dumps(want, sort_keys=True)
+
+
 def test_generate_is_a_function_of_its_seed_and_leaves_the_global_rng_alone(trained):
     pipe = TextToImage.load(trained)
     captions = pipe.tokenize(["a large red circle", "a small blue square on gray", "a cyan cross"])
