@@ -133,7 +133,8 @@ def damsm_epoch(
         images = batch.images[-1]
         if t.encoder_recolour_backgrounds:
             images = shapes_data.recolour_unnamed_backgrounds(images, batch.captions, vocab.wordtoix)
-        words_emb, sent_emb = text_ddp(batch.captions, batch.cap_lens)
+        lengths = batch.cap_lens if batch.host_cap_lens is None else batch.host_cap_lens  # no wait
+        words_emb, sent_emb = text_ddp(batch.captions, lengths)
         w_loss, s_loss = damsm_loss(
             image_ddp,
             images,
