@@ -11,8 +11,8 @@ so the gain is one launch instead of about a dozen. With words W (N_w x T) and r
 
 The kernels compute in the dtype of the keys and values (the autocast dtype under autocast) and
 take every other input as it is: weights in their own dtype (fp32 parameters under autocast),
-words in any dtype and strides (the text encoder's B x N_w x T transpose), each rounded to the
-compute dtype in registers as autocast's casts would round it, so no cast kernel runs first.
+words in any dtype, contiguous or as the text encoder's B x N_w x T transpose, each rounded to
+the compute dtype in registers as autocast's casts would round it, so no cast kernel runs first.
 The backward recomputes the forward per program; gradients summed over words leave each program
 as fp32 partials that one small kernel (:func:`dmgan.kernels._common.plan_finish_sums`) adds in a
 fixed order and stores in each input's dtype, so they are deterministic. It computes only the
@@ -51,6 +51,18 @@ def launch_config(channels: int, backward: bool, fp32: bool) -> dict[str, int]:
 
 
 @triton.jit
+def _words_offsets(b, offs_k, offs_t, NW, T, WORDS_T: tl.constexpr):
+    """Offsets of sample b's words offs_k x offs_t (features x words): B x N_w x T in memory, or
+    with WORDS_T B x T x N_w (the text encoder's output, transposed to B x N_w x T). The layout
+    is a compile-time choice: general strides would hold two more sizes in registers, which
+    spilled in the fp32 backward."""
+    if WORDS_T:
+        return b * NW * T + offs_k[:, None] + offs_t[None, :] * NW
+    else:
+        return b * NW * T + offs_k[:, None] * T + offs_t[None, :]
+
+
+@triton.jit
 def _write_forward(
     words_ptr,
     rbar_ptr,
@@ -64,9 +76,6 @@ def _write_forward(
     offs_t,
     T,
     NW,
-    stride_wb,
-    stride_wk,
-    stride_wt,
     NR: tl.constexpr,
     NM: tl.constexpr,
     BLOCK_T: tl.constexpr,
@@ -74,6 +83,7 @@ def _write_forward(
     BLOCK_R: tl.constexpr,
     DTYPE: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    WORDS_T: tl.constexpr,
 ):
     """Recomputable part of the forward for sample b, words offs_t: F_w and f_r before their
     ReLUs, and g. Weights are streamed in chunks so no N_m x N_w or N_m x N_r tile is held. Every
@@ -93,7 +103,7 @@ def _write_forward(
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < NW
         w = tl.load(
-            words_ptr + b * stride_wb + offs_k[:, None] * stride_wk + offs_t[None, :] * stride_wt,
+            words_ptr + _words_offsets(b, offs_k, offs_t, NW, T, WORDS_T),
             mask=k_ok[:, None] & t_ok[None, :],
             other=0.0,
         ).to(DTYPE)
@@ -123,14 +133,12 @@ def memory_write_forward_kernel(
     values_ptr,
     T,
     NW,
-    stride_wb,
-    stride_wk,
-    stride_wt,
     NR: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    WORDS_T: tl.constexpr,
 ):
     b = tl.program_id(0).to(tl.int64)
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -149,9 +157,6 @@ def memory_write_forward_kernel(
         offs_t,
         T,
         NW,
-        stride_wb,
-        stride_wk,
-        stride_wt,
         NR,
         NM,
         BLOCK_T,
@@ -159,6 +164,7 @@ def memory_write_forward_kernel(
         BLOCK_R,
         DTYPE,
         DOT_FP32,
+        WORDS_T,
     )
     image = tl.maximum(image_pre, 0.0)
     memory = tl.maximum(words_pre, 0.0) * gate[None, :] + image[:, None] * (1.0 - gate)[None, :]
@@ -249,19 +255,17 @@ def memory_write_backward_kernel(
     grad_value_b_part,
     T,
     NW,
-    stride_wb,
-    stride_wk,
-    stride_wt,
     NR: tl.constexpr,
     BLOCK_T: tl.constexpr,
     BLOCK_K: tl.constexpr,
     BLOCK_R: tl.constexpr,
     DOT_FP32: tl.constexpr,
+    WORDS_T: tl.constexpr,
     WORDS_GRAD: tl.constexpr,
     RBAR_GRAD: tl.constexpr,
 ):
-    """The forward recomputed, then every gradient: the words' stored in place (with the words'
-    strides), the rest as this program's fp32 partial sums. WORDS_GRAD / RBAR_GRAD off: those
+    """The forward recomputed, then every gradient: the words' stored where the words lie, the
+    rest as this program's fp32 partial sums. WORDS_GRAD / RBAR_GRAD off: those
     gradients are neither computed nor stored (their pointers may be anything)."""
     b = tl.program_id(0).to(tl.int64)
     offs_t = tl.program_id(1) * BLOCK_T + tl.arange(0, BLOCK_T)
@@ -283,9 +287,6 @@ def memory_write_backward_kernel(
         offs_t,
         T,
         NW,
-        stride_wb,
-        stride_wk,
-        stride_wt,
         NR,
         NM,
         BLOCK_T,
@@ -293,6 +294,7 @@ def memory_write_backward_kernel(
         BLOCK_R,
         DTYPE,
         DOT_FP32,
+        WORDS_T,
     )
     from_words = tl.maximum(words_pre, 0.0)
     image = tl.maximum(image_pre, 0.0)
@@ -357,7 +359,7 @@ def memory_write_backward_kernel(
     for k0 in range(0, NW, BLOCK_K):
         offs_k = k0 + tl.arange(0, BLOCK_K)
         k_ok = offs_k < NW
-        words_offs = b * stride_wb + offs_k[:, None] * stride_wk + offs_t[None, :] * stride_wt
+        words_offs = _words_offsets(b, offs_k, offs_t, NW, T, WORDS_T)
         words = tl.load(words_ptr + words_offs, mask=k_ok[:, None] & t_ok[None, :], other=0.0).to(DTYPE)
         grad_M_w = dot(d_words_pre, tl.trans(words), DTYPE, DOT_FP32)  # NM x BLOCK_K
         tl.store(
@@ -390,21 +392,29 @@ def _grid(words: Tensor) -> tuple[int, int]:
     return (words.shape[0], triton.cdiv(words.shape[2], BLOCK_T))  # samples x word blocks
 
 
-def _sizes(words: Tensor) -> tuple[int, int, int, int, int]:
-    """T, N_w and the words' (sample, feature, word) strides: any layout is read where it lies."""
-    return (words.shape[2], words.shape[1], *words.stride())
+def _words_transposed(words: Tensor) -> bool:
+    """Whether the words lie B x T x N_w in memory (the text encoder's output, transposed), the
+    layout the kernels read besides the contiguous one (:func:`words_as_read`)."""
+    return not words.is_contiguous() and words.transpose(1, 2).is_contiguous()
+
+
+def words_as_read(words: Tensor) -> Tensor:
+    """The words themselves when contiguous or transposed (B x T x N_w in memory), else a
+    contiguous copy."""
+    return words if words.is_contiguous() or _words_transposed(words) else words.contiguous()
 
 
 def plan_forward(
     words: Tensor, rbar: Tensor, weights: tuple[Tensor, ...], keys: Tensor, values: Tensor
 ) -> Launch:
     """The forward launch; it computes in the dtype of ``keys`` and ``values``."""
+    words = words_as_read(words)
     tensors = (words, rbar.contiguous(), *(w.contiguous() for w in weights))
     return Launch(
         memory_write_forward_kernel,
         _grid(words),
-        (*tensors, keys, values, *_sizes(words)),
-        _options(keys.dtype, rbar, backward=False),
+        (*tensors, keys, values, words.shape[2], words.shape[1]),
+        dict(_options(keys.dtype, rbar, backward=False), WORDS_T=_words_transposed(words)),
     )
 
 
@@ -415,7 +425,7 @@ def _all_inputs(needs_input_grad: Sequence[bool] | None) -> tuple[bool, ...]:
 def backward_buffers(
     words: Tensor, rbar: Tensor, weights: tuple[Tensor, ...], needs_input_grad: Sequence[bool] | None = None
 ) -> dict[str, object]:
-    """grad_words (in the words' dtype and strides) and the per-program fp32 partial sums of r̄'s
+    """grad_words (in the words' dtype and layout) and the per-program fp32 partial sums of r̄'s
     and the weights' gradients, all partials in one buffer. The words' and r̄'s are None when
     ``needs_input_grad`` (one flag per input, words first) does not ask for them; the weights'
     partials are always stored (the kernel computes them together), only finished when asked."""
@@ -437,8 +447,9 @@ def backward_buffers(
 def plan_backward(grad_keys, grad_values, words, rbar, weights, buffers) -> Launch:
     """The backward launch; it computes in the dtype of ``grad_keys`` (the keys' own)."""
     grad_words, grad_rbar = buffers["grad_words"], buffers["rbar"]
-    if grad_words is not None:  # stored with the words' strides
-        assert _same_strides(grad_words, words), "grad_words must lie like the words"
+    words = words_as_read(words)
+    if grad_words is not None:  # stored where the words lie
+        assert _same_strides(grad_words, words), "grad_words must lie like the words as read"
     tensors = (words, rbar.contiguous(), *(w.contiguous() for w in weights))
     unused = buffers["scratch"]  # stands in for a gradient not computed: never written
     return Launch(
@@ -451,10 +462,12 @@ def plan_backward(grad_keys, grad_values, words, rbar, weights, buffers) -> Laun
             unused if grad_words is None else grad_words,
             unused if grad_rbar is None else grad_rbar,
             *buffers["weights"],
-            *_sizes(words),
+            words.shape[2],
+            words.shape[1],
         ),
         dict(
             _options(grad_keys.dtype, rbar, backward=True),
+            WORDS_T=_words_transposed(words),
             WORDS_GRAD=grad_words is not None,
             RBAR_GRAD=grad_rbar is not None,
         ),
@@ -464,17 +477,6 @@ def plan_backward(grad_keys, grad_values, words, rbar, weights, buffers) -> Laun
 def _same_strides(a: Tensor, b: Tensor) -> bool:
     """Same shape and the same strides along every dimension longer than 1."""
     return a.shape == b.shape and all(x == y for x, y, n in zip(a.stride(), b.stride(), a.shape) if n > 1)
-
-
-def _dense(t: Tensor) -> bool:
-    """No gaps and no overlaps, in any order of the dimensions: ``empty_like`` gives a tensor
-    that lies exactly like it."""
-    expected = 1
-    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n > 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
 
 
 def plan_finish(
@@ -508,7 +510,8 @@ def memory_write(
     dtype: torch.dtype | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(keys, values), each B x N_r x T, computed in and returned in ``dtype`` (default: the
-    words'). The inputs may have any float dtypes, the words any strides."""
+    words'). The inputs may have any float dtypes; the words are read where they lie when
+    contiguous or transposed (:func:`words_as_read`)."""
     weights = (A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)
     shape = (words.shape[0], rbar.shape[1], words.shape[2])
     dtype = dtype or words.dtype
@@ -541,8 +544,7 @@ def memory_write_backward(
     finishes the partial sums."""
     weights = (A, B, M_w, M_w_b, M_r, M_r_b, key_w, key_b, value_w, value_b)
     needs = _all_inputs(needs_input_grad)
-    if needs[0] and not _dense(words):
-        words = words.contiguous()  # grad_words is stored where the words lie: no gaps, no overlaps
+    words = words_as_read(words)  # grad_words is allocated like these
     buffers = backward_buffers(words, rbar, weights, needs)
     plan_backward(grad_keys, grad_values, words, rbar, weights, buffers)()
     grad_rbar = alloc(rbar.shape, rbar.dtype, rbar.device) if needs[1] else None

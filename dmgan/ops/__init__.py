@@ -46,9 +46,10 @@ AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
     ("cpu", "memory_write"): ("eager", "cpp"),
 }
 
-# Backends whose kernels take the inputs as they are (weights in their own dtype, words and the
-# padding mask in any strides) and round them to the compute dtype in registers, so that no cast
-# or copy runs before them; the others take contiguous tensors of one dtype.
+# Backends whose kernels take the inputs as they are (weights in their own dtype, the text
+# encoder's transposed words, a sliced padding mask) and round them to the compute dtype in
+# registers, so that no cast or copy runs before them; the others take contiguous tensors of one
+# dtype.
 TAKES_INPUTS_AS_THEY_ARE = ("triton",)
 
 _loaded: dict[str, ModuleType | None] = {"eager": reference}
