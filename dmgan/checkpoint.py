@@ -16,13 +16,22 @@ A training checkpoint adds the discriminators, optimizers, RNG states and the lo
 (:func:`dmgan.trainer.save_training_checkpoint`). An export is a folder of ``model.safetensors``
 (every tensor, named ``<part>.<key>``), ``config.json`` and ``vocab.json``: the format weights are
 shared in, with no pickle anywhere.
+
+Reading classifies what is wrong with a file in one place: a missing file raises
+``FileNotFoundError``; an empty, cut-off or damaged file, a file of other content (text, a
+safetensors file, a pickle of Python objects, a state dict of one network) and a broken export
+raise ``ValueError``, each with one line that names the file and the problem (the command lines
+print it as it is). A config of another dmgan version is the pipeline's to judge (it knows the
+config's fields).
 """
 
 from __future__ import annotations
 
 import json
 import os
+import pickle
 import shutil
+import string
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -66,10 +75,72 @@ def link_atomically(target: str | os.PathLike, link: str | os.PathLike) -> None:
 
 
 def load(path: str | os.PathLike, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """A file ``torch.save`` wrote, read weights-only; a file that is missing raises
+    ``FileNotFoundError``, one that cannot be read ``ValueError`` saying why (:func:`unreadable`)."""
     path = Path(path)
+    if path.is_dir():
+        raise ValueError(f"{path} is a folder, not a checkpoint file")
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint not found: {path}")
-    return torch.load(path, map_location=map_location, weights_only=True)
+    try:
+        return torch.load(path, map_location=map_location, weights_only=True)
+    except OSError as e:  # permissions, I/O errors: nothing about the content
+        raise ValueError(f"{path}: cannot be read ({e.strerror or e})") from None
+    except Exception as e:  # torch raises RuntimeError, EOFError, UnpicklingError, struct.error, ...
+        raise ValueError(unreadable(path, e)) from None
+
+
+ZIP_START, ZIP_END = b"PK\x03\x04", b"PK\x05\x06"  # torch.save's archive: a zip file
+ZIP_END_SPAN = 22 + 65_535  # the end record and the longest comment after it
+
+
+SAFETENSORS_FILE = (
+    "{path}: a safetensors file: pass the exported model's folder (with config.json and vocab.json)"
+)
+
+
+def is_safetensors(path: Path) -> bool:
+    """Whether ``path`` starts as a safetensors file does: its header's length, then its JSON."""
+    with open(path, "rb") as f:
+        head = f.read(9)
+    return (
+        len(head) == 9 and 0 < int.from_bytes(head[:8], "little") < path.stat().st_size and head[8:] == b"{"
+    )
+
+
+def unreadable(path: Path, error: Exception) -> str:
+    """One line on why ``torch.load`` failed on ``path``: cut off, damaged or another kind of file
+    (read from its first and last bytes: torch's own messages are long and name none of this)."""
+    size = path.stat().st_size
+    if size == 0:
+        return f"{path}: the file is empty (0 bytes): an interrupted copy or download?"
+    with open(path, "rb") as f:
+        head = f.read(64)
+        f.seek(max(0, size - ZIP_END_SPAN))
+        tail = f.read()
+    first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+    if isinstance(error, pickle.UnpicklingError) and "weights only" in str(error).lower():
+        return (
+            f"{path}: not a dmgan checkpoint: it holds Python objects, not only tensors and plain data "
+            "(dmgan reads checkpoints weights-only and runs no code from a file)"
+        )
+    if head.startswith(ZIP_START):
+        if ZIP_END not in tail:
+            return f"{path}: the file is cut off ({size} bytes, the end of its archive is missing): an interrupted copy or download?"
+        return f"{path}: a damaged PyTorch file ({first_line})"
+    if head.startswith(b"\x80"):  # a pickle: the legacy torch.save format, or another program's
+        return (
+            f"{path}: a cut-off or damaged legacy PyTorch file, or a pickle of something else ({first_line})"
+        )
+    if is_safetensors(path):
+        return SAFETENSORS_FILE.format(path=path)
+    try:
+        text = head.decode("utf-8")
+    except UnicodeDecodeError:
+        text = ""
+    if text and all(c in string.printable for c in text):
+        return f"{path}: not a PyTorch checkpoint but text (it begins {text.splitlines()[0][:40]!r})"
+    return f"{path}: not a PyTorch checkpoint (it begins {head[:12]!r})"
 
 
 def load_state_checked(
@@ -117,10 +188,25 @@ def all_finite(state_dict: dict[str, Any]) -> bool:
 def read_model(path: str | os.PathLike) -> dict[str, Any]:
     """The model a training checkpoint, a converted reference model (both files) or an export
     (a folder) holds, checked to have every part of :data:`MODEL_KEYS`."""
+    if os.path.isfile(path) and is_safetensors(Path(path)):  # torch.load reads these too, as a flat dict
+        raise ValueError(SAFETENSORS_FILE.format(path=path))
     state = read_export(path) if os.path.isdir(path) else load(path)
+    if not isinstance(state, dict):
+        raise ValueError(
+            f"{path} is not a dmgan model or training checkpoint: it holds a {type(state).__name__}, "
+            "not a dictionary"
+        )
     missing = MODEL_KEYS - state.keys()
     if missing:
-        raise ValueError(f"{path} is not a dmgan model or training checkpoint (missing {sorted(missing)})")
+        hint = ""
+        if state and all(isinstance(v, torch.Tensor) for v in state.values()):
+            hint = (
+                f": it is the state dict of one network ({len(state)} tensors); "
+                "the reference's released files become a dmgan model with python -m dmgan.convert reference"
+            )
+        raise ValueError(
+            f"{path} is not a dmgan model or training checkpoint (missing {sorted(missing)}){hint}"
+        )
     return state
 
 
@@ -156,9 +242,22 @@ def read_export(folder: str | os.PathLike) -> dict[str, Any]:
     for name in EXPORT_FILES:
         if not (folder / name).is_file():
             raise FileNotFoundError(f"{folder} is not an exported dmgan model: {name} is missing")
-    info = json.loads((folder / "config.json").read_text())
+    try:
+        info = json.loads((folder / "config.json").read_text())
+        vocab = json.loads((folder / "vocab.json").read_text())
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError is a ValueError
+        raise ValueError(f"{folder}: config.json or vocab.json is not valid JSON ({e})") from None
+    if not (isinstance(info, dict) and isinstance(info.get("config"), dict) and isinstance(vocab, list)):
+        raise ValueError(
+            f"{folder} is not an exported dmgan model: its config.json holds no dmgan config, "
+            "or its vocab.json no list of words"
+        )
+    try:
+        tensors = load_file(str(folder / SAFETENSORS))
+    except Exception as e:  # safetensors raises its own SafetensorError for cut-off or foreign files
+        raise ValueError(f"{folder / SAFETENSORS}: cut off or not a safetensors file ({e})") from None
     parts: dict[str, dict[str, torch.Tensor]] = {name: {} for name in EXPORTED_PARTS}
-    for key, value in load_file(str(folder / SAFETENSORS)).items():
+    for key, value in tensors.items():
         name, _, rest = key.partition(".")
         if name not in parts:
             raise ValueError(f"{folder / SAFETENSORS}: tensor {key!r} belongs to no part of a dmgan model")
@@ -168,7 +267,7 @@ def read_export(folder: str | os.PathLike) -> dict[str, Any]:
         "gan": {"netG": parts["netG"]},
         "text_encoder": parts["text_encoder"],
         "image_encoder": parts["image_encoder"],
-        "vocab": json.loads((folder / "vocab.json").read_text()),
+        "vocab": vocab,
     }
     if "data_dir" in info:
         model["data_dir"] = info["data_dir"]
