@@ -1,12 +1,16 @@
-"""Loading a model for inference: the memory backend is the caller's choice, not the checkpoint's."""
+"""Loading a model for inference: the memory backend is the caller's choice, not the checkpoint's;
+``from dmgan import TextToImage`` without a heavy ``import dmgan``; configs of other versions."""
 
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
 
 import pytest
 import torch
 
+import dmgan
 from dmgan import checkpoint
 from dmgan.config import get_preset
 from dmgan.models.generator import NEXT_STAGE_G
@@ -56,3 +60,33 @@ def test_the_command_lines_take_the_memory_backend(trained, tmp_path):
     assert RunOptions(memory_backend="cpp").memory_backend == "cpp"
     with pytest.raises(ValueError, match="memory_backend must be one of"):
         RunOptions(memory_backend="fast")
+
+
+def test_import_dmgan_is_light_and_text_to_image_comes_on_first_use():
+    probe = (
+        "import sys, dmgan; light = 'torch' not in sys.modules; "
+        "from dmgan import TextToImage; import dmgan.pipeline; "
+        "print(light, TextToImage is dmgan.pipeline.TextToImage, 'TextToImage' in dir(dmgan))"
+    )
+    result = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.split() == ["True", "True", "True"]
+    with pytest.raises(AttributeError, match="no attribute 'Pipeline'"):
+        dmgan.Pipeline  # noqa: B018
+
+
+def test_training_settings_of_another_version_do_not_stop_sampling(trained, tmp_path):
+    """The train section only records how a model was trained: a field unknown here is passed
+    over, a missing one takes today's default (the model and text sections must fit exactly)."""
+    state = checkpoint.load(trained)
+    state["config"]["train"]["warmup_steps"] = 100
+    del state["config"]["train"]["encoder_recolour_backgrounds"]
+    pipe = TextToImage.load(checkpoint.save(state, tmp_path / "other_train.pt"))
+    assert pipe.cfg.train.encoder_recolour_backgrounds is False
+    assert pipe.cfg.model == TextToImage.load(trained).cfg.model
+
+
+def test_seeds_are_one_per_caption(trained):
+    pipe = TextToImage.load(trained)
+    with pytest.raises(ValueError, match="2 seeds for 1 captions"):
+        pipe.generate(pipe.tokenize(["a red circle"]), seeds=[0, 1])
