@@ -4,6 +4,8 @@ default device, and the flags that several of them take, each spelled and explai
 from __future__ import annotations
 
 import argparse
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -11,6 +13,12 @@ import torch
 from dmgan.ops import BACKENDS
 
 WEIGHTS = ("ema", "raw")
+
+# The positional argument of every command that loads a model (dmgan.pipeline.TextToImage.load).
+MODEL_HELP = (
+    "a training checkpoint (runs/<preset>/checkpoints/latest.pt), an exported model folder, or the "
+    "Hugging Face Hub repo id (OWNER/NAME) of an exported model"
+)
 
 
 def default_device() -> str:
@@ -54,3 +62,15 @@ class HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
         if "default" in (action.help or "") or action.default is None or action.default is False:
             return action.help
         return super()._get_help_string(action)
+
+
+@contextmanager
+def one_line_errors(prog: str) -> Iterator[None]:
+    """Inside, a ``FileNotFoundError`` or ``ValueError`` (what loading a model or reading the
+    input raises, each one line that names the file and the problem) ends the command with that
+    line, ``prog: ...``, and no traceback. Wrap loading and input only: an error of the work that
+    follows is a bug, whose traceback is wanted."""
+    try:
+        yield
+    except (FileNotFoundError, ValueError) as e:
+        raise SystemExit(f"{prog}: {e}") from None

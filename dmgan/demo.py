@@ -2,6 +2,10 @@
 
     python -m dmgan.demo runs/shapes/checkpoints/latest.pt            # then open http://127.0.0.1:7860
     python -m dmgan.demo CHECKPOINT --device cuda --host 0.0.0.0 --port 8000
+    python -m dmgan.demo OWNER/NAME                                   # an exported model on the Hugging Face Hub
+
+The model is anything :meth:`dmgan.pipeline.TextToImage.load` takes (a checkpoint, an export folder,
+a Hub repo id); one that cannot be loaded stops the demo at start with one line that names it.
 
 Type a caption: the page shows each sample's stages side by side and, for the chosen sample, the
 last memory stage's key-addressing map of every word (which regions read the word), with the
@@ -22,7 +26,7 @@ from typing import Any
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")  # read when gradio is imported
 
 
-from dmgan.cli import HelpFormatter, add_shared_flags
+from dmgan.cli import MODEL_HELP, HelpFormatter, add_shared_flags
 from dmgan.pipeline import TextToImage
 from dmgan.visualize import render_attention, render_stage_grid
 
@@ -129,7 +133,7 @@ def build(demo: Demo, examples: Sequence[str] = ()) -> Any:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("checkpoint", help="training checkpoint (runs/<preset>/checkpoints/latest.pt)")
+    p.add_argument("checkpoint", help=MODEL_HELP)
     add_shared_flags(p, "device", "memory-backend")
     p.add_argument("--host", default="127.0.0.1", help="address to serve on (0.0.0.0: every interface)")
     p.add_argument("--port", type=int, default=7860)
@@ -147,7 +151,7 @@ def main(argv: Sequence[str] | None = None) -> None:
         raise SystemExit('dmgan.demo needs Gradio: pip install -e ".[demo]"') from None
     try:
         demo = Demo(args.checkpoint, args.device, args.memory_backend)
-    except (FileNotFoundError, ValueError, RuntimeError) as e:
+    except (FileNotFoundError, ValueError, RuntimeError) as e:  # RuntimeError: a backend not available here
         raise SystemExit(f"dmgan.demo: {e}") from None
     page = build(demo, example_captions(demo.pipelines["ema"]))
     page.launch(server_name=args.host, server_port=args.port, share=args.share, show_error=True)

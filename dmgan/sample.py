@@ -1,33 +1,100 @@
-"""Sample images from a trained checkpoint: per-stage grids, word-attention maps, interpolations.
+"""Sample images from a trained model: per-stage grids, word-attention maps, interpolations.
 
     python -m dmgan.sample runs/shapes/checkpoints/latest.pt "a large red circle" "a small blue square"
     python -m dmgan.sample CHECKPOINT captions.txt --samples 4 --truncation 1.5 --out samples/
+    python -m dmgan.sample CHECKPOINT "a red circle" --seeds 0-99 --save-images generated/
+    python -m dmgan.sample OWNER/NAME "a red circle" --seeds 0-3,7,10-12   # a model on the Hugging Face Hub
     python -m dmgan.sample CHECKPOINT "a red circle" --interpolate seeds --frames 8 --seed 0 --seed-to 1
     python -m dmgan.sample CHECKPOINT "a red circle" "a blue square" --interpolate captions
-    python -m dmgan.sample CHECKPOINT captions.txt --samples 10 --save-images generated/
 
-Each argument is a caption or a text file of captions (one a line). For each caption and sample it
-writes ``caption<i>_sample<j>.png`` (the stages side by side, then the memory's key-addressing map
-of every word over the image) and one ``grid.png`` with every caption's stages. ``--interpolate``
-walks from one noise vector to another (``seeds``: spherically, each caption) or from one caption
-to another (``captions``: the sentence feature blended, the word features of the nearer caption),
-and writes the walk as ``interpolation.png`` (a strip of frames) and ``interpolation.gif``.
-``--save-images`` writes each final image as ``00000.png``, ... and ``captions.txt`` (line k is
-the caption of image k), as :func:`dmgan.visualize.save_images` writes generated images.
+The model is a training checkpoint, an exported model folder or a Hub repo id
+(:meth:`dmgan.pipeline.TextToImage.load`); one that is missing, cut off, of other content or of
+another dmgan version ends the command with one line that names it. Each further argument is a
+caption or a text file of captions (one a line). Every caption is drawn once per seed: ``--seeds``
+takes numbers and inclusive ranges (``0-99``, ``0-3,7,10-12``, as stylegan3's tools do), and
+``--samples N`` means the seeds ``--seed`` to ``--seed + N - 1``. An image is a function of its
+caption and seed alone (the same in any batch, and what ``TextToImage(caption, seed=s)`` draws).
+For each caption and seed it writes ``caption<i>_sample<j>.png`` (``caption<i>_seed<s>.png`` with
+``--seeds``: the stages side by side, then the memory's key-addressing map of every word over the
+image) and one ``grid.png`` with the stages of the first 32 images. Images are generated and
+written batch by batch (``--batch-size``), so memory does not grow with their number.
+``--interpolate`` walks from one noise vector to another (``seeds``: spherically, each caption) or
+from one caption to another (``captions``: the sentence feature blended, the word features of the
+nearer caption), and writes the walk as ``interpolation.png`` (a strip of frames) and
+``interpolation.gif``. ``--save-images`` writes each final image as ``00000.png``, ... and
+``captions.txt`` (line k is the caption of image k), as :func:`dmgan.visualize.save_images` writes
+generated images.
 """
 
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
-from collections.abc import Sequence
+import re
+from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import TypeVar
 
 import torch
+from PIL import Image
 
-from dmgan.cli import HelpFormatter, add_shared_flags
-from dmgan.pipeline import TextToImage, truncated_noise
-from dmgan.visualize import animation, attention_figure, save_images, stage_grid, strip
+from dmgan.cli import MODEL_HELP, HelpFormatter, add_shared_flags, one_line_errors
+from dmgan.pipeline import Captions, TextToImage, truncated_noise
+from dmgan.progress import progress
+from dmgan.visualize import animation, attention_figure, stage_grid, strip, to_uint8
+
+GRID_ROWS = 32  # grid.png shows the first images only: a grid of thousands is unreadable and big
+SEED_PART = re.compile(r"(\d+)(?:-(\d+))?")
+T = TypeVar("T")
+
+
+def parse_seeds(text: str) -> list[range]:
+    """A seed list as stylegan3's tools take it: comma-separated numbers and inclusive ranges,
+    ``0-3,7,10-12``. Ranges stay ranges, so ``0-9999999`` costs no memory."""
+    seeds = []
+    for part in text.split(","):
+        match = SEED_PART.fullmatch(part.strip())
+        if match is None:
+            raise argparse.ArgumentTypeError(
+                f"{part.strip()!r} is neither a seed nor a range A-B (e.g. 0-3,7,10-12)"
+            )
+        low, high = int(match[1]), int(match[2] or match[1])
+        if high < low:
+            raise argparse.ArgumentTypeError(f"the range {part.strip()} runs backwards")
+        seeds.append(range(low, high + 1))
+    return seeds
+
+
+def batched(items: Iterable[T], size: int) -> Iterator[list[T]]:
+    """Lists of ``size`` items (the last may be shorter), drawn lazily (itertools.batched is 3.12)."""
+    iterator = iter(items)
+    while batch := list(itertools.islice(iterator, size)):
+        yield batch
+
+
+class ImageFolder:
+    """Writes images as ``00000.png``, ``00001.png``, ... and their captions as ``captions.txt``
+    (line k: image k's caption) batch by batch, in the layout :func:`dmgan.visualize.save_images`
+    writes at once (``dmgan.evaluate --images`` scores it)."""
+
+    def __init__(self, folder: Path) -> None:
+        folder.mkdir(parents=True, exist_ok=True)
+        self.folder, self.count = folder, 0
+        self.captions = open(folder / "captions.txt", "w")  # kept open: a line per image; close() ends it
+
+    def add(self, images: torch.Tensor, captions: Sequence[str]) -> list[Path]:
+        paths = []
+        for pixels, caption in zip(to_uint8(images), captions, strict=True):
+            paths.append(self.folder / f"{self.count:05d}.png")
+            Image.fromarray(pixels).save(paths[-1])
+            self.captions.write(caption.replace("\n", " ") + "\n")
+            self.count += 1
+        self.captions.flush()
+        return paths
+
+    def close(self) -> None:
+        self.captions.close()
 
 
 def read_captions(source: str) -> list[str]:
@@ -47,9 +114,21 @@ def read_captions(source: str) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=HelpFormatter)
-    p.add_argument("checkpoint", help="training checkpoint (runs/<preset>/checkpoints/latest.pt)")
+    p.add_argument("checkpoint", help=MODEL_HELP)
     p.add_argument("captions", nargs="+", help="captions, or .txt files with one caption per line")
-    p.add_argument("--samples", type=int, default=1, help="images per caption")
+    p.add_argument(
+        "--samples",
+        type=int,
+        default=None,
+        help="images per caption: seeds --seed, --seed + 1, ... (default 1)",
+    )
+    p.add_argument(
+        "--seeds",
+        type=parse_seeds,
+        default=None,
+        help="an image of each caption per seed: numbers and ranges, e.g. 0-99 or 0-3,7,10-12",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="images generated and written at a time")
     p.add_argument("--truncation", type=float, default=None, help="redraw noise entries with |z| above this")
     p.add_argument(
         "--interpolate", choices=["seeds", "captions"], help="walk between two seeds or two captions"
@@ -100,11 +179,18 @@ def interpolation(pipe: TextToImage, texts: list[str], args: argparse.Namespace)
 
 
 def main(argv: Sequence[str] | None = None) -> list[Path]:
-    args = build_parser().parse_args(argv)
-    if args.samples < 1:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.samples is not None and args.samples < 1:
         raise SystemExit("--samples must be at least 1")
-    texts = [caption for source in args.captions for caption in read_captions(source)]
-    pipe = TextToImage.load(args.checkpoint, args.device, args.weights, args.memory_backend)
+    if args.seeds is not None and (args.samples is not None or args.interpolate):
+        raise SystemExit("--seeds names every image's seed: leave out --samples and --interpolate")
+    if args.batch_size < 1:
+        raise SystemExit("--batch-size must be at least 1")
+    with one_line_errors("dmgan.sample"):
+        texts = [caption for source in args.captions for caption in read_captions(source)]
+        pipe = TextToImage.load(args.checkpoint, args.device, args.weights, args.memory_backend)
+        captions = pipe.tokenize(texts)  # a caption with no known word stops here, with its text
     out = Path(args.out)
     if args.interpolate:
         frames = interpolation(pipe, texts, args)
@@ -113,36 +199,81 @@ def main(argv: Sequence[str] | None = None) -> list[Path]:
         written = [strip(final, out / "interpolation.png"), animation(final, out / "interpolation.gif")]
         print(f"wrote {out / 'interpolation.png'} and {out / 'interpolation.gif'} ({args.frames} frames)")
         return written
-    captions = pipe.tokenize([t for t in texts for _ in range(args.samples)])
-    for text, missing in list(zip(captions.texts, captions.unknown))[:: args.samples]:
+    for text, missing in zip(captions.texts, captions.unknown):
         if missing:
             print(f"unknown words skipped in {text!r}: {', '.join(missing)}")
-    stages, attention = pipe.generate(
-        captions, seed=args.seed, truncation=args.truncation, return_attention=True
-    )
-    written = [stage_grid(stages, captions.texts, out / "grid.png")]
-    for n in range(len(captions.texts)):
-        words = [pipe.vocab.ixtoword[int(i)] for i in captions.indices[n, : captions.lengths[n]]]
-        name = f"caption{n // args.samples:03d}_sample{n % args.samples:02d}.png"
-        written.append(
-            attention_figure([s[n] for s in stages], attention[-1][n], words, captions.texts[n], out / name)
-        )
-    if args.save_images is not None:
-        written += save_images(stages[-1], captions.texts, args.save_images)
+    seeds = args.seeds or [range(args.seed, args.seed + (args.samples or 1))]
+    written = sample(pipe, captions, seeds, args, out)
     (out / "captions.json").write_text(
         json.dumps(
             {
                 "checkpoint": str(args.checkpoint),
                 "weights": args.weights,
-                "seed": args.seed,
+                "seeds": ",".join(f"{r.start}-{r.stop - 1}" if len(r) > 1 else str(r.start) for r in seeds),
                 "truncation": args.truncation,
                 "captions": texts,
-                "unknown_words": captions.unknown[:: args.samples],
+                "unknown_words": captions.unknown,
             },
             indent=2,
         )
     )
     print(f"wrote {len(written)} images to {out}" + (f" and {args.save_images}" if args.save_images else ""))
+    return written
+
+
+def sample(
+    pipe: TextToImage, captions: Captions, seeds: list[range], args: argparse.Namespace, out: Path
+) -> list[Path]:
+    """Every (caption, seed) pair, caption by caption, generated and written ``--batch-size`` at
+    a time: only the grid's first rows are kept between batches."""
+    out.mkdir(parents=True, exist_ok=True)
+    per_caption = sum(len(r) for r in seeds)
+    pairs = (
+        (c, j, seed)
+        for c in range(len(captions))
+        for j, seed in enumerate(itertools.chain.from_iterable(seeds))
+    )
+    grid: list[list[torch.Tensor]] = []
+    grid_labels: list[str] = []
+    written: list[Path] = []
+    folder = ImageFolder(args.save_images) if args.save_images is not None else None
+    bar = progress(total=len(captions) * per_caption, desc="sampling")
+    try:
+        for batch in batched(pairs, args.batch_size):
+            part = captions.select([c for c, _, _ in batch])
+            stages, attention = pipe.generate(
+                part,
+                truncation=args.truncation,
+                return_attention=True,
+                batch_size=len(batch),
+                seeds=[seed for _, _, seed in batch],
+            )
+            if (room := GRID_ROWS - len(grid_labels)) > 0:
+                grid.append([s[:room].clone() for s in stages])  # a copy: the batch is let go
+                grid_labels += [f"{part.texts[n]} (seed {batch[n][2]})" for n in range(min(room, len(batch)))]
+            for n, (c, j, seed) in enumerate(batch):
+                words = [pipe.vocab.ixtoword[int(i)] for i in part.indices[n, : part.lengths[n]]]
+                name = (
+                    f"caption{c:03d}_seed{seed:04d}.png"
+                    if args.seeds
+                    else f"caption{c:03d}_sample{j:02d}.png"
+                )
+                written.append(
+                    attention_figure(
+                        [s[n] for s in stages], attention[-1][n], words, part.texts[n], out / name
+                    )
+                )
+            if folder is not None:
+                written += folder.add(stages[-1], part.texts)
+            bar.update(len(batch))
+    finally:
+        bar.close()
+        if folder is not None:
+            folder.close()
+    grid_stages = [torch.cat(rows) for rows in zip(*grid)]
+    written.insert(0, stage_grid(grid_stages, grid_labels, out / "grid.png"))
+    if len(captions) * per_caption > GRID_ROWS:
+        print(f"grid.png shows the first {GRID_ROWS} of {len(captions) * per_caption} images")
     return written
 
 
