@@ -86,6 +86,8 @@ setup(
         # python train.py --report-to tensorboard | wandb (dmgan/tracking.py)
         "tensorboard": ["tensorboard>=2.18"],
         "wandb": ["wandb>=0.19"],
+        # TextToImage.from_pretrained("OWNER/NAME") and convert export --push-to-hub
+        "hub": ["huggingface_hub>=0.23"],
         "dev": PINNED
         + [
             "numpy==2.4.6",
@@ -106,6 +108,7 @@ setup(
             "gradio_client==2.7.2",
             "tensorboard==2.21.0",
             "wandb==0.31.0",
+            "huggingface_hub==2.4.0",
             "tbb-devel==2023.2.0",  # TBB for HIP-CPU, which runs the CUDA kernels on the CPU in the tests
         ],
     },

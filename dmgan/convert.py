@@ -4,6 +4,7 @@
         --text-encoder text_encoder200.pth --image-encoder image_encoder200.pth \\
         --captions data/birds/captions.pickle --data-dir data/birds --out bird_dmgan.pt
     python -m dmgan.convert export runs/shapes/checkpoints/latest.pt shapes_model/
+    python -m dmgan.convert export runs/shapes/checkpoints/latest.pt shapes_model/ --push-to-hub OWNER/NAME
 
 ``reference`` writes one self-contained dmgan checkpoint (the preset's configuration with the
 reference's padding mask, ``legacy_mask=True``, the generator, the DAMSM encoders and the
@@ -15,7 +16,11 @@ error that names the file, what was expected and what was found.
 
 ``export`` writes a trained run as a sampling-only model in the format weights are shared in: a
 folder of ``model.safetensors`` (the EMA generator and the encoders), ``config.json`` and
-``vocab.json``, which the same commands load.
+``vocab.json``, which the same commands load, and its model card ``README.md``
+(:mod:`dmgan.model_card`: the Hub's metadata, training data, configuration, evaluation, license,
+citation, how to load it). ``--push-to-hub OWNER/NAME`` then uploads the folder to that Hugging
+Face Hub repo (made when missing; a token from ``hf auth login`` or ``HF_TOKEN``), from where
+``TextToImage.from_pretrained("OWNER/NAME")`` and every command load it.
 """
 
 from __future__ import annotations
@@ -31,11 +36,12 @@ from typing import Any
 import torch
 
 from dmgan import checkpoint
-from dmgan.cli import HelpFormatter, add_shared_flags
+from dmgan.cli import MODEL_HELP, HelpFormatter, add_shared_flags
 from dmgan.config import PRESETS, get_preset, override
 from dmgan.data import Vocabulary
+from dmgan.model_card import find_evaluation, model_card
 from dmgan.models import G_NET, build_discriminators, build_image_encoder, build_text_encoder
-from dmgan.pipeline import TextToImage
+from dmgan.pipeline import TextToImage, fetch_model
 
 
 class _PlainData(pickle.Unpickler):
@@ -136,10 +142,51 @@ def convert_reference(
     return checkpoint.save(state, out)
 
 
-def export(source: str | Path, folder: str | Path, weights: str = "ema") -> Path:
-    """A trained run (or any model dmgan loads) as model.safetensors + config.json + vocab.json."""
-    model = TextToImage.load(source, "cpu", weights).model_state()
-    return checkpoint.write_export(model, folder, weights)
+def export(
+    source: str | Path,
+    folder: str | Path,
+    weights: str = "ema",
+    repo_id: str | None = None,
+    datasets: list[str] | None = None,
+) -> Path:
+    """A trained run (or any model dmgan loads) as model.safetensors + config.json + vocab.json,
+    and its model card README.md; ``repo_id``: the Hub repo it is meant for (the card loads it
+    from there), ``datasets``: Hub ids of its training data, for the card's metadata."""
+    state, local = fetch_model(source)
+    model = TextToImage.from_state(state, "cpu", weights, source=str(source)).model_state()
+    written = checkpoint.write_export(model, folder, weights)
+    evaluation, notes = find_evaluation(local, weights)
+    for note in notes:
+        print(f"model card: {note}")
+    card = model_card(state, local, weights, repo_id or str(folder), datasets, evaluation)
+    (written / "README.md").write_text(card)
+    return written
+
+
+def push_to_hub(folder: str | Path, repo_id: str, source: str | Path) -> str:
+    """Upload an export folder (its model files and card only) to Hub repo ``repo_id``, making the
+    repo when missing; returns the commit's URL. Raises RuntimeError with one line on failure."""
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        raise RuntimeError('--push-to-hub needs huggingface_hub: pip install -e ".[hub]"') from None
+    api = HfApi(library_name="dmgan")
+    try:
+        api.create_repo(repo_id, repo_type="model", exist_ok=True)
+        commit = api.upload_folder(
+            repo_id=repo_id,
+            folder_path=str(folder),
+            repo_type="model",
+            allow_patterns=[*checkpoint.EXPORT_FILES, "README.md"],  # nothing else the folder holds
+            commit_message=f"dmgan export of {Path(source).name}",
+        )
+    except Exception as e:  # the client's errors: no network, no token, no permission, ...
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ""
+        raise RuntimeError(
+            f"pushing {folder} to the Hugging Face Hub repo {repo_id} failed ({type(e).__name__}: {message}); "
+            "the folder is written: push it again once that is fixed"
+        ) from None
+    return str(getattr(commit, "commit_url", commit))
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -155,10 +202,21 @@ def build_parser() -> argparse.ArgumentParser:
     ref.add_argument("--captions", required=True, help="the dataset's captions.pickle (its vocabulary)")
     ref.add_argument("--data-dir", default=None, help="the dataset folder, for evaluation and examples")
     ref.add_argument("--out", required=True, help="the dmgan checkpoint to write")
-    exp = sub.add_parser("export", help="a dmgan checkpoint -> safetensors + config.json + vocab.json")
-    exp.add_argument("checkpoint")
-    exp.add_argument("folder")
+    exp = sub.add_parser(
+        "export", help="a dmgan checkpoint -> safetensors + config.json + vocab.json + README.md (model card)"
+    )
+    exp.add_argument("checkpoint", help=MODEL_HELP)
+    exp.add_argument("folder", help="the folder to write")
     add_shared_flags(exp, "weights")
+    exp.add_argument(
+        "--push-to-hub", metavar="OWNER/NAME", default=None, help="then upload the folder to this Hub repo"
+    )
+    exp.add_argument(
+        "--dataset",
+        action="append",
+        default=[],
+        help="the Hub id of a dataset it was trained on, for the card's metadata (repeatable)",
+    )
     return p
 
 
@@ -176,10 +234,16 @@ def main(argv: Sequence[str] | None = None) -> Path:
                 args.data_dir,
             )
         else:
-            written = export(args.checkpoint, args.folder, args.weights)
+            written = export(args.checkpoint, args.folder, args.weights, args.push_to_hub, args.dataset)
     except (FileNotFoundError, ValueError) as e:
         raise SystemExit(f"dmgan.convert: {e}") from None
     print(f"wrote {written}")
+    if args.command == "export" and args.push_to_hub:
+        try:
+            url = push_to_hub(written, args.push_to_hub, args.checkpoint)
+        except RuntimeError as e:
+            raise SystemExit(f"dmgan.convert: {e}") from None
+        print(f"pushed {written} to {args.push_to_hub}: {url}")
     return written
 
 

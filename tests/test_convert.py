@@ -1,11 +1,15 @@
 """dmgan.convert: the reference's released files (written here in its format: PyTorch 0.4 legacy
 serialisation, protocol-2 pickles, DataParallel's ``module.`` prefixes, no num_batches_tracked)
 into one dmgan checkpoint that samples and evaluates; the files that are not what they claim;
-and the export to safetensors that every command loads."""
+and the export to safetensors that every command loads, with its model card."""
 
 from __future__ import annotations
 
+import hashlib
+import json
+import os
 import pickle
+import re
 
 import pytest
 import torch
@@ -109,7 +113,12 @@ def test_files_that_are_not_what_they_claim_are_refused_with_what_was_expected(r
 def test_export_writes_safetensors_that_sample_evaluate_and_the_demo_load(trained, tmp_path):
     folder = tmp_path / "model"
     convert_main(["export", str(trained), str(folder)])
-    assert sorted(p.name for p in folder.iterdir()) == ["config.json", "model.safetensors", "vocab.json"]
+    assert sorted(p.name for p in folder.iterdir()) == [
+        "README.md",
+        "config.json",
+        "model.safetensors",
+        "vocab.json",
+    ]
     original, exported = TextToImage.load(trained), TextToImage.load(folder)
     captions = original.tokenize(["a large red circle", "a small blue square"])
     first, second = original.generate(captions, seed=3)[0], exported.generate(captions, seed=3)[0]
@@ -121,3 +130,79 @@ def test_export_writes_safetensors_that_sample_evaluate_and_the_demo_load(traine
     from dmgan.demo import Demo
 
     assert Demo(folder, "cpu").pipelines["ema"].vocab.ixtoword == original.vocab.ixtoword
+
+
+def _card_sections(card: str) -> dict[str, str]:
+    """The card's metadata header, then its sections by their ## titles."""
+    _, header, body = card.split("---\n", 2)
+    parts = re.split(r"^## (.+)$", body, flags=re.M)
+    return {"metadata": header, "intro": parts[0], **dict(zip(parts[1::2], parts[2::2]))}
+
+
+def test_the_model_card_says_what_the_model_is_and_how_it_scored(trained, tmp_path, capsys):
+    """A run's layout in tmp_path (checkpoints/latest.pt, metrics.json), with an evaluation.json
+    beside the checkpoint: the card takes its figures, and passes over one of another file."""
+    run = tmp_path / "run"
+    (run / "checkpoints").mkdir(parents=True)
+    ckpt = run / "checkpoints" / "latest.pt"
+    os.link(trained, ckpt)
+    (run / "metrics.json").write_text(
+        json.dumps({"r_precision": {"mean": 0.25, "std": 0.5}, "gan_seconds": 3})
+    )
+    sha = hashlib.sha256(ckpt.read_bytes()).hexdigest()
+    report = {
+        "metrics": {
+            "num_images": 500,
+            "fid": 123.456,
+            "kid": {"mean": 0.0125, "std": 0.002},
+            "protocol": {"name": "clean", "network": "tf-2015-inception", "comparable_to": "pytorch-fid"},
+            "caption_accuracy": {"colour": {"accuracy": 0.875, "captions": 500, "chance": 1 / 6}},
+            "inception_score": "not computed: pass --is-classifier",
+        },
+        "settings": {"weights": "ema"},
+        "checkpoint_sha256": sha,
+    }
+    (run / "checkpoints" / "evaluation.json").write_text(json.dumps(report))
+    convert_main(["export", str(ckpt), str(tmp_path / "model")])
+    card = _card_sections((tmp_path / "model" / "README.md").read_text())
+    assert "license: mit" in card["metadata"] and "library_name: dmgan" in card["metadata"]
+    assert '- "text-to-image"' in card["metadata"] and '- "dm-gan"' in card["metadata"]
+    assert "datasets" not in card["metadata"]  # the shapes data is on no hub
+    assert f'TextToImage.from_pretrained("{tmp_path / "model"}")' in card["How to use"]
+    assert (
+        "built-in shapes data" in card["Training data"]
+        and "Trained for 2 generator steps" in card["Training data"]
+    )
+    assert str(tmp_path) not in card["Training data"]  # the data folder by its name only
+    evaluation = card["Evaluation"]
+    assert (
+        "dmgan.evaluate" in evaluation
+        and "| fid | 123.5 |" in evaluation
+        and "| kid | 0.0125 ± 0.002 |" in evaluation
+    )
+    assert "| caption accuracy: colour | 0.875 (chance 0.1667) |" in evaluation
+    assert (
+        "Protocol `clean` (network tf-2015-inception" in evaluation and "500 generated images" in evaluation
+    )
+    config = re.search(r"<details>.*```json\n(.*)```\n\n</details>", card["Configuration"], flags=re.S)
+    assert json.loads(config[1]) == json.loads(json.dumps(checkpoint.load(trained)["config"]))
+    assert "MIT" in card["License"]
+    assert (
+        "{DM-GAN}: Dynamic Memory Generative Adversarial Networks" in card["Citation"]
+        and "2019" in card["Citation"]
+    )
+
+    report["checkpoint_sha256"] = "0" * 64  # an evaluation of another file: the run's metrics instead
+    (run / "checkpoints" / "evaluation.json").write_text(json.dumps(report))
+    convert_main(["export", str(ckpt), str(tmp_path / "model2")])
+    assert "scored another file" in capsys.readouterr().out
+    evaluation = _card_sections((tmp_path / "model2" / "README.md").read_text())["Evaluation"]
+    assert (
+        "metrics.json" in evaluation
+        and "| r precision | 0.25 ± 0.5 |" in evaluation
+        and "fid" not in evaluation
+    )
+
+    convert_main(["export", str(ckpt), str(tmp_path / "model3"), "--weights", "raw"])  # scored with ema
+    evaluation = _card_sections((tmp_path / "model3" / "README.md").read_text())["Evaluation"]
+    assert "Not evaluated yet" in evaluation
