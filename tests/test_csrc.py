@@ -166,15 +166,15 @@ def test_backward_ops_check_the_output_gradients():
 
 
 @pytest.mark.slow
-def test_csrc_is_cpp17_as_torch_2_11_compiles_it(tmp_path):
+@pytest.mark.toolchain
+def test_csrc_is_cpp17_as_torch_2_11_compiles_it():
     """torch 2.11 (the GPU machine's) compiles extensions with -std=c++17, 2.12 and later with
-    C++20; csrc/ once used std::bit_cast and did not build there. Its sources compile as C++17
-    against torch 2.11's headers: the CPU kernels and the CUDA source rewritten for HIP-CPU with
-    g++ (syntax only), the CUDA source with nvcc to PTX for sm_90 (its front end parses host and
-    device code). Under torch 2.12+ the headers come from the environment of tests/toolchain.py
-    (made on first use); inside it, from the running torch."""
+    C++20; csrc/ once used std::bit_cast and did not build there. The CPU sources compile as C++17
+    against torch 2.11's headers (g++, syntax only): under torch 2.12+ those of the environment of
+    tests/toolchain.py (made on first use), under 2.11 the running torch's. The stage of
+    tests/test_toolchain.py builds all of csrc/ (and the HIP-CPU rewrite of the CUDA source) with
+    torch 2.11's own flags; this is the quick check, with the compiler's message."""
     from tests import toolchain
-    from tests.hip_cpu import build as hip_build
 
     if torch.__version__.split("+")[0] == toolchain.TORCH:
         interpreter = Path(sys.executable)
@@ -193,22 +193,4 @@ def test_csrc_is_cpp17_as_torch_2_11_compiles_it(tmp_path):
         result = subprocess.run([*gxx, str(_build.CSRC / name)], capture_output=True, text=True)
         if result.returncode != 0:
             failures[name] = result.stderr[-3000:]
-    if hip_build.hip_cpu_home() is not None:
-        generated = tmp_path / "memory_cuda_on_cpu.cpp"
-        generated.write_text(hip_build.rewrite(hip_build.SOURCE.read_text()))
-        hip = [
-            f"-I{hip_build.HERE}",
-            f"-I{hip_build.hip_cpu_home() / 'include'}",
-            f"-I{paths['prefix']}/include",
-        ]
-        result = subprocess.run([*gxx, *hip, str(generated)], capture_output=True, text=True)
-        if result.returncode != 0:
-            failures["memory_cuda.cu for HIP-CPU"] = result.stderr[-3000:]
-    home = _build.find_cuda_home()
-    if home is not None:
-        nvcc = [str(Path(home) / "bin" / "nvcc"), "-std=c++17", "--ptx", "-arch=compute_90", *includes]
-        command = [*nvcc, str(_build.CSRC / "memory_cuda.cu"), "-o", str(tmp_path / "memory_cuda.ptx")]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=900)
-        if result.returncode != 0:
-            failures["memory_cuda.cu"] = result.stderr[-3000:]
     assert not failures, "\n\n".join(f"{name} is not C++17:\n{err}" for name, err in failures.items())

@@ -36,7 +36,7 @@ TRITON = "3.6.0"
 REQUIREMENTS = [
     f"torch=={TORCH}",
     f"triton=={TRITON}",
-    "numpy==2.4.6",
+    "numpy==2.3.5",  # triton 3.6's interpreter converts 1-element arrays with int(), an error from numpy 2.4
     "pillow==12.3.0",
     "einops==0.8.2",
     "tqdm==4.70.1",
@@ -44,6 +44,7 @@ REQUIREMENTS = [
     "ninja==1.13.2",
     "pytest==9.2.0",
     "pytest-benchmark==5.3.1",  # benchmarks.device_check's memory-bench stage
+    "matplotlib==3.11.2",  # benchmarks.device_check's profile stage (its roofline plot)
     "tbb-devel==2023.2.0",  # HIP-CPU (the emulated CUDA kernels)
 ]
 
