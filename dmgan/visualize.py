@@ -144,14 +144,31 @@ def animation(frames: Tensor, path: str | os.PathLike, milliseconds: int = 150) 
 
 def save_images(images: Tensor, captions: Sequence[str], folder: str | os.PathLike) -> list[Path]:
     """Each image as ``00000.png``, ``00001.png``, ... at its own size, and ``captions.txt`` whose
-    line k is the caption of image k: how generated images are written for scoring and sharing."""
+    line k is the caption of image k: how generated images are written for scoring and sharing.
+    A stream of batches writes the same folder with :func:`write_numbered_images` per batch and
+    :func:`write_captions` once."""
     if len(images) != len(captions):
         raise ValueError(f"{len(images)} images but {len(captions)} captions")
+    paths = write_numbered_images(images, folder)
+    write_captions(captions, folder)
+    return paths
+
+
+def write_numbered_images(images: Tensor, folder: str | os.PathLike, start: int = 0) -> list[Path]:
+    """Images ``start``, ``start + 1``, ... of a folder as ``{number:05d}.png``, each at its own
+    size: one batch of a stream, written as it comes, so no caller holds every image."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     paths = []
-    for k, pixels in enumerate(to_uint8(images)):
+    for k, pixels in enumerate(to_uint8(images), start=start):
         paths.append(folder / f"{k:05d}.png")
         Image.fromarray(pixels).save(paths[-1])
-    (folder / "captions.txt").write_text("".join(c.replace("\n", " ") + "\n" for c in captions))
     return paths
+
+
+def write_captions(captions: Sequence[str], folder: str | os.PathLike) -> Path:
+    """``captions.txt`` of a folder of numbered images: line k is image k's caption."""
+    path = Path(folder) / "captions.txt"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("".join(c.replace("\n", " ") + "\n" for c in captions))
+    return path

@@ -271,6 +271,90 @@ def test_caption_accuracy_of_an_evaluation_equals_the_classifier_reading_every_i
     assert json.dumps({k: results[k] for k in want}, sort_keys=True) == json.dumps(want, sort_keys=True)
 
 
+class RecordingFeatures(nn.Module):
+    """A stand-in feature network: each image's channel means, and how many images each call saw."""
+
+    num_features = 3
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.anchor = nn.Parameter(torch.zeros(()))  # features_of asks the network where it lives
+        self.seen: list[int] = []
+
+    def forward(self, images):
+        self.seen.append(len(images))
+        return images.float().mean((2, 3)) + self.anchor
+
+
+def test_evaluation_streams_images_to_disk_and_scores_folders_batch_by_batch(trained, tmp_path, monkeypatch):
+    """Nothing holds every image: generated images reach the feature network, the attribute
+    classifier and the disk a batch at a time (captions.txt last), and --images reads a folder
+    a batch at a time, in DataLoader workers or not, to the same numbers."""
+    from pathlib import Path
+
+    import dmgan.evaluate as ev
+    from dmgan.attributes import AttributeClassifier
+
+    network = RecordingFeatures()
+    monkeypatch.setattr(ev, "feature_network", lambda protocol, weights: network)
+    written, read = [], []
+    write = ev.write_numbered_images
+    predict = AttributeClassifier.predict
+
+    def recording_write(images, folder, start=0):
+        written.append((start, len(images), (Path(folder) / "captions.txt").exists()))
+        return write(images, folder, start)
+
+    def recording_predict(self, images, *args, **kwargs):
+        read.append(len(images))
+        return predict(self, images, *args, **kwargs)
+
+    monkeypatch.setattr(ev, "write_numbered_images", recording_write)
+    monkeypatch.setattr(AttributeClassifier, "predict", recording_predict)
+    pipe = TextToImage.load(trained)
+    folder, real_file = tmp_path / "imgs", tmp_path / "real.npz"
+    direct = ev.evaluate(
+        pipe, pipe.data_dir, 20, features_file=real_file, save_images=folder, batch_size=6, progress=False
+    )
+    assert written == [(0, 6, False), (6, 6, False), (12, 6, False), (18, 2, False)]
+    assert read[:4] == [6, 6, 6, 2] and read[4:] == [12]  # then the 12 real test images, once
+    assert max(network.seen) <= 6 and sum(network.seen) == 12 + 20  # real features, then each batch
+    assert (
+        len(sorted(folder.glob("*.png"))) == 20
+        and len((folder / "captions.txt").read_text().splitlines()) == 20
+    )
+
+    for workers in (0, 1):
+        network.seen.clear()
+        scored = ev.evaluate_images(
+            folder,
+            pipe.cfg,
+            pipe.data_dir,
+            features_file=real_file,
+            batch_size=6,
+            workers=workers,
+            progress=False,
+        )
+        assert network.seen == [6, 6, 6, 2]  # the real features come from real_file
+        for key in ("fid", "precision", "recall", "density", "coverage"):
+            assert scored[key] == pytest.approx(direct[key], rel=1e-6, abs=1e-9), (workers, key)
+        assert scored["kid"]["mean"] == pytest.approx(direct["kid"]["mean"], rel=1e-6)
+
+    damaged = folder / "00007.png"
+    damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # its header still reads
+    for workers in (0, 1):
+        with pytest.raises(SystemExit, match=r"00007.png is not a readable image"):
+            ev.evaluate_images(
+                folder,
+                pipe.cfg,
+                pipe.data_dir,
+                features_file=real_file,
+                batch_size=6,
+                workers=workers,
+                progress=False,
+            )
+
+
 def test_generate_is_a_function_of_its_seed_and_leaves_the_global_rng_alone(trained):
     pipe = TextToImage.load(trained)
     captions = pipe.tokenize(["a large red circle", "a small blue square on gray", "a cyan cross"])
