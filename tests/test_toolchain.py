@@ -18,8 +18,8 @@ of tests/toolchain.py and, in a copy of this checkout, runs there what differs b
 - ``python -m benchmarks.device_check OUT --dry-run`` (its build stage CPU-only: the CUDA
   kernels were built above).
 
-Its cost: about 3 GB to download and 5 GB on disk the first time (the environment is cached,
-see tests/toolchain.py), then the builds (cached too) and the tests; the README has the measured
+Its cost: the environment the first time (4.9 GB installed, cached: see tests/toolchain.py), the
+builds (cached too) and the tests; the README has the measured
 times. ``pytest -m "not toolchain"`` leaves it out. Each part's log and reports stay in the work
 folder (``toolchain.work_dir()``: tests.log, tests.xml, compile_gate.log, device_check/).
 """
@@ -31,6 +31,7 @@ import os
 import subprocess
 import sys
 import time
+import warnings
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -147,7 +148,10 @@ def test_the_oldest_supported_torch_passes_the_toolchain_cases():
                 f"tests (exit {code}, {len(outcomes)} ran, {not_passed}):\n{log.read_text()[-6000:]}"
             )
 
+        # Compile errors and shared memory fail here; spills are reported (a warning), not failed:
+        # their policy (tests/test_triton_compile_gate.py) is for the pinned triton's allocator.
         gate, log = work / "compile_gate.json", work / "compile_gate.log"
+        gate.unlink(missing_ok=True)
         gate_command = [
             str(python),
             "-m",
@@ -157,10 +161,14 @@ def test_the_oldest_supported_torch_passes_the_toolchain_cases():
             "--dtype",
             "bfloat16",
         ]
-        gate_command += ["--channels", "64", "--words", "18", "--json", str(gate)]
+        gate_command += ["--channels", "64", "--words", "18", "--allow-spills", "--json", str(gate)]
         code = _run(gate_command, source, {**env, "TRITON_INTERPRET": "0"}, log, seconds)
-        if code != 0:
-            failures.append(f"compile gate (exit {code}):\n{log.read_text()[-4000:]}")
+        rows = json.loads(gate.read_text()) if code == 0 and gate.exists() else []
+        if code != 0 or not rows:
+            failures.append(f"compile gate (exit {code}, {len(rows)} kernels):\n{log.read_text()[-4000:]}")
+        spills = [f"{r['kernel']} {r['config']}: {r['spill_bytes']} B" for r in rows if r["spill_bytes"]]
+        if spills:
+            warnings.warn(f"Triton {toolchain.TRITON} spills on sm_90: {'; '.join(spills)}", stacklevel=1)
 
         out, log = work / "device_check", work / "device_check.log"
         dry_run = [str(python), "-m", "benchmarks.device_check", str(out), "--dry-run"]

@@ -3,10 +3,11 @@
 The GPU machine this project is lent has torch 2.11, triton 3.6, Python 3.12 and no package index;
 torch 2.11's ``cpp_extension`` compiles with ``-std=c++17`` where 2.12 and later use C++20. This
 module makes an environment with exactly :data:`TORCH` and :data:`TRITON` (from the package
-index: the default CUDA 13 build of torch with its CUDA libraries, about 3 GB to download, since
-the index has no CPU-only build of it) and the few packages the tests need there, and a copy of
-the checkout to run them in (so that the ``dmgan._C`` built against the main environment's torch
-is not imported: the copy builds the extension on first use with torch 2.11's own flags).
+index: the default CUDA 13 build of torch, a 531 MB wheel, with the CUDA libraries it requires,
+4.9 GB installed, since the index has no CPU-only build of it; triton's wheel is 188 MB) and the
+few packages the tests need there, and a copy of the checkout to run them in (so that the
+``dmgan._C`` built against the main environment's torch is not imported: the copy builds the
+extension on first use with torch 2.11's own flags).
 
 Both are cached under ``$DMGAN_CACHE/toolchain`` (default ``~/.cache/dmgan``), keyed by the
 Python version and :data:`REQUIREMENTS`: the environment is made once (a ``complete`` marker is
