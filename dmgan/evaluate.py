@@ -18,13 +18,15 @@ numbers compare to.
 from __future__ import annotations
 
 import argparse
+import functools
 import hashlib
 import json
 import os
 import random
 import time
+import warnings
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -53,58 +55,186 @@ class Protocol:
 
     name: str
     network: str  # "tf-2015-inception" or "torchvision-inception-v3"
+    resize: str  # to 299 x 299: "bilinear" (pytorch-fid's) or "pil-bicubic" (clean-fid's); metrics.RESIZES
     num_images: int | None  # None: --num-images chooses (default 2,000)
     comparable_to: str
 
+    @property
+    def features_tag(self) -> str:
+        """What names its real-feature file: the network, and the resize unless bilinear (so the
+        files written before protocols named their resize still serve)."""
+        return self.network if self.resize == "bilinear" else f"{self.network}-{self.resize}"
 
+
+# The names follow clean-fid's modes (legacy_pytorch, clean), which StudioGAN's --resize_fn
+# echoes (legacy, clean); see docs/evaluation.md for why this one is not "legacy-tf".
 PROTOCOLS = {
-    "clean": Protocol(
-        "clean",
+    "legacy-pytorch": Protocol(
+        "legacy-pytorch",
         "tf-2015-inception",
+        "bilinear",
         None,
-        "FID of TTUR's TensorFlow code, pytorch-fid and clean-fid, which use the same 2015 TF "
-        "Inception (up to their resizing: clean-fid resizes with PIL's antialiased bicubic), and KID "
-        "of torch-fidelity / clean-fid; not the DM-GAN paper's FID column",
+        "FID of pytorch-fid and of clean-fid's mode='legacy_pytorch' (the same resize and the same "
+        "2015 Inception weights), of TTUR's TensorFlow code up to its resize (TF1's bilinear op), "
+        "and KID of torch-fidelity / clean-fid on that network; not clean-fid's default mode "
+        "('clean-fid' here), nor the DM-GAN paper's FID column ('dmgan-paper')",
+    ),
+    "clean-fid": Protocol(
+        "clean-fid",
+        "tf-2015-inception",
+        "pil-bicubic",
+        None,
+        "FID and KID of clean-fid's default mode='clean' (PIL's antialiased bicubic resize of the "
+        "8-bit images, the same 2015 Inception) and of StudioGAN with --resize_fn clean; none of "
+        "DM-GAN's published figures",
     ),
     "dmgan-paper": Protocol(
         "dmgan-paper",
         "torchvision-inception-v3",
+        "bilinear",
         30_000,
         "the FID column of the DM-GAN paper (CVPR 2019) and of papers evaluated with the reference "
         "code's torchvision Inception-v3 pool3 features on 30,000 images",
     ),
 }
-RESIZE = (
-    "images at the preset's last stage size (a folder's resized to it with PIL's bicubic filter, "
-    "generated ones rounded to 8 bits as a saved PNG would be), then to 299 x 299 bilinear, no "
-    "antialiasing, before the network"
+DEFAULT_PROTOCOL = "legacy-pytorch"
+# Old names, still accepted (commands and evaluation JSONs written before the rename) with a
+# warning that names the new one. "clean" measured with the legacy resize, never clean-fid's: it
+# keeps that meaning, so an old command gives the numbers it gave before.
+RENAMED_PROTOCOLS = {"clean": "legacy-pytorch"}
+
+
+def protocol_named(name: str, warn: bool = True) -> Protocol:
+    """The protocol of this name, or of an old name (:data:`RENAMED_PROTOCOLS`, with a
+    FutureWarning when ``warn``)."""
+    if name in RENAMED_PROTOCOLS:
+        new = RENAMED_PROTOCOLS[name]
+        if warn:
+            warnings.warn(
+                f"--protocol {name} is deprecated: it is the pytorch-fid-style bilinear resize without "
+                f"antialiasing, which clean-fid and StudioGAN call legacy, now named {new} (the same "
+                "numbers); clean-fid's antialiased resize is --protocol clean-fid",
+                FutureWarning,
+                stacklevel=2,
+            )
+        name = new
+    if name not in PROTOCOLS:
+        raise ValueError(f"unknown protocol {name!r}: one of {', '.join(sorted(PROTOCOLS))}")
+    return PROTOCOLS[name]
+
+
+@dataclass(frozen=True)
+class PublishedFigure:
+    """A published number of DM-GAN's, and the protocol and image count that measure as it did."""
+
+    source: str
+    metric: str
+    values: dict[str, float]  # per dataset
+    protocol: str
+    num_images: int
+    note: str = ""
+
+
+PUBLISHED_FIGURES = (
+    PublishedFigure(
+        "DM-GAN paper (Zhu et al., CVPR 2019), Table 1",
+        "FID",
+        {"CUB": 16.09, "COCO": 32.64},
+        "dmgan-paper",
+        30_000,
+        "the reference's eval/FID/fid_score.py: torchvision's ImageNet Inception-v3",
+    ),
+    PublishedFigure(
+        "reference README (github.com/MinfengZhu/DM-GAN), released models, 'Pytorch FID'",
+        "FID",
+        {"CUB": 15.34},
+        "dmgan-paper",
+        30_000,
+    ),
+    PublishedFigure(
+        "reference README (github.com/MinfengZhu/DM-GAN), released models, 'TF FID'",
+        "FID",
+        {"CUB": 11.91, "COCO": 24.24},
+        "legacy-pytorch",
+        30_000,
+        "TTUR's TensorFlow code: the same 2015 Inception, resized inside its graph by TF1's bilinear "
+        "op (no half-pixel centres), which legacy-pytorch's bilinear resize approximates",
+    ),
 )
+
+RESIZES = {
+    "bilinear": "then to 299 x 299 with torch's bilinear interpolation on floats, no antialiasing "
+    "(pytorch-fid's resize; clean-fid's legacy_pytorch)",
+    "pil-bicubic": "then each channel of the 8-bit image to 299 x 299 as a float image with PIL's "
+    "bicubic filter, antialiased, clipped to [0, 255] and not rounded (clean-fid's mode='clean')",
+}
 CAPTIONS = "the images cycle over the test images, one random caption of each image per pass"
 
 
-def protocol_record(protocol: Protocol, num_images: int, features_file: Path | None) -> dict[str, Any]:
-    """What the JSON says of the protocol the numbers follow."""
-    return {
+def protocol_record(
+    protocol: Protocol,
+    num_images: int,
+    features_file: Path | None,
+    network_file: Path | None = None,
+    requested_as: str | None = None,
+) -> dict[str, Any]:
+    """What the JSON says of the protocol the numbers follow: the network and its file's SHA-256
+    (when the image metrics ran), how images are resized, the real features, and which published
+    figures these numbers compare with (``published_figures``: each with the protocol and image
+    count it needs, and whether this evaluation has them)."""
+    record: dict[str, Any] = {
         "name": protocol.name,
         "network": protocol.network,
+        "network_file": None if network_file is None else str(network_file),
+        "network_sha256": None if network_file is None else network_sha256(network_file),
         "num_images": num_images,
         "split": "test",
         "captions": CAPTIONS,
-        "resize": RESIZE,
+        "resize": "images at the preset's last stage size (a folder's resized to it with PIL's bicubic "
+        "filter, generated ones rounded to 8 bits as a saved PNG would be), " + RESIZES[protocol.resize],
         "real_features": None if features_file is None else str(features_file),
         "comparable_to": protocol.comparable_to,
+        "published_figures": [
+            {
+                **asdict(figure),
+                "comparable": figure.protocol == protocol.name and figure.num_images == num_images,
+            }
+            for figure in PUBLISHED_FIGURES
+        ],
     }
+    if requested_as is not None and requested_as != protocol.name:
+        record["requested_as"] = requested_as  # an old name (RENAMED_PROTOCOLS)
+    return record
 
 
-def feature_network(protocol: Protocol, inception_weights: str | os.PathLike | None) -> torch.nn.Module:
+def network_file(protocol: Protocol, inception_weights: str | os.PathLike | None) -> Path:
+    """The file the protocol's feature network is loaded from."""
     if protocol.network == "tf-2015-inception":
-        return metrics.InceptionFeatures()
+        return metrics.fid_network_path()
     if inception_weights is None:
         raise SystemExit(
             f"--protocol {protocol.name} needs torchvision's ImageNet Inception-v3 weights: pass "
             "--inception-weights inception_v3_google-0cc3c7bd.pth (from torchvision; nothing is downloaded here)"
         )
-    return metrics.TorchvisionInceptionFeatures(inception_weights)
+    return Path(inception_weights)
+
+
+def feature_network(protocol: Protocol, inception_weights: str | os.PathLike | None) -> torch.nn.Module:
+    if protocol.network == "tf-2015-inception":
+        return metrics.InceptionFeatures(protocol.resize)
+    return metrics.TorchvisionInceptionFeatures(network_file(protocol, inception_weights))
+
+
+def network_sha256(path: Path) -> str:
+    """SHA-256 of a network file, hashed once per process while the file is unchanged (the
+    trainer evaluates many times)."""
+    stat = path.stat()
+    return _sha256_of(str(path.resolve()), stat.st_size, stat.st_mtime_ns)
+
+
+@functools.lru_cache(maxsize=8)
+def _sha256_of(path: str, size: int, mtime_ns: int) -> str:
+    return file_sha256(path)
 
 
 def quantized(images: torch.Tensor) -> torch.Tensor:
@@ -124,12 +254,22 @@ def real_features(
     path: Path,
     batch_size: int = 32,
     progress: bool = True,
+    stamp: dict[str, str] | None = None,
 ) -> torch.Tensor:
-    """The pool3 features of every real test image (N x 2048), computed once and kept in ``path``."""
+    """The pool3 features of every real test image (N x 2048), computed once and kept in ``path``
+    with ``stamp`` (what computed them: the protocol's resize, the network file's SHA-256). A file
+    whose stamp differs is refused; one without a stamp (dmgan before 2026-12-03) is taken."""
+    stamp = stamp or {}
     if path.is_file():
         with np.load(path) as data:
             if "features" not in data:
                 raise SystemExit(f"{path} holds no 'features' (statistics of an older dmgan?): delete it")
+            for key, value in stamp.items():
+                if key in data and str(data[key]) != value:
+                    raise SystemExit(
+                        f"{path} holds real features computed with {key} {data[key]}, this protocol "
+                        f"needs {value}: delete it or name another file with --real-features"
+                    )
             return torch.from_numpy(data["features"])
     parts = [
         features_of(network, real_images(dataset, chunk.tolist()), batch_size)
@@ -140,9 +280,30 @@ def real_features(
     features = torch.cat(parts)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp.npz")
-    np.savez(tmp, features=features.numpy())
+    np.savez(tmp, features=features.numpy(), **{k: np.array(v) for k, v in stamp.items()})
     tmp.replace(path)
     return features
+
+
+def real_features_for(
+    protocol: Protocol,
+    dataset: TextImageDataset,
+    network: torch.nn.Module,
+    network_path: Path,
+    features_file: str | Path | None,
+    batch_size: int,
+    progress: bool,
+) -> tuple[torch.Tensor, Path]:
+    """:func:`real_features` under ``protocol``: in ``features_file``, else in the data folder
+    as ``features_<network[-resize]>_test_<size>.npz``; and the file's path."""
+    size = dataset.image_sizes[-1]
+    path = (
+        Path(features_file)
+        if features_file
+        else dataset.root / f"features_{protocol.features_tag}_test_{size}.npz"
+    )
+    stamp = {"resize": protocol.resize, "network_sha256": network_sha256(network_path)}
+    return real_features(dataset, network, path, batch_size, progress, stamp), path
 
 
 def image_metrics(real: torch.Tensor, fake: torch.Tensor, seed: int = 0) -> dict[str, Any]:
@@ -441,7 +602,7 @@ def evaluate(
     root: str | Path,
     num_images: int,
     *,
-    protocol: str = "clean",
+    protocol: str = DEFAULT_PROTOCOL,
     image_metrics_on: bool = True,
     features_file: str | Path | None = None,
     inception_weights: str | os.PathLike | None = None,
@@ -452,20 +613,21 @@ def evaluate(
     progress: bool = True,
 ) -> dict[str, Any]:
     """Every metric this data supports for ``num_images`` images of ``pipe``; see the module
-    docstring. ``image_metrics_on=False`` skips FID / KID / precision and recall."""
-    root, chosen = Path(root), PROTOCOLS[protocol]
+    docstring. ``image_metrics_on=False`` skips FID / KID / precision and recall. ``protocol``: a
+    name of :data:`PROTOCOLS` (an old one of :data:`RENAMED_PROTOCOLS` warns)."""
+    root, chosen = Path(root), protocol_named(protocol)
     started = time.perf_counter()
     dataset = evaluation_split(pipe.cfg, root)
     size = pipe.cfg.model.image_sizes[-1]
     results: dict[str, Any] = {"num_images": num_images, "image_size": size}
-    network, real, features_path = None, None, None
+    network, real, features_path, network_path = None, None, None, None
     if image_metrics_on:
+        network_path = network_file(chosen, inception_weights)
         network = feature_network(chosen, inception_weights).to(pipe.device)
-        features_path = (
-            Path(features_file) if features_file else root / f"features_{chosen.network}_test_{size}.npz"
+        real, features_path = real_features_for(
+            chosen, dataset, network, network_path, features_file, batch_size, progress
         )
-        real = real_features(dataset, network, features_path, batch_size, progress)
-    results["protocol"] = protocol_record(chosen, num_images, features_path)
+    results["protocol"] = protocol_record(chosen, num_images, features_path, network_path, protocol)
     classifier = metrics.load_classifier(is_classifier).to(pipe.device) if is_classifier else None
     attribute_classifier = None
     if is_shapes_dataset(root):  # trained first, so that it reads each batch as it is generated
@@ -507,7 +669,7 @@ def evaluate_images(
     cfg: Config,
     root: str | Path,
     *,
-    protocol: str = "clean",
+    protocol: str = DEFAULT_PROTOCOL,
     features_file: str | Path | None = None,
     inception_weights: str | os.PathLike | None = None,
     is_classifier: str | Path | None = None,
@@ -521,17 +683,17 @@ def evaluate_images(
     under the same protocol as :func:`evaluate`. The folder is read a batch at a time by
     ``workers`` DataLoader processes (None: :func:`default_workers`), features and IS
     probabilities computed per batch: memory does not grow with the folder's images."""
-    root, chosen = Path(root), PROTOCOLS[protocol]
+    root, chosen = Path(root), protocol_named(protocol)
     started = time.perf_counter()
     size = cfg.model.image_sizes[-1]
     files = image_files(Path(folder))
+    network_path = network_file(chosen, inception_weights)
     network = feature_network(chosen, inception_weights).to(device)
-    features_path = (
-        Path(features_file) if features_file else root / f"features_{chosen.network}_test_{size}.npz"
+    real, features_path = real_features_for(
+        chosen, evaluation_split(cfg, root), network, network_path, features_file, batch_size, progress
     )
-    real = real_features(evaluation_split(cfg, root), network, features_path, batch_size, progress)
     results: dict[str, Any] = {"images_folder": str(folder), "num_images": len(files), "image_size": size}
-    results["protocol"] = protocol_record(chosen, len(files), features_path)
+    results["protocol"] = protocol_record(chosen, len(files), features_path, network_path, protocol)
     classifier = metrics.load_classifier(is_classifier).to(device) if is_classifier else None
     features, probs = [], []
     batches = folder_batches(files, size, batch_size, workers)
@@ -680,7 +842,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset", default=None, help="with --images and no checkpoint: the preset (its image size)"
     )
     p.add_argument(
-        "--protocol", default="clean", choices=sorted(PROTOCOLS), help="how the image metrics are computed"
+        "--protocol",
+        default=DEFAULT_PROTOCOL,
+        choices=[*sorted(PROTOCOLS), *sorted(RENAMED_PROTOCOLS)],
+        help="how the image metrics are computed (docs/evaluation.md); 'clean' is the old name of "
+        "legacy-pytorch, clean-fid's resize is clean-fid",
     )
     p.add_argument(
         "--num-images", type=int, default=None, help="images to generate (default: the protocol's, else 2000)"
@@ -713,7 +879,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
     args = build_parser().parse_args(argv)
-    chosen = PROTOCOLS[args.protocol]
+    chosen = protocol_named(args.protocol, warn=False)  # evaluate() warns of an old name
     if chosen.num_images is not None and args.num_images not in (None, chosen.num_images):
         raise SystemExit(f"--protocol {chosen.name} fixes {chosen.num_images} images; leave out --num-images")
     num_images = chosen.num_images or args.num_images or 2000

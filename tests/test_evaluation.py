@@ -170,6 +170,12 @@ def test_the_paper_protocols_network_is_torchvision_inception_from_a_weights_fil
     assert not torch.allclose(features[0], features[1])
     with pytest.raises(FileNotFoundError, match="Inception-v3 weights file not found"):
         metrics.TorchvisionInceptionFeatures(tmp_path / "missing.pth")
+    from dmgan.evaluate import PROTOCOLS, network_file, protocol_record
+
+    paper = PROTOCOLS["dmgan-paper"]
+    record = protocol_record(paper, 30_000, None, network_file(paper, weights))
+    assert record["network_file"] == str(weights)
+    assert record["network_sha256"] == hashlib.sha256(weights.read_bytes()).hexdigest()
 
 
 def test_fid_network_loads_offline_and_gives_2048_features():
@@ -179,6 +185,109 @@ def test_fid_network_loads_offline_and_gives_2048_features():
     assert features.shape == (2, 2048) and torch.isfinite(features).all()
     assert not torch.allclose(features[0], features[1])
     assert net(images[:, :, :64, :64]).shape == (2, 2048)  # other sizes are resized to 299
+    small = ((images[:, :, :32, :32] + 1) * 127.5).round() / 127.5 - 1  # 8-bit images, as scored
+    clean = metrics.InceptionFeatures("pil-bicubic")
+    assert clean(small).shape == (2, 2048) and torch.isfinite(clean(small)).all()
+    assert not torch.allclose(clean(small), net(small), atol=1e-3)  # another resize, other features
+
+
+def test_clean_fid_resize_is_pils_antialiased_bicubic_on_float_channels():
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    images = torch.randint(0, 256, (2, 3, 32, 32), generator=g).float() / 127.5 - 1
+    resized = metrics.clean_fid_resize(images)
+    assert resized.shape == (2, 3, 299, 299) and resized.dtype == torch.float32
+    assert 0 <= resized.min() and resized.max() <= 255 and not torch.equal(resized, resized.round())
+    channel = ((images[1, 2] + 1) * 127.5).round().numpy().astype(np.float32)  # PIL, by hand
+    want = np.asarray(Image.fromarray(channel).resize((299, 299), Image.Resampling.BICUBIC)).clip(0, 255)
+    assert np.array_equal(resized[1, 2].numpy(), want)
+    assert torch.equal(
+        metrics.clean_fid_resize(torch.full((1, 3, 8, 8), 0.2)), torch.full((1, 3, 299, 299), 153.0)
+    )
+    # Antialiased: a one-pixel checkerboard shrunk to 299 is grey; the bilinear resize without
+    # antialiasing picks pixels and keeps black and white.
+    board = (torch.arange(897)[:, None] + torch.arange(897)[None, :]) % 2 * 2.0 - 1
+    board = board.expand(1, 3, 897, 897)  # a third: bilinear samples whole pixels
+    assert (metrics.clean_fid_resize(board) - 127.5).abs().max() < 2
+    bilinear = torch.nn.functional.interpolate(board, size=(299, 299), mode="bilinear", align_corners=False)
+    assert (bilinear.abs() > 0.9).float().mean() > 0.9
+
+
+def test_clean_fid_resize_equals_clean_fids_own():
+    """Against clean-fid's code where it is installed (it is no dependency: its network download
+    is not needed for this): build_resizer("clean") on H x W x 3 uint8 images."""
+    resize = pytest.importorskip("cleanfid.resize")
+    g = torch.Generator().manual_seed(1)
+    pixels = torch.randint(0, 256, (2, 3, 40, 40), generator=g, dtype=torch.uint8)
+    ours = metrics.clean_fid_resize(pixels.float() / 127.5 - 1)
+    theirs = [resize.build_resizer("clean")(p.permute(1, 2, 0).numpy()) for p in pixels]
+    assert np.array_equal(ours.permute(0, 2, 3, 1).numpy(), np.stack(theirs))
+
+
+def test_protocols_by_name_and_the_old_name_clean(trained, tmp_path):
+    from dmgan.evaluate import DEFAULT_PROTOCOL, PROTOCOLS, protocol_named, protocol_record
+
+    legacy = PROTOCOLS["legacy-pytorch"]
+    assert DEFAULT_PROTOCOL == "legacy-pytorch" and (legacy.network, legacy.resize) == (
+        "tf-2015-inception",
+        "bilinear",
+    )
+    assert legacy.features_tag == "tf-2015-inception"  # the real-feature files written before still serve
+    assert PROTOCOLS["clean-fid"].features_tag == "tf-2015-inception-pil-bicubic"
+    with pytest.warns(FutureWarning, match="clean is deprecated.*now named legacy-pytorch"):
+        assert protocol_named("clean") is legacy
+    with pytest.raises(ValueError, match="unknown protocol 'fancy'"):
+        protocol_named("fancy")
+    with pytest.warns(FutureWarning, match="now named legacy-pytorch"):
+        report = evaluate_main(
+            [
+                str(trained),
+                "--protocol",
+                "clean",
+                "--num-images",
+                "10",
+                "--no-fid",
+                "--out",
+                str(tmp_path / "e.json"),
+            ]
+        )
+    record = report["metrics"]["protocol"]
+    assert record["name"] == "legacy-pytorch" and record["requested_as"] == "clean"
+    assert record["network_sha256"] is None  # --no-fid: no network ran
+    assert not any(f["comparable"] for f in record["published_figures"])  # 10 images
+    paper = {
+        f["source"]: f["comparable"]
+        for f in protocol_record(PROTOCOLS["dmgan-paper"], 30_000, None)["published_figures"]
+    }
+    assert paper == {
+        "DM-GAN paper (Zhu et al., CVPR 2019), Table 1": True,
+        "reference README (github.com/MinfengZhu/DM-GAN), released models, 'Pytorch FID'": True,
+        "reference README (github.com/MinfengZhu/DM-GAN), released models, 'TF FID'": False,
+    }
+    tf_fid = protocol_record(legacy, 30_000, None)["published_figures"][2]
+    assert tf_fid["comparable"] and tf_fid["values"] == {"CUB": 11.91, "COCO": 24.24}
+
+
+def test_real_features_computed_under_another_resize_are_refused(trained, tmp_path):
+    from dmgan.evaluate import evaluation_split, real_features
+
+    pipe = TextToImage.load(trained)
+    dataset, network, path = (
+        evaluation_split(pipe.cfg, pipe.data_dir),
+        RecordingFeatures(),
+        tmp_path / "real.npz",
+    )
+    first = real_features(dataset, network, path, progress=False, stamp={"resize": "bilinear"})
+    assert torch.equal(
+        real_features(dataset, network, path, progress=False, stamp={"resize": "bilinear"}), first
+    )
+    with pytest.raises(SystemExit, match="computed with resize bilinear, this protocol needs pil-bicubic"):
+        real_features(dataset, network, path, progress=False, stamp={"resize": "pil-bicubic"})
+    np.savez(path, features=first.numpy())  # as dmgan wrote them before the stamp: taken
+    assert torch.equal(
+        real_features(dataset, network, path, progress=False, stamp={"resize": "pil-bicubic"}), first
+    )
 
 
 def test_inception_score_of_known_classifier_outputs():
@@ -548,8 +657,10 @@ def test_a_folder_that_save_images_wrote_scores_as_the_checkpoint_did(trained, t
         assert m[key] == pytest.approx(direct[key], rel=1e-6, abs=1e-9), key
     assert m["kid"]["mean"] == pytest.approx(direct["kid"]["mean"], rel=1e-6)
     assert direct["fid"] > 0 and 0 <= direct["precision"] <= 1
+    network_sha = hashlib.sha256(metrics.fid_network_path().read_bytes()).hexdigest()
     for record in (direct["protocol"], m["protocol"]):
-        assert record["name"] == "clean" and record["network"] == "tf-2015-inception"
+        assert record["name"] == "legacy-pytorch" and record["network"] == "tf-2015-inception"
+        assert record["network_sha256"] == network_sha and "requested_as" not in record
         assert (
             record["split"] == "test"
             and "299" in record["resize"]
