@@ -108,7 +108,12 @@ class Result:
 
 
 def plans(
-    dtype_name: str, channels: int, words: int, num_stages: int | None = None, size: int = HEIGHT
+    dtype_name: str,
+    channels: int,
+    words: int,
+    num_stages: int | None = None,
+    size: int = HEIGHT,
+    multiprocessors: int = H200_MULTIPROCESSORS,
 ) -> list:
     """The launches of the four ops (read forward in its training and its legacy-mask + attention
     variants, the read backward in both masks, both again for channels-last images, the write
@@ -128,15 +133,17 @@ def plans(
         torch.empty(0),
     )
     launches = []
-    programs = memory_read.backward_programs(BATCH, channels, size * size, words, dtype, H200_MULTIPROCESSORS)
+    programs = memory_read.backward_programs(BATCH, channels, size * size, words, dtype, multiprocessors)
     for legacy, attn in ((False, empty), (True, attention.to(dtype))):
-        launches.append(memory_read.plan_forward(*read.values(), out, attn, legacy))
+        launches.append(memory_read.plan_forward(*read.values(), out, attn, legacy, multiprocessors))
         buffers = memory_read.backward_buffers(read["img"], words, programs)
         launches.append(memory_read.plan_backward(read["img"], *read.values(), buffers, legacy))
     # A channels-last model's launches: the same kernels with CHANNELS_LAST, whose strides are
     # compile-time constants (other register use, other spills).
     nhwc = {**read, "img": read["img"].contiguous(memory_format=torch.channels_last)}
-    launches.append(memory_read.plan_forward(*nhwc.values(), torch.empty_like(nhwc["img"]), empty, False))
+    launches.append(
+        memory_read.plan_forward(*nhwc.values(), torch.empty_like(nhwc["img"]), empty, False, multiprocessors)
+    )
     buffers = memory_read.backward_buffers(nhwc["img"], words, programs)
     launches.append(memory_read.plan_backward(nhwc["img"], *nhwc.values(), buffers, False))
     keys = torch.empty(BATCH, channels, words, dtype=dtype)
@@ -218,7 +225,7 @@ def compile_one(
         result.resident_per_sm = resident_programs(
             arch, result.registers, result.threads, result.shared_bytes
         )
-        bird = plans(dtype, channels, words, num_stages, size=BIRD_LAST_STAGE)[index]
+        bird = plans(dtype, channels, words, num_stages, BIRD_LAST_STAGE, MULTIPROCESSORS[arch].count)[index]
         result.programs = int(np.prod(bird.grid))
         slots = result.resident_per_sm * MULTIPROCESSORS[arch].count
         result.waves = round(result.programs / slots, 2) if slots else float("inf")

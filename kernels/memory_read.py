@@ -11,7 +11,8 @@ registers with the padding mask)::
 
 Images are addressed through (channel, pixel) strides, so they come contiguous or channels-last
 (``CHANNELS_LAST``; the layouts of :mod:`dmgan.ops.library`) and r' and dr keep the layout. The
-forward runs one program per tile. The backward recomputes α instead of storing it and runs a few
+forward runs a persistent grid (one wave: as many programs as the multiprocessors hold), each
+program looping over its tiles with the next one's loads issued early. The backward recomputes α instead of storing it and runs a few
 persistent programs per sample, each looping over a fixed set of its tiles with dK, dV and the
 gate gradients accumulated in registers; each program stores its sums once (C x T, not the padded
 width) and one small kernel (:func:`dmgan.kernels._common.plan_finish_sums`) adds a sample's
@@ -46,24 +47,27 @@ from dmgan.ops import library
 
 
 def launch_config(channels: int, t_pad: int, backward: bool, fp32: bool) -> dict[str, int]:
-    """Pixels per tile and warps. The C x T key / value tiles and the C x BLOCK_N pixel tiles
-    share the registers; the backward holds about twice as many tiles plus its dK / dV sums, and
-    fp32 operands take more registers still (fp32 tiles, and dots in IEEE fp32 on the FMA units:
-    :func:`dmgan.kernels._common.dot`). From the register / spill reports of
-    ``python -m dmgan.kernels.compile_gate``. No loop is pipelined: one stage."""
+    """Pixels per tile, warps and pipeline stages. The C x T key / value tiles and the C x BLOCK_N
+    pixel tiles share the registers; the backward holds about twice as many tiles plus its dK / dV
+    sums, and fp32 operands take more registers still (fp32 tiles, and dots in IEEE fp32 on the FMA
+    units: :func:`dmgan.kernels._common.dot`). 16-bit launches use four warps, so that two programs
+    fit a multiprocessor's registers whatever ptxas allots (at most 255 a thread), and two stages:
+    the next tile's pixels (and dy) load while this one computes. fp32 ones would spill with the
+    prefetch buffers: one stage. From the register / spill / residency reports of
+    ``python -m dmgan.kernels.compile_gate``."""
     size = channels * max(t_pad, 32)
     if fp32:
         if backward:
             block_n, num_warps = 16, 8
         else:
-            block_n, num_warps = (64, 4) if size <= 1024 else (32, 8) if size <= 2048 else (16, 8)
+            block_n, num_warps = (32, 4) if size <= 1024 else (32, 8) if size <= 2048 else (16, 8)
     elif backward:
-        block_n, num_warps = (32, 4) if size <= 1024 else (16, 8)
+        block_n, num_warps = 16, 4  # 32 pixels spill a few bytes on sm_80 / 86 at N_r 64
     else:
         block_n, num_warps = (
             (32, 4) if size <= 1024 else (64, 4) if size <= 2048 else (32, 8) if size <= 4096 else (16, 8)
         )
-    config = dict(BLOCK_N=block_n, num_warps=num_warps, num_stages=1)
+    config = dict(BLOCK_N=block_n, num_warps=num_warps, num_stages=1 if fp32 else 2)
     if backward:  # fp32 keys and values are fetched again per tile: their registers are short there
         config["RESIDENT_KV"] = not fp32
     return config
@@ -76,16 +80,28 @@ def _multiprocessors(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count
 
 
+def resident_programs(num_warps: int) -> int:
+    """Programs of ``num_warps`` warps that one multiprocessor holds at once, at the least: its
+    65,536 registers over the at most 255 a thread ptxas allots (rounded to 256), so 2 of four
+    warps, 1 of eight (``python -m dmgan.kernels.compile_gate`` reports the real residency)."""
+    return max(1, 65_536 // (256 * 32 * num_warps))
+
+
+def programs_per_sample(batch: int, num_tiles: int, num_warps: int, multiprocessors: int) -> int:
+    """Persistent programs per sample: the GPU's resident programs shared among the samples (one
+    wave while B <= the slots), at least one and at most one per tile."""
+    slots = multiprocessors * resident_programs(num_warps)
+    return max(1, min(num_tiles, slots // max(batch, 1)))
+
+
 def backward_programs(
     batch: int, channels: int, num_pixels: int, num_words: int, dtype: torch.dtype, multiprocessors: int
 ) -> int:
-    """Persistent backward programs per sample: about one per multiprocessor in all, at most one
-    per tile. Each program holds about 40 to 60 thousand registers, so a multiprocessor runs one
-    at a time anyway, and fewer programs mean fewer partial sums to store and add."""
-    block_n = launch_config(channels, word_block(num_words), backward=True, fp32=dot_in_fp32(dtype))[
-        "BLOCK_N"
-    ]
-    return max(1, min(triton.cdiv(num_pixels, block_n), triton.cdiv(multiprocessors, max(batch, 1))))
+    """The backward's :func:`programs_per_sample`. Each program adds its tiles' dK / dV / gate
+    sums in registers and stores them once, so fewer programs mean fewer partial sums to add."""
+    config = launch_config(channels, word_block(num_words), backward=True, fp32=dot_in_fp32(dtype))
+    num_tiles = triton.cdiv(num_pixels, config["BLOCK_N"])
+    return programs_per_sample(batch, num_tiles, config["num_warps"], multiprocessors)
 
 
 @triton.jit
@@ -159,6 +175,7 @@ def memory_read_forward_kernel(
     T,
     B,
     num_tiles,
+    programs,
     stride_mask_b,
     stride_mask_t,
     C: tl.constexpr,
@@ -169,36 +186,45 @@ def memory_read_forward_kernel(
     DOT_FP32: tl.constexpr,
     CHANNELS_LAST: tl.constexpr,
 ):
-    # One flat grid axis (the second and third hold at most 65,535 programs): sample-major tiles.
-    b = (tl.program_id(0) // num_tiles).to(tl.int64)
-    tile = tl.program_id(0) % num_tiles
+    # Persistent: program p of sample b takes tiles p, p + programs, ... (one flat grid axis: the
+    # second and third hold at most 65,535 programs), the next tile's pixels loading early.
+    part = tl.program_id(0)
+    b = (part // programs).to(tl.int64)
     DTYPE: tl.constexpr = img_ptr.dtype.element_ty
     stride_c, stride_n = _pixel_strides(N, C, CHANNELS_LAST)
-    offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
     offs_c = tl.arange(0, C)
     offs_t = tl.arange(0, T_PAD)
-    n_ok = offs_n < N
     t_ok = offs_t < T
-
-    pixel_offs = offs_c[:, None] * stride_c + offs_n[None, :] * stride_n  # C x BLOCK_N, either layout
-    r = load_tile(img_ptr + b * C * N, offs_c, offs_n, stride_c, stride_n, n_ok)  # C x BLOCK_N
     keys = load_tile(keys_ptr + b * C * T, offs_c, offs_t, T, 1, t_ok)  # C x T_PAD
     values = load_tile(values_ptr + b * C * T, offs_c, offs_t, T, 1, t_ok)
-    alpha = _key_addressing(
-        r, keys, mask_ptr, b, offs_n, n_ok, offs_t, N, T, B, stride_mask_b, stride_mask_t, DTYPE, DOT_FP32,
-        LEGACY_MASK,
-    )  # fmt: skip
-    o = dot(values, tl.trans(alpha), DTYPE, DOT_FP32)  # C x BLOCK_N
-
     # The gate's weights in their own dtype, rounded to the image's as autocast would cast them.
     w_r = tl.load(gate_w_ptr + offs_c).to(DTYPE).to(tl.float32)
     w_o = tl.load(gate_w_ptr + C + offs_c).to(DTYPE).to(tl.float32)
-    gate = _response_gate(r, o, w_r, w_o, tl.load(gate_b_ptr).to(DTYPE).to(tl.float32))
-    out = r + (o - r) * gate[None, :]
-    tl.store(out_ptr + b * C * N + pixel_offs, out.to(DTYPE), mask=n_ok[None, :])
-    if WRITE_ATTENTION:
-        attn_offs = offs_t[None, :] * N + offs_n[:, None]
-        tl.store(attn_ptr + b * T * N + attn_offs, alpha.to(DTYPE), mask=n_ok[:, None] & t_ok[None, :])
+    bias = tl.load(gate_b_ptr).to(DTYPE).to(tl.float32)
+    # Prefetched by hand, one tile ahead, in registers: Triton's pipeliner leaves this loop alone
+    # (its one load feeds a transposed dot), so the next tile's pixels are asked for before this
+    # tile's math and arrive while it runs.
+    first = part % programs
+    offs_next = first * BLOCK_N + tl.arange(0, BLOCK_N)
+    r_next = load_tile(img_ptr + b * C * N, offs_c, offs_next, stride_c, stride_n, offs_next < N)
+    for tile in range(first, num_tiles, programs):
+        offs_n = tile * BLOCK_N + tl.arange(0, BLOCK_N)
+        n_ok = offs_n < N
+        pixel_offs = offs_c[:, None] * stride_c + offs_n[None, :] * stride_n  # C x BLOCK_N, either layout
+        r = r_next  # C x BLOCK_N
+        offs_next = offs_n + programs * BLOCK_N
+        r_next = load_tile(img_ptr + b * C * N, offs_c, offs_next, stride_c, stride_n, offs_next < N)
+        alpha = _key_addressing(
+            r, keys, mask_ptr, b, offs_n, n_ok, offs_t, N, T, B, stride_mask_b, stride_mask_t, DTYPE, DOT_FP32,
+            LEGACY_MASK,
+        )  # fmt: skip
+        o = dot(values, tl.trans(alpha), DTYPE, DOT_FP32)  # C x BLOCK_N
+        gate = _response_gate(r, o, w_r, w_o, bias)
+        out = r + (o - r) * gate[None, :]
+        tl.store(out_ptr + b * C * N + pixel_offs, out.to(DTYPE), mask=n_ok[None, :])
+        if WRITE_ATTENTION:
+            attn_offs = offs_t[None, :] * N + offs_n[:, None]
+            tl.store(attn_ptr + b * T * N + attn_offs, alpha.to(DTYPE), mask=n_ok[:, None] & t_ok[None, :])
 
 
 @triton.jit
@@ -305,17 +331,20 @@ def _tiling(img: Tensor, num_words: int, backward: bool) -> tuple[dict[str, obje
     return options, triton.cdiv(height * width, options["BLOCK_N"])
 
 
-def plan_forward(img, keys, values, pad_mask, gate_w, gate_b, out, attention, legacy_mask) -> Launch:
+def plan_forward(
+    img, keys, values, pad_mask, gate_w, gate_b, out, attention, legacy_mask, multiprocessors: int
+) -> Launch:
+    """The forward's launch: a persistent grid, one wave on ``multiprocessors`` (while the batch
+    fits the resident programs)."""
     batch, _, height, width = img.shape
     num_words = keys.shape[2]
     options, num_tiles = _tiling(img, num_words, backward=False)
     options.update(LEGACY_MASK=legacy_mask, WRITE_ATTENTION=attention.numel() > 0)
     inputs = _prepare(img, keys, values, pad_mask, gate_w, gate_b)
     options.update(CHANNELS_LAST=library.is_channels_last(inputs[0]))
-    sizes = (height * width, num_words, batch, num_tiles, *inputs[3].stride())
-    return Launch(
-        memory_read_forward_kernel, (num_tiles * batch,), (*inputs, out, attention, *sizes), options
-    )
+    programs = programs_per_sample(batch, num_tiles, options["num_warps"], multiprocessors)
+    sizes = (height * width, num_words, batch, num_tiles, programs, *inputs[3].stride())
+    return Launch(memory_read_forward_kernel, (batch * programs,), (*inputs, out, attention, *sizes), options)
 
 
 def backward_buffers(img: Tensor, num_words: int, programs: int) -> dict[str, Tensor]:
@@ -360,7 +389,8 @@ def memory_read(
     out = alloc_like(img)
     attention_shape = (batch, keys.shape[2], height, width) if return_attention else (0,)
     attention = alloc(attention_shape, img.dtype, img.device)
-    plan_forward(img, keys, values, pad_mask, gate_w, gate_b, out, attention, legacy_mask)()
+    multiprocessors = _multiprocessors(img.device)
+    plan_forward(img, keys, values, pad_mask, gate_w, gate_b, out, attention, legacy_mask, multiprocessors)()
     return out, attention
 
 

@@ -259,7 +259,7 @@ def test_triton_grids_are_flat_so_batches_beyond_65535_fit():
     batch = 70_000
     read = read_case(ReadShape(batch, 32, 2, 2, (2,) * batch), torch.float32)
     out, empty = torch.empty_like(read["img"]), torch.empty(0)
-    forward = memory_read.plan_forward(*read.values(), out, empty, False)
+    forward = memory_read.plan_forward(*read.values(), out, empty, False, multiprocessors=100_000)
     buffers = memory_read.backward_buffers(read["img"], 2, 1)
     backward = memory_read.plan_backward(read["img"], *read.values(), buffers, False)
     write = write_case(WriteShape(batch, 8, 32, 2), torch.float32)
