@@ -19,7 +19,7 @@ from benchmarks.device_check import Stage
 
 
 @pytest.mark.slow
-def test_dry_run_runs_every_stage_and_writes_what_the_device_tool_brings_back(tmp_path):
+def test_dry_run_runs_every_stage_and_writes_its_flat_report_files(tmp_path):
     code = device_check.main([str(tmp_path), "--dry-run"])
     summary = json.loads((tmp_path / "summary.json").read_text())
     statuses = {r["stage"]: r["status"] for r in summary["stages"]}
