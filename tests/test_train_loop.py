@@ -128,21 +128,19 @@ def _tensors(obj):
             yield from _tensors(v)
 
 
-def test_two_gloo_processes_keep_identical_generators(data_dir, encoders, tmp_path):
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(REPO / "tests" / "_ddp_worker.py"),
-        str(tmp_path),
-        *gan_args(data_dir, tmp_path / "out", encoders, "--max-steps", "3", "--device", "cpu"),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+def two_gloo_processes(dump: Path, args: list[str], **env: str) -> subprocess.CompletedProcess:
+    """``train.py args`` under torchrun, two CPU processes (tests/_ddp_worker.py dumps each rank's
+    generator into ``dump``); fails the test if the run fails."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    command += [str(REPO / "tests" / "_ddp_worker.py"), str(dump), *args, "--device", "cpu"]
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO), **env}
+    proc = subprocess.run(command, env=env, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
+    return proc
+
+
+def test_two_gloo_processes_keep_identical_generators(data_dir, encoders, tmp_path):
+    proc = two_gloo_processes(tmp_path, gan_args(data_dir, tmp_path / "out", encoders, "--max-steps", "3"))
     g0, g1 = torch.load(tmp_path / "rank0.pt"), torch.load(tmp_path / "rank1.pt")
     assert g0["params"].keys() == g1["params"].keys()
     # Parameters and their EMA agree bit for bit. (BatchNorm running statistics are per rank, as in
@@ -161,26 +159,8 @@ def test_the_other_processes_wait_out_an_evaluation_longer_than_the_collectives_
     """Under torchrun the first process evaluates alone; the others wait for it on a group of
     their own (--main-work-timeout), not in the next collective, whose timeout (--dist-timeout,
     6 s here) the evaluation (12 s) outlasts."""
-    env = {
-        **os.environ,
-        "OMP_NUM_THREADS": "1",
-        "PYTHONPATH": str(REPO),
-        "DMGAN_TEST_EVALUATION_SECONDS": "12",
-    }
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(REPO / "tests" / "_ddp_worker.py"),
-        str(tmp_path),
-        *gan_args(data_dir, tmp_path / "out", encoders, "--max-steps", "2", "--device", "cpu"),
-        *("--eval-every", "1", "--dist-timeout", "0.1"),
-    ]
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    args = gan_args(data_dir, tmp_path / "out", encoders, "--max-steps", "2", "--eval-every", "1")
+    two_gloo_processes(tmp_path, [*args, "--dist-timeout", "0.1"], DMGAN_TEST_EVALUATION_SECONDS="12")
     assert [r["step"] for r in metrics(tmp_path / "out", stage="eval")] == [1, 2]
     assert checkpoint.load(tmp_path / "out" / "checkpoints" / "latest.pt")["step"] == 2
 
