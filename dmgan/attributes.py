@@ -68,13 +68,6 @@ class AttributeClassifier(nn.Module):
         return {name: torch.cat([c[name] for c in chunks]).argmax(1) for name in ATTRIBUTES}
 
 
-def concat_predictions(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """The predictions of several batches (:meth:`AttributeClassifier.predict` of each), as those
-    of all their images in order: an evaluation reads each batch as it is generated and keeps
-    only these five class indices per image."""
-    return {name: torch.cat([part[name] for part in parts]) for name in ATTRIBUTES}
-
-
 def load_attributes(root: str | os.PathLike) -> dict[str, dict]:
     path = Path(root) / "attributes.json"
     if not path.is_file():

@@ -470,6 +470,21 @@ def r_precision_hits(
     return torch.cat(hits)
 
 
+class Rows:
+    """One per-image quantity (codes, features, probabilities, class indices) written a batch at a
+    time into a single tensor, allocated when the first batch shows its shape: no list of
+    per-batch pieces, each pinning heap pages between the freed images of its batch (the
+    allocator then keeps them), and no concatenation into a second copy at the end."""
+
+    def __init__(self, total: int) -> None:
+        self.total, self.data = total, None
+
+    def put(self, start: int, rows: torch.Tensor) -> None:
+        if self.data is None:
+            self.data = rows.new_empty((self.total, *rows.shape[1:]))
+        self.data[start : start + len(rows)] = rows
+
+
 @dataclass
 class Generated:
     """What scoring needs of the images a model generated, a few numbers per image and never the
@@ -502,10 +517,11 @@ def generate_and_collect(
     a batch at a time, keeping of each batch only what the metrics read, and writing it to
     ``save_to`` (``00000.png``, ..., then ``captions.txt``) when given: memory does not grow
     with the images (30,000 x 256² in float32 would be 24 GB)."""
-    from dmgan.attributes import concat_predictions
+    from dmgan.attributes import ATTRIBUTES
 
     owners, captions = caption_plan(dataset, num_images, seed)
-    codes, features, probs, readings = [], [], [], []
+    codes, features, probs = Rows(num_images), Rows(num_images), Rows(num_images)
+    readings = {name: Rows(num_images) for name in ATTRIBUTES}
     for start in progress_display(range(0, num_images, batch_size), desc="generate", enabled=progress):
         stages, _ = pipe.generate(
             captions[start : start + batch_size], seed=seed * 1_000_003 + start, batch_size=batch_size
@@ -513,20 +529,21 @@ def generate_and_collect(
         batch = quantized(stages[-1])  # what a saved image holds: a folder of them scores the same
         del stages
         with torch.no_grad():
-            codes.append(pipe.image_encoder(batch.to(pipe.device))[1].float().cpu())
+            codes.put(start, pipe.image_encoder(batch.to(pipe.device))[1].float().cpu())
         if network is not None:
-            features.append(features_of(network, batch, batch_size))
+            features.put(start, features_of(network, batch, batch_size))
         if classifier is not None:
-            probs.append(metrics.classifier_probs(classifier, batch))
+            probs.put(start, metrics.classifier_probs(classifier, batch))
         if attribute_classifier is not None:
-            readings.append(attribute_classifier.predict(batch))
+            for name, predicted in attribute_classifier.predict(batch).items():
+                readings[name].put(start, predicted)
         if save_to is not None:
             write_numbered_images(batch, save_to, start)
     if save_to is not None:  # last: a folder with captions.txt holds every image
         write_captions(captions.texts, save_to)
-    cat = lambda parts: torch.cat(parts) if parts else None
-    attributes = concat_predictions(readings) if readings else None
-    return Generated(owners, captions, torch.cat(codes), cat(features), cat(probs), attributes)
+    attributes = None if attribute_classifier is None else {name: r.data for name, r in readings.items()}
+    assert codes.data is not None  # num_images >= 1
+    return Generated(owners, captions, codes.data, features.data, probs.data, attributes)
 
 
 def score(
@@ -695,17 +712,19 @@ def evaluate_images(
     results: dict[str, Any] = {"images_folder": str(folder), "num_images": len(files), "image_size": size}
     results["protocol"] = protocol_record(chosen, len(files), features_path, network_path, protocol)
     classifier = metrics.load_classifier(is_classifier).to(device) if is_classifier else None
-    features, probs = [], []
+    features, probs, start = Rows(len(files)), Rows(len(files)), 0
     batches = folder_batches(files, size, batch_size, workers)
     total = -(-len(files) // batch_size)
     for batch in progress_display(batches, total=total, desc="score images", enabled=progress):
-        features.append(features_of(network, batch, batch_size))
+        features.put(start, features_of(network, batch, batch_size))
         if classifier is not None:
-            probs.append(metrics.classifier_probs(classifier, batch))
-    results.update(image_metrics(real, torch.cat(features), seed))
+            probs.put(start, metrics.classifier_probs(classifier, batch))
+        start += len(batch)
+    assert features.data is not None
+    results.update(image_metrics(real, features.data, seed))
     results["real_images"] = len(real)
-    if classifier is not None:
-        mean, std = metrics.inception_score(torch.cat(probs))
+    if probs.data is not None:
+        mean, std = metrics.inception_score(probs.data)
         results["inception_score"] = {"mean": mean, "std": std, "classifier": str(is_classifier)}
     results["seconds"] = round(time.perf_counter() - started, 1)
     return results

@@ -321,13 +321,22 @@ def classifier_probs(classifier: nn.Module, images: Tensor, batch_size: int = 64
     return torch.cat(out)
 
 
-def r_precision_hits(image_codes: Tensor, true_codes: Tensor, mismatched_codes: Tensor) -> Tensor:
+def r_precision_hits(
+    image_codes: Tensor, true_codes: Tensor, mismatched_codes: Tensor, block: int = 128
+) -> Tensor:
     """Per image (a bool each), whether its cosine with ``true_codes[i]`` beats all of
-    ``mismatched_codes[i]`` (N x 99 x D, captions of other classes). Each row on its own, so the
-    images can be taken a block at a time."""
-    candidates = torch.cat([true_codes[:, None], mismatched_codes], dim=1).double()  # N x 100 x D
-    sims = F.cosine_similarity(image_codes.double()[:, None], candidates, dim=2)
-    return sims.argmax(dim=1) == 0
+    ``mismatched_codes[i]`` (N x 99 x D, captions of other classes). Each row on its own, ``block``
+    rows at a time: the float64 candidates and products of every row at once would be
+    N x 100 x D several times over (300 MB and more at N 1,000, D 128)."""
+    hits = [torch.zeros(0, dtype=torch.bool)]
+    for start in range(0, len(image_codes), block):
+        rows = slice(start, start + block)
+        candidates = torch.cat(
+            [true_codes[rows, None], mismatched_codes[rows]], dim=1
+        ).double()  # B x 100 x D
+        sims = F.cosine_similarity(image_codes[rows].double()[:, None], candidates, dim=2)
+        hits.append(sims.argmax(dim=1) == 0)
+    return torch.cat(hits)
 
 
 def r_precision_of_hits(
