@@ -470,6 +470,28 @@ def r_precision_hits(
     return torch.cat(hits)
 
 
+@functools.cache
+def _malloc_trim() -> Callable[[], object] | None:
+    """glibc's ``malloc_trim(0)``, or None where the C library has none (musl, macOS)."""
+    import ctypes
+
+    try:
+        trim = ctypes.CDLL(None).malloc_trim
+    except (AttributeError, OSError):
+        return None
+    return lambda: trim(0)
+
+
+def release_freed_memory() -> None:
+    """Hand the heap pages that freed tensors left back to the OS. Between batches, glibc keeps
+    them: scoring a folder with a DataLoader worker grew by 16 MB a batch of 32 (the Inception's
+    freed activations; flat without the worker, or with this call), so a 10,000-image folder
+    would have needed gigabytes. A few milliseconds a batch."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim()
+
+
 class Rows:
     """One per-image quantity (codes, features, probabilities, class indices) written a batch at a
     time into a single tensor, allocated when the first batch shows its shape: no list of
@@ -539,6 +561,7 @@ def generate_and_collect(
                 readings[name].put(start, predicted)
         if save_to is not None:
             write_numbered_images(batch, save_to, start)
+        release_freed_memory()
     if save_to is not None:  # last: a folder with captions.txt holds every image
         write_captions(captions.texts, save_to)
     attributes = None if attribute_classifier is None else {name: r.data for name, r in readings.items()}
@@ -720,6 +743,7 @@ def evaluate_images(
         if classifier is not None:
             probs.put(start, metrics.classifier_probs(classifier, batch))
         start += len(batch)
+        release_freed_memory()
     assert features.data is not None
     results.update(image_metrics(real, features.data, seed))
     results["real_images"] = len(real)

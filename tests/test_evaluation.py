@@ -418,14 +418,16 @@ def test_evaluation_streams_images_to_disk_and_scores_folders_batch_by_batch(tra
         read.append(len(images))
         return predict(self, images, *args, **kwargs)
 
+    trims = []  # the heap's freed pages go back to the OS after every batch
     monkeypatch.setattr(ev, "write_numbered_images", recording_write)
     monkeypatch.setattr(AttributeClassifier, "predict", recording_predict)
+    monkeypatch.setattr(ev, "release_freed_memory", lambda: trims.append(len(written)))
     pipe = TextToImage.load(trained)
     folder, real_file = tmp_path / "imgs", tmp_path / "real.npz"
     direct = ev.evaluate(
         pipe, pipe.data_dir, 20, features_file=real_file, save_images=folder, batch_size=6, progress=False
     )
-    assert written == [(0, 6, False), (6, 6, False), (12, 6, False), (18, 2, False)]
+    assert written == [(0, 6, False), (6, 6, False), (12, 6, False), (18, 2, False)] and trims == [1, 2, 3, 4]
     assert read[:4] == [6, 6, 6, 2] and read[4:] == [12]  # then the 12 real test images, once
     assert max(network.seen) <= 6 and sum(network.seen) == 12 + 20  # real features, then each batch
     assert (
@@ -445,6 +447,7 @@ def test_evaluation_streams_images_to_disk_and_scores_folders_batch_by_batch(tra
             progress=False,
         )
         assert network.seen == [6, 6, 6, 2]  # the real features come from real_file
+        assert len(trims) == 4 + 4 * (workers + 1)
         for key in ("fid", "precision", "recall", "density", "coverage"):
             assert scored[key] == pytest.approx(direct[key], rel=1e-6, abs=1e-9), (workers, key)
         assert scored["kid"]["mean"] == pytest.approx(direct["kid"]["mean"], rel=1e-6)
