@@ -109,6 +109,7 @@ setup(
             "tensorboard==2.21.0",
             "wandb==0.31.0",
             "huggingface_hub==2.4.0",
+            "playwright==1.65.2",  # drives Debian's chromium (tests/setup-browser.sh) in the browser test
             "tbb-devel==2023.2.0",  # TBB for HIP-CPU, which runs the CUDA kernels on the CPU in the tests
         ],
     },

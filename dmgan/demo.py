@@ -118,12 +118,18 @@ def build(demo: Demo, examples: Sequence[str] = ()) -> Any:
                     gr.Examples([[e] for e in examples], inputs=[caption], label="Captions of the test set")
             with gr.Column(scale=2):
                 samples_image = gr.Image(
-                    label="Samples (rows): the stages side by side", type="pil", format="png"
+                    label="Samples (rows): the stages side by side",
+                    type="pil",
+                    format="png",
+                    elem_id="dmgan-samples",
                 )
                 maps = gr.Image(
-                    label="Key addressing of each word (last memory stage)", type="pil", format="png"
+                    label="Key addressing of each word (last memory stage)",
+                    type="pil",
+                    format="png",
+                    elem_id="dmgan-word-maps",
                 )
-                note = gr.Markdown()
+                note = gr.Markdown(elem_id="dmgan-note")
         inputs = [caption, samples, seed, truncation, weights, chosen]
         outputs = [samples_image, maps, note]
         button.click(demo.generate, inputs, outputs, api_name="generate")
