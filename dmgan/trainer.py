@@ -451,7 +451,7 @@ def evaluate_while_training(
     run: TrainingRun, root: Path, state: TrainingState, vocab: Vocabulary
 ) -> dict[str, float]:
     """FID (and KID, precision, recall) on a fixed sample of ``eval_images`` images (the same
-    captions and noise every time, the clean protocol), R-precision, and on the shapes data the
+    captions and noise every time, the legacy-pytorch protocol), R-precision, and on the shapes data the
     caption accuracy of each attribute: the numbers logged as stage "eval"."""
     from dmgan.evaluate import evaluate
 
