@@ -435,9 +435,8 @@ def test_evaluation_streams_images_to_disk_and_scores_folders_batch_by_batch(tra
         and len((folder / "captions.txt").read_text().splitlines()) == 20
     )
 
-    for workers in (0, 1):
-        network.seen.clear()
-        scored = ev.evaluate_images(
+    def score_folder(workers: int) -> dict:  # --images on the folder, the real features from real_file
+        return ev.evaluate_images(
             folder,
             pipe.cfg,
             pipe.data_dir,
@@ -446,6 +445,10 @@ def test_evaluation_streams_images_to_disk_and_scores_folders_batch_by_batch(tra
             workers=workers,
             progress=False,
         )
+
+    for workers in (0, 1):
+        network.seen.clear()
+        scored = score_folder(workers)
         assert network.seen == [6, 6, 6, 2]  # the real features come from real_file
         assert len(trims) == 4 + 4 * (workers + 1)
         for key in ("fid", "precision", "recall", "density", "coverage"):
@@ -456,15 +459,7 @@ def test_evaluation_streams_images_to_disk_and_scores_folders_batch_by_batch(tra
     damaged.write_bytes(damaged.read_bytes()[: damaged.stat().st_size // 2])  # its header still reads
     for workers in (0, 1):
         with pytest.raises(SystemExit, match=r"00007.png is not a readable image"):
-            ev.evaluate_images(
-                folder,
-                pipe.cfg,
-                pipe.data_dir,
-                features_file=real_file,
-                batch_size=6,
-                workers=workers,
-                progress=False,
-            )
+            score_folder(workers)
 
 
 def test_generate_is_a_function_of_its_seed_and_leaves_the_global_rng_alone(trained):
