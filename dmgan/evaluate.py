@@ -38,7 +38,7 @@ from dmgan.cli import HelpFormatter, add_shared_flags
 from dmgan.config import Config
 from dmgan.data import TextImageDataset, dataset_for
 from dmgan.data.shapes import default_root, is_shapes_dataset
-from dmgan.pipeline import Captions, TextToImage
+from dmgan.pipeline import Captions, TextToImage, report_path
 from dmgan.progress import progress as progress_display
 from dmgan.provenance import environment_record
 from dmgan.visualize import write_captions, write_numbered_images
@@ -914,7 +914,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --images: processes that read the folder (0: the main one; default: min(4, cores - 1))",
     )
     p.add_argument(
-        "--out", default=None, help="JSON file (default: next to the checkpoint, or in the folder)"
+        "--out",
+        default=None,
+        help="JSON file (default: evaluation.json next to the checkpoint or in the --images folder; "
+        "for a Hub repo id OWNER--NAME-evaluation.json in the current folder)",
     )
     add_shared_flags(p, "inception-weights", "weights", "seed", "device", "memory-backend")
     return p
@@ -964,7 +967,7 @@ def main(argv: Sequence[str] | None = None) -> dict[str, Any]:
             **common,
         )
         settings_source = str(args.checkpoint)
-        out = Path(args.out) if args.out else Path(args.checkpoint).with_name("evaluation.json")
+        out = Path(args.out) if args.out else report_path(args.checkpoint)  # a repo id: here
     report = {
         "metrics": results,
         "source": settings_source,

@@ -6,6 +6,7 @@ checking what would be uploaded."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import sys
@@ -75,6 +76,16 @@ def test_the_commands_take_a_repo_id(hub_cache, tmp_path):
     from dmgan.demo import Demo
 
     assert Demo(REPO, "cpu").pipelines["ema"].source == REPO
+
+
+def test_evaluate_writes_a_repo_ids_report_in_the_current_folder(hub_cache):
+    from dmgan.evaluate import main as evaluate_main
+
+    evaluate_main([REPO, "--num-images", "10", "--no-fid"])
+    here = sorted(p.name for p in Path.cwd().iterdir())  # the fixture's empty folder
+    assert here == ["dmgan-tests--tiny-shapes-evaluation.json"]  # not dmgan-tests/evaluation.json
+    report = json.loads(Path(here[0]).read_text())
+    assert report["source"] == REPO and report["metrics"]["num_images"] == 10
 
 
 def test_a_repo_missing_from_the_cache_offline_is_one_line_naming_it_and_the_cache(hub_cache):
