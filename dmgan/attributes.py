@@ -112,3 +112,92 @@ def accuracy_where_named(
         rate = hits.float().mean().item() if len(hits) else float("nan")
         out[name] = {"accuracy": rate, "captions": int(keep.sum()), "chance": 1 / len(values)}
     return out
+
+
+# The reading of an object: pixels further than this from the background colour in some channel
+# (images in [-1, 1]; the palette's object colours are >= 0.4 from every background, edges less).
+OBJECT_THRESHOLD = 0.5
+# Two stages place the object alike when their centroids lie within this fraction of the side:
+# half the distance from a corner's centre to the image centre.
+CENTROID_TOLERANCE = 0.15
+
+
+def read_layout(images: Tensor) -> dict[str, Tensor]:
+    """What a generated image shows of its layout, read without a classifier (so that every stage,
+    even the 8-pixel one, is read the same way): per image of N x 3 x S x S in [-1, 1], the
+    background (index into BACKGROUNDS: the palette colour nearest the median of the border
+    pixels), the object's centroid (x, y in [0, 1] of the side, the mean of the pixels
+    :data:`OBJECT_THRESHOLD` away from the background; (0.5, 0.5) when there are none), its
+    position (index into POSITIONS: the nearest position centre), its colour (index into COLOURS:
+    nearest to the object pixels' median) and whether any object pixel was found."""
+    from dmgan.data.shapes import _CENTRES
+
+    images = images.float()
+    n, _, size, _ = images.shape
+    palette = torch.tensor(list(BACKGROUNDS.values()), dtype=torch.float32) / 127.5 - 1
+    colours = torch.tensor(list(COLOURS.values()), dtype=torch.float32) / 127.5 - 1
+    border = torch.cat(
+        [images[..., 0, :], images[..., -1, :], images[..., 1:-1, 0], images[..., 1:-1, -1]], -1
+    )
+    border_colour = border.median(-1).values  # N x 3
+    background = torch.cdist(border_colour, palette).argmin(1)
+    is_object = (images - border_colour[..., None, None]).abs().amax(1) > OBJECT_THRESHOLD  # N x S x S
+    ramp = (torch.arange(size, dtype=torch.float32) + 0.5) / size
+    count = is_object.sum((1, 2))
+    found = count > 0
+    weight = is_object.float() / count.clamp(min=1)[:, None, None]
+    centroid = torch.stack(
+        [(weight * ramp[None, None, :]).sum((1, 2)), (weight * ramp[None, :, None]).sum((1, 2))], 1
+    )
+    centroid = torch.where(found[:, None], centroid, torch.full_like(centroid, 0.5))
+    centres = torch.tensor([_CENTRES[p] for p in POSITIONS])
+    position = torch.cdist(centroid, centres).argmin(1)
+    pixels = images.permute(0, 2, 3, 1)  # N x S x S x 3
+    object_colour = torch.stack(
+        [pixels[i][is_object[i]].median(0).values if found[i] else border_colour[i] for i in range(n)]
+    )
+    colour = torch.cdist(object_colour, colours).argmin(1)
+    return {
+        "background": background,
+        "centroid": centroid,
+        "position": position,
+        "colour": colour,
+        "found": found,
+    }
+
+
+def stage_agreement(
+    layouts: list[dict[str, Tensor]], targets: dict[str, Tensor], named: list[set[str]]
+) -> dict[str, object]:
+    """Do the stages refine one picture? ``layouts``: :func:`read_layout` of each stage's images
+    (N each); ``targets``: the captions' attribute indices (:func:`attribute_targets`); ``named``:
+    what each caption names. Between each stage and the one before: how often the background
+    agrees, the centroids lie within :data:`CENTROID_TOLERANCE` (both with an object found), and
+    both. Per stage: how often its background, position and colour as read here match the
+    caption, over the captions that name them."""
+    between = []
+    for before, after in zip(layouts, layouts[1:]):
+        background = before["background"] == after["background"]
+        close = (before["centroid"] - after["centroid"]).norm(dim=1) <= CENTROID_TOLERANCE
+        centroid = close & before["found"] & after["found"]
+        between.append(
+            {
+                "background": background.float().mean().item(),
+                "centroid": centroid.float().mean().item(),
+                "both": (background & centroid).float().mean().item(),
+            }
+        )
+    per_stage = []
+    for layout in layouts:
+        matches = {}
+        for name in ("background", "position", "colour"):
+            keep = torch.tensor([name in n for n in named], dtype=torch.bool)
+            hits = (layout[name] == targets[name])[keep]
+            matches[name] = hits.float().mean().item() if len(hits) else float("nan")
+        per_stage.append(matches)
+    return {
+        "each_stage_with_the_one_before": between,
+        "each_stage_matches_the_caption": per_stage,
+        "reading": f"background: palette colour nearest the border's median; object: pixels over "
+        f"{OBJECT_THRESHOLD} from it, centroids agreeing within {CENTROID_TOLERANCE} of the side",
+    }

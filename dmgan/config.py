@@ -47,7 +47,13 @@ class ModelConfig:
     r_num: int = 2  # residual blocks per refinement stage
     branch_num: int = 3  # stages: base_size, 2*base_size, 4*base_size
     base_size: int = 64
-    image_encoder: str = "inception"  # DAMSM image encoder: "inception" (reference) or "small"
+    # DAMSM image encoder: "inception" (reference), "small", or "small_coord" (small, with x / y
+    # coordinate channels: placement read from the pixels, not from the zero padding alone)
+    image_encoder: str = "inception"
+    # CA-Net's noise times this (1: the reference). At 1 two draws for one caption differ about 20
+    # times more than captions that differ in one position or background word, so the first stage,
+    # the only one that can place the object, barely sees those words (docs/experiments.md).
+    ca_noise_scale: float = 1.0
     legacy_mask: bool = False  # reproduce the reference's mask broadcast (released checkpoints)
 
     @property
@@ -85,6 +91,17 @@ class TrainConfig:
     # (dmgan.data.shapes.recolour_unnamed_backgrounds). Off in the preset: it lifts the encoders'
     # shape retrieval but not the generator's shape (docs/experiments.md).
     encoder_recolour_backgrounds: bool = False
+    # Built-in shapes only (switched off, with a line saying so, on other data): the DAMSM loss's
+    # negatives decided by the captions (a pair is left out only when the caption is true of the
+    # image) instead of by the (colour, shape) class, which left no negative differing in position
+    # or background alone; in DAMSM pretraining and in G's DAMSM term.
+    damsm_consistent_mask: bool = False
+    # ... and one counterfactual caption per caption (one named attribute word swapped) as a
+    # further candidate for its image in the DAMSM loss (pretraining and G's term)
+    damsm_counterfactuals: bool = False
+    # ... and in every matching-aware D, real image b with caption b's counterfactual as a
+    # mismatched pair
+    d_counterfactuals: bool = False
 
 
 @dataclass(frozen=True)
@@ -123,7 +140,8 @@ def _shapes() -> Config:
             word_dim=64,
             r_num=1,
             base_size=8,
-            image_encoder="small",
+            image_encoder="small_coord",
+            ca_noise_scale=0.1,
         ),
         text=TextConfig(words_num=16, captions_per_image=10, eval_words_num=16),
         train=TrainConfig(
@@ -142,6 +160,10 @@ def _shapes() -> Config:
             # With weight 1 the KL term keeps |mu| far below sigma: the sentence barely
             # reaches the first stage within a short run (docs/experiments.md).
             kl_weight=0.02,
+            # Position and background priced as colour is (issue 30; docs/experiments.md).
+            damsm_consistent_mask=True,
+            damsm_counterfactuals=True,
+            d_counterfactuals=True,
         ),
     )
 

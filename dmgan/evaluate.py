@@ -520,6 +520,7 @@ class Generated:
     features: torch.Tensor | None = None  # N x F
     probs: torch.Tensor | None = None  # N x classes
     attributes: dict[str, torch.Tensor] | None = None  # per attribute, N class indices
+    layouts: list[dict[str, torch.Tensor]] | None = None  # per stage, attributes.read_layout
 
 
 def generate_and_collect(
@@ -539,16 +540,23 @@ def generate_and_collect(
     a batch at a time, keeping of each batch only what the metrics read, and writing it to
     ``save_to`` (``00000.png``, ..., then ``captions.txt``) when given: memory does not grow
     with the images (30,000 x 256² in float32 would be 24 GB)."""
-    from dmgan.attributes import ATTRIBUTES
+    from dmgan.attributes import ATTRIBUTES, read_layout
 
     owners, captions = caption_plan(dataset, num_images, seed)
     codes, features, probs = Rows(num_images), Rows(num_images), Rows(num_images)
     readings = {name: Rows(num_images) for name in ATTRIBUTES}
+    layouts: list[dict[str, Rows]] = []
     for start in progress_display(range(0, num_images, batch_size), desc="generate", enabled=progress):
         stages, _ = pipe.generate(
             captions[start : start + batch_size], seed=seed * 1_000_003 + start, batch_size=batch_size
         )
         batch = quantized(stages[-1])  # what a saved image holds: a folder of them scores the same
+        if attribute_classifier is not None:  # the shapes data: every stage's layout, for agreement
+            for k, stage in enumerate(stages):
+                if len(layouts) <= k:
+                    layouts.append({})
+                for key, value in read_layout(quantized(stage)).items():
+                    layouts[k].setdefault(key, Rows(num_images)).put(start, value)
         del stages
         with torch.no_grad():
             codes.put(start, pipe.image_encoder(batch.to(pipe.device))[1].float().cpu())
@@ -566,7 +574,8 @@ def generate_and_collect(
         write_captions(captions.texts, save_to)
     attributes = None if attribute_classifier is None else {name: r.data for name, r in readings.items()}
     assert codes.data is not None  # num_images >= 1
-    return Generated(owners, captions, codes.data, features.data, probs.data, attributes)
+    read = [{key: rows.data for key, rows in stage.items()} for stage in layouts] or None
+    return Generated(owners, captions, codes.data, features.data, probs.data, attributes, read)  # type: ignore[arg-type]
 
 
 def score(
@@ -624,6 +633,16 @@ def score(
                     generated.attributes,
                 )
             )
+        results["counterfactual_r_precision"] = counterfactual_r_precision(
+            pipe, generated.image_codes, captions.texts
+        )
+        if generated.layouts is not None:
+            from dmgan.attributes import attribute_targets, stage_agreement
+            from dmgan.data.shapes import named_attributes
+
+            targets = attribute_targets([attributes[dataset.keys[i]] for i in owners])
+            named = [named_attributes(t) for t in captions.texts]
+            results["stage_agreement"] = stage_agreement(generated.layouts, targets, named)
         with torch.no_grad():
             real_codes = pipe.image_encoder(real_test.to(pipe.device))[1].cpu()
         results["damsm_attribute_retrieval_on_real_test_images"] = damsm_attribute_retrieval(
@@ -848,6 +867,47 @@ def attribute_retrieval(
         truth = torch.tensor([values.index(r[name]) for r in records])
         rates[name] = (torch.cat(predicted) == truth).float().mean().item()
     return rates
+
+
+def counterfactual_r_precision(
+    pipe: TextToImage, image_codes: torch.Tensor, texts: list[str], block: int = BLOCK // 4
+) -> dict[str, Any]:
+    """R-precision against captions that differ in one attribute: for each generated image (DAMSM
+    code ``image_codes[i]``) and each attribute its caption ``texts[i]`` names, the caption
+    against every caption that differs from it in that attribute alone (each other value, in its
+    canonical words); a hit when the caption's cosine with the image is above all of theirs.
+    Per attribute: the hit rate over the captions that name it, their count and the chance level
+    (1 / the attribute's values). R-precision's distractors are captions of other (colour, shape)
+    classes, so it cannot see whether the image follows the position or the background word;
+    this can. Captions of ``block`` images are encoded at a time."""
+    from dmgan.data.shapes import ATTRIBUTE_VALUES, find_attribute, with_value
+
+    codes = torch.nn.functional.normalize(image_codes.float(), dim=1)
+    words = [text.split() for text in texts]
+    results: dict[str, Any] = {}
+    for name, values in ATTRIBUTE_VALUES.items():
+        rows = [i for i, w in enumerate(words) if find_attribute(w, name) is not None]
+        hits = []
+        for start in range(0, len(rows), block):
+            part = rows[start : start + block]
+            candidates = []
+            for i in part:
+                current = find_attribute(words[i], name)[2]  # type: ignore[index]
+                others = [" ".join(with_value(words[i], name, v)) for v in values if v != current]
+                candidates += [texts[i], *others]
+            tokens = pipe.tokenize(candidates, words_num=pipe.cfg.text.eval_words_num)
+            sentences = torch.nn.functional.normalize(
+                pipe.encode(tokens.indices, tokens.lengths)[1].float().cpu(), dim=1
+            ).view(len(part), len(values), -1)
+            cosines = torch.einsum("nd,nvd->nv", codes[part], sentences)
+            hits.append(cosines[:, 0] > cosines[:, 1:].amax(1))
+        rate = torch.cat(hits).float().mean().item() if hits else float("nan")
+        results[name] = {"accuracy": rate, "captions": len(rows), "chance": 1 / len(values)}
+    results["protocol"] = (
+        "the checkpoint's DAMSM encoders: each image's global code, its caption against the captions "
+        "differing from it in one named attribute (each other value), cosine, top-1"
+    )
+    return results
 
 
 def damsm_attribute_retrieval(

@@ -454,11 +454,12 @@ class TextToImage:
 
 
 def _with_ca_noise(eps: Tensor) -> Any:
-    """A forward hook for CA-Net that redoes its sample c = μ + ε ⊙ exp(½ log σ²) with the given ε
+    """A forward hook for CA-Net that redoes its sample c = μ + s ε ⊙ exp(½ log σ²) with the given ε
     (one row per image) in place of the batch's draw from the global RNG."""
 
     def hook(module: nn.Module, inputs: Any, output: tuple[Tensor, Tensor, Tensor]) -> tuple[Tensor, ...]:
         _, mu, logvar = output
-        return mu + eps.to(mu) * torch.exp(0.5 * logvar), mu, logvar
+        scale = getattr(module, "noise_scale", 1.0)
+        return mu + eps.to(mu) * (scale * torch.exp(0.5 * logvar)), mu, logvar
 
     return hook

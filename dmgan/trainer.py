@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import random
 import signal
 import time
 from dataclasses import dataclass, field
@@ -28,9 +29,10 @@ import torch
 from torch import nn
 
 from dmgan import checkpoint
+from dmgan.counterfactual import CaptionEditor, CounterfactualBatch
 from dmgan.data import Vocabulary, check_vocabulary, dataset_for, epoch_batches, make_loader
 from dmgan.data import shapes as shapes_data
-from dmgan.losses import damsm_loss
+from dmgan.losses import Counterfactuals, damsm_loss
 from dmgan.models import build_image_encoder, build_text_encoder
 from dmgan.models.text import check_word_ids
 from dmgan.pipeline import Captions
@@ -85,11 +87,12 @@ def pretrain_damsm(run: TrainingRun, root: Path) -> tuple[nn.Module, nn.Module]:
         start_epoch = state["epoch"]
         restore_all_rng_states(state["rng"])
     text_ddp, image_ddp = rt.wrap(text_encoder), rt.wrap(image_encoder)
+    editor = CaptionEditor.for_dataset(root, dataset.vocab, cfg)
     per_epoch = loader.sampler.batches_per_epoch  # type: ignore[union-attr]
     step = start_epoch * per_epoch
     bar = progress(total=t.encoder_max_epoch * per_epoch, initial=step, desc="DAMSM", enabled=rt.is_main)
     for epoch in range(start_epoch, t.encoder_max_epoch):
-        step = damsm_epoch(run, loader, epoch, step, text_ddp, image_ddp, dataset.vocab, bar)
+        step = damsm_epoch(run, loader, epoch, step, text_ddp, image_ddp, dataset.vocab, bar, editor)
         if rt.is_main:
             state = {
                 "text_encoder": text_encoder.state_dict(),
@@ -118,9 +121,12 @@ def damsm_epoch(
     image_ddp: nn.Module,
     vocab: Vocabulary,
     bar: Any,
+    editor: CaptionEditor | None = None,
 ) -> int:
     """One epoch of DAMSM pretraining (until a stop is asked for) on the encoders (DDP-wrapped
-    under torchrun), advancing the stage's progress ``bar``; returns the step count after it."""
+    under torchrun), advancing the stage's progress ``bar``; returns the step count after it.
+    ``editor`` (the shapes grammar) makes the caption-consistent mask and the counterfactual
+    negatives the config asks for."""
     opts, t, rt = run.options, run.config.train, run.runtime
     params = [p for m in (text_ddp, image_ddp) for p in m.parameters() if p.requires_grad]
     lr = max(t.encoder_lr * 0.98**epoch, t.encoder_lr / 10)
@@ -134,7 +140,21 @@ def damsm_epoch(
         if t.encoder_recolour_backgrounds:
             images = shapes_data.recolour_unnamed_backgrounds(images, batch.captions, vocab.wordtoix)
         lengths = batch.cap_lens if batch.host_cap_lens is None else batch.host_cap_lens  # no wait
-        words_emb, sent_emb = text_ddp(batch.captions, lengths)
+        pair_mask, edited = None, None
+        if editor is not None and t.damsm_consistent_mask and batch.keys is not None:
+            pair_mask = editor.consistent_pairs(batch.captions, lengths, batch.keys).to(rt.device)
+        if editor is not None and t.damsm_counterfactuals:
+            # Drawn from the global RNG, whose state the DAMSM checkpoint keeps.
+            edited = editor.counterfactuals(
+                batch.captions, lengths, random.Random(int(torch.randint(2**31, (1,))))
+            )
+        if edited is None:
+            words_emb, sent_emb = text_ddp(batch.captions, lengths)
+            counterfactual = None
+        else:  # captions and counterfactuals in one forward (a DDP module takes one per backward)
+            words_emb, sent_emb, counterfactual = encode_with_counterfactuals(
+                text_ddp, batch.captions, lengths, edited, rt.device
+            )
         w_loss, s_loss = damsm_loss(
             image_ddp,
             images,
@@ -143,6 +163,8 @@ def damsm_epoch(
             batch.cap_lens,
             batch.class_ids,
             (t.gamma1, t.gamma2, t.gamma3),
+            pair_mask=pair_mask,
+            counterfactual=counterfactual,
         )
         optimizer.zero_grad(set_to_none=True)
         (w_loss + s_loss).backward()
@@ -156,6 +178,25 @@ def damsm_epoch(
         if step % opts.log_every == 0:
             run.tracker.scalars("damsm", step, {"w_loss": w_loss.item(), "s_loss": s_loss.item(), "lr": lr})
     return step
+
+
+def encode_with_counterfactuals(
+    text_encoder: nn.Module,
+    captions: torch.Tensor,
+    lengths: torch.Tensor,
+    edited: CounterfactualBatch,
+    device: torch.device,
+) -> tuple[torch.Tensor, torch.Tensor, Counterfactuals]:
+    """Word and sentence features of the captions (B x D x T, B x D) and of their
+    counterfactuals, from one forward of ``text_encoder`` over both."""
+    batch, width = len(captions), max(captions.shape[1], edited.captions.shape[1])
+    pad = lambda c: torch.nn.functional.pad(c, (0, width - c.shape[1]))
+    joined = torch.cat([pad(captions), pad(edited.captions.to(captions.device))])
+    words, sentences = text_encoder(joined, torch.cat([lengths.cpu(), edited.cap_lens]))
+    counterfactual = Counterfactuals(
+        words[batch:], sentences[batch:], edited.cap_lens.to(device), edited.valid.to(device)
+    )
+    return words[:batch], sentences[:batch], counterfactual
 
 
 def load_encoders(run: TrainingRun, vocab_size: int) -> tuple[nn.Module, nn.Module]:
@@ -292,6 +333,7 @@ def train_gan(run: TrainingRun, root: Path) -> TrainingState:
         channels_last=opts.channels_last == "on",
         memory_backend=opts.memory_backend,
     )
+    state.editor = CaptionEditor.for_dataset(root, dataset.vocab, cfg)
     loop = resume_gan(run, state)
     state.netG = rt.wrap(state.netG, opts.sync_bn)  # DDP broadcasts rank 0's weights to every rank
     state.netsD = [rt.wrap(d) for d in state.netsD]
@@ -462,6 +504,9 @@ def evaluate_while_training(
         scores["r_precision"] = results["r_precision"]["mean"]
     for name, value in results.get("caption_accuracy", {}).items():
         scores[f"caption_accuracy_{name}"] = value["accuracy"]
+    for name, value in results.get("counterfactual_r_precision", {}).items():
+        if isinstance(value, dict):
+            scores[f"counterfactual_r_precision_{name}"] = value["accuracy"]
     return scores
 
 

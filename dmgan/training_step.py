@@ -17,6 +17,7 @@ import contextlib
 import copy
 import dataclasses
 import os
+import random
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,9 +28,10 @@ from torch.nn.parallel import DistributedDataParallel
 
 from dmgan import checkpoint
 from dmgan.config import Config
+from dmgan.counterfactual import CaptionEditor
 from dmgan.data import Batch, Vocabulary
 from dmgan.ema import ParameterEMA
-from dmgan.losses import discriminator_loss, generator_loss, kl_loss
+from dmgan.losses import Counterfactuals, discriminator_loss, generator_loss, kl_loss
 from dmgan.models import G_NET, build_discriminators, build_image_encoder, build_text_encoder
 from dmgan.pipeline import TextToImage
 
@@ -118,6 +120,8 @@ class MicroBatch:
     fakes: list[Tensor]
     mu: Tensor
     logvar: Tensor
+    pair_mask: Tensor | None = None  # captions x images, caption i true of image j (i != j)
+    counterfactual: Counterfactuals | None = None
 
 
 @dataclass
@@ -137,6 +141,9 @@ class TrainingState:
     channels_last: bool = False  # the networks' weights, activations and the real images NHWC
     scalerG: torch.amp.GradScaler = field(default=None)  # type: ignore[assignment]
     scalersD: list[torch.amp.GradScaler] = field(default_factory=list)
+    # The shapes grammar, for the train.damsm_consistent_mask / damsm_counterfactuals /
+    # d_counterfactuals options; None leaves them off (another dataset).
+    editor: CaptionEditor | None = None
 
     def __post_init__(self) -> None:
         if self.amp not in AMP_DTYPES:
@@ -231,7 +238,9 @@ class TrainingState:
             for k, mb in enumerate(micro):
                 with gradient_sync(netD, last=k == parts - 1):
                     with phase(f"D{i} loss"), self.autocast(device.type):
-                        errD = discriminator_loss(netD, mb.batch.images[i], mb.fakes[i], mb.sentence)
+                        errD = discriminator_loss(
+                            netD, mb.batch.images[i], mb.fakes[i], mb.sentence, self._d_counterfactual(mb)
+                        )
                     with phase(f"D{i} backward"):
                         scaler.scale(errD / parts).backward()
                 logs[f"d_loss{i}"].append(errD.detach())
@@ -269,7 +278,36 @@ class TrainingState:
         draws = None if keep_graph else device_generator_state(words.device)
         with torch.set_grad_enabled(keep_graph), self.autocast(words.device.type):
             fakes, _, mu, logvar = self.netG(noise, sentence, words, mask)
-        return MicroBatch(mb, words, sentence, mask, noise, draws, fakes, mu, logvar)
+        pair_mask, counterfactual = self._edited(mb, lengths)
+        return MicroBatch(
+            mb, words, sentence, mask, noise, draws, fakes, mu, logvar, pair_mask, counterfactual
+        )
+
+    def _edited(self, mb: Batch, lengths: Tensor) -> tuple[Tensor | None, Counterfactuals | None]:
+        """The caption-consistent pair mask and the counterfactual captions' features, where the
+        config asks for them and the shapes grammar is at hand."""
+        t, editor = self.cfg.train, self.editor
+        if editor is None:
+            return None, None
+        pair_mask = None
+        if t.damsm_consistent_mask and mb.keys is not None:
+            pair_mask = editor.consistent_pairs(mb.captions, lengths, mb.keys).to(mb.captions.device)
+        counterfactual = None
+        if t.damsm_counterfactuals or t.d_counterfactuals:
+            # Drawn from the global RNG, whose state checkpoints keep: a resumed run edits alike.
+            rng = random.Random(int(torch.randint(2**31, (1,))))
+            edited = editor.counterfactuals(mb.captions, lengths, rng)
+            device = mb.captions.device
+            words, sentence, _ = self.encode(edited.captions.to(device), edited.cap_lens)
+            counterfactual = Counterfactuals(
+                words, sentence, edited.cap_lens.to(device), edited.valid.to(device)
+            )
+        return pair_mask, counterfactual
+
+    def _d_counterfactual(self, mb: MicroBatch) -> tuple[Tensor, Tensor] | None:
+        if not self.cfg.train.d_counterfactuals or mb.counterfactual is None:
+            return None
+        return mb.counterfactual.sentence, mb.counterfactual.valid
 
     def _regenerate(self, mb: MicroBatch) -> None:
         """G again on ``mb``'s noise and CA-Net draws, this time building the graph."""
@@ -294,6 +332,8 @@ class TrainingState:
             mb.batch.class_ids,
             t.damsm_lambda,
             (t.gamma1, t.gamma2, t.gamma3),
+            pair_mask=mb.pair_mask,
+            counterfactual=mb.counterfactual if t.damsm_counterfactuals else None,
         )
         kl = kl_loss(mb.mu, mb.logvar)
         return errG + t.kl_weight * kl, {**terms, "g_loss": errG, "kl": kl}

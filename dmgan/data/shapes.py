@@ -28,6 +28,7 @@ import math
 import os
 import pickle
 import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -257,6 +258,116 @@ def named_attributes(caption: str) -> set[str]:
     found = {"colour": says(COLOURS, main), "shape": says(SHAPES, main), "size": says(SIZES, main)}
     found |= {"position": says(POSITIONS, text), "background": says(BACKGROUNDS, text)}
     return {name for name, said in found.items() if said}
+
+
+# The attributes a caption may name, with their values (canonical words, as in attributes.json).
+ATTRIBUTE_VALUES: dict[str, tuple[str, ...]] = {
+    "colour": tuple(COLOURS),
+    "shape": SHAPES,
+    "size": SIZES,
+    "position": POSITIONS,
+    "background": tuple(BACKGROUNDS),
+}
+# Colour, shape and size name the main object only where they come before the second object;
+# the grammar gives position to the main object alone and the background to the whole scene.
+_MAIN_OBJECT_ONLY = frozenset({"colour", "shape", "size"})
+
+
+def _phrases(attribute: str) -> list[tuple[tuple[str, ...], str]]:
+    """(words, value) of every phrase naming a value of ``attribute``, longest first, so that a
+    two-word phrase ("round shape", "upper left") is found before any word inside it."""
+    phrases = [
+        (tuple(word.split()), value)
+        for value in ATTRIBUTE_VALUES[attribute]
+        for word in SYNONYMS.get(value, (value,))
+    ]
+    return sorted(phrases, key=lambda p: -len(p[0]))
+
+
+def _main_object_end(words: Sequence[str]) -> int:
+    """Index of the first word of a second object's phrase ("and a ...", "next to a ..."), or len."""
+    for i in range(len(words) - 1):
+        if (words[i], words[i + 1]) == ("and", "a") or tuple(words[i : i + 3]) == ("next", "to", "a"):
+            return i
+    return len(words)
+
+
+def find_attribute(words: Sequence[str], attribute: str) -> tuple[int, int, str] | None:
+    """Where a tokenized caption of :func:`describe` names ``attribute`` of its main object (or
+    the background): (first word, one past the last word, canonical value), or None.
+
+    >>> find_attribute("a red circle at the upper left and a small blue square".split(), "size")
+    >>> find_attribute("a red circle at the upper left and a small blue square".split(), "position")
+    (4, 6, 'top left')
+    """
+    end = _main_object_end(words) if attribute in _MAIN_OBJECT_ONLY else len(words)
+    for phrase, value in _phrases(attribute):
+        n = len(phrase)
+        for start in range(end - n + 1):
+            if tuple(words[start : start + n]) == phrase:
+                return start, start + n, value
+    return None
+
+
+def caption_values(words: Sequence[str]) -> dict[str, str]:
+    """The attribute values a tokenized caption names (canonical words), e.g. ``{"colour":
+    "red", "shape": "circle"}``; the keys are :func:`named_attributes` of the caption."""
+    found = {name: find_attribute(words, name) for name in ATTRIBUTE_VALUES}
+    return {name: where[2] for name, where in found.items() if where is not None}
+
+
+def with_value(words: Sequence[str], attribute: str, value: str) -> list[str]:
+    """The caption with the phrase naming ``attribute`` replaced by ``value``'s canonical words
+    (the caption as it is when it does not name the attribute)."""
+    where = find_attribute(words, attribute)
+    if where is None:
+        return list(words)
+    start, end, _ = where
+    return [*words[:start], *value.split(), *words[end:]]
+
+
+# How often each named attribute is the one a counterfactual caption changes: weighted towards
+# the attributes the generator ignores (position, background) and away from colour, which every
+# other negative already prices.
+COUNTERFACTUAL_WEIGHTS: dict[str, float] = {
+    "position": 0.35,
+    "background": 0.3,
+    "shape": 0.2,
+    "size": 0.1,
+    "colour": 0.05,
+}
+
+
+def counterfactual_caption(
+    words: Sequence[str], rng: random.Random, weights: dict[str, float] = COUNTERFACTUAL_WEIGHTS
+) -> tuple[list[str], str] | None:
+    """The caption with one attribute it names set to another value (the attribute drawn by
+    ``weights`` among those named, the value uniformly among the others), and that attribute's
+    name; None for a caption that names none (not of this grammar).
+
+    >>> words, changed = counterfactual_caption("a red circle in the center".split(), random.Random(0))
+    >>> changed in ("colour", "shape", "position") and words != "a red circle in the center".split()
+    True
+    """
+    named = [name for name in weights if find_attribute(words, name) is not None]
+    if not named:
+        return None
+    attribute = rng.choices(named, weights=[weights[n] for n in named])[0]
+    current = caption_values(words)[attribute]
+    value = rng.choice([v for v in ATTRIBUTE_VALUES[attribute] if v != current])
+    return with_value(words, attribute, value), attribute
+
+
+def consistent(values: dict[str, str], record: dict[str, str]) -> bool:
+    """Whether a caption naming ``values`` (:func:`caption_values`) is true of an image with the
+    ``attributes.json`` ``record``: every attribute it names has the image's value."""
+    return all(record[name] == value for name, value in values.items())
+
+
+def grammar_words() -> set[str]:
+    """Every word of every attribute value's canonical phrase: what a vocabulary must hold for
+    :func:`with_value` captions to be encoded."""
+    return {word for values in ATTRIBUTE_VALUES.values() for value in values for word in value.split()}
 
 
 def recolour_unnamed_backgrounds(

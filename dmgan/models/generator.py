@@ -19,12 +19,14 @@ from dmgan.models.layers import GET_IMAGE_G, GLU, ResBlock, upBlock, weights_ini
 
 
 class CA_NET(nn.Module):  # noqa: N801 (reference name)
-    """Conditioning augmentation: sentence (B x nef) → c = μ + ε ⊙ exp(½ log σ²), μ and log σ² (B x c_dim)."""
+    """Conditioning augmentation: sentence (B x nef) → c = μ + s ε ⊙ exp(½ log σ²), μ and log σ²
+    (B x c_dim); s = ``noise_scale``, 1 in the reference."""
 
-    def __init__(self, t_dim: int, c_dim: int) -> None:
+    def __init__(self, t_dim: int, c_dim: int, noise_scale: float = 1.0) -> None:
         super().__init__()
         self.t_dim = t_dim
         self.c_dim = c_dim
+        self.noise_scale = noise_scale  # ModelConfig.ca_noise_scale
         self.fc = nn.Linear(t_dim, c_dim * 4, bias=True)
         self.relu = GLU()  # the reference's name for it
 
@@ -34,7 +36,7 @@ class CA_NET(nn.Module):  # noqa: N801 (reference name)
 
     def forward(self, text_embedding: Tensor) -> tuple[Tensor, Tensor, Tensor]:
         mu, logvar = self.encode(text_embedding)
-        c_code = mu + torch.randn_like(mu) * torch.exp(0.5 * logvar)
+        c_code = mu + torch.randn_like(mu) * (self.noise_scale * torch.exp(0.5 * logvar))
         return c_code, mu, logvar
 
 
@@ -132,7 +134,7 @@ class G_NET(nn.Module):  # noqa: N801
             raise ValueError(f"branch_num must be 1, 2 or 3, got {cfg.branch_num}")
         self.cfg = cfg
         ngf, nef, ncf = cfg.gf_dim, cfg.embedding_dim, cfg.condition_dim
-        self.ca_net = CA_NET(nef, ncf)
+        self.ca_net = CA_NET(nef, ncf, cfg.ca_noise_scale)
         self.h_net1 = INIT_STAGE_G(ngf * 2 ** int(num_up), ncf, cfg.z_dim, int(num_up))
         self.img_net1 = GET_IMAGE_G(ngf)
         for i in range(2, cfg.branch_num + 1):

@@ -194,12 +194,13 @@ class SMALL_CNN_ENCODER(nn.Module):  # noqa: N801
 
     Images in [-1, 1] of any size are resized to 32 (the preset's last stage: no upsampling
     cost); four conv blocks give local features B x nef x 8 x 8 (64 regions) and a pooled global
-    code B x nef.
+    code B x nef. With ``coordinates`` two channels holding each pixel's x and y join the image.
     """
 
-    def __init__(self, nef: int = 256, width: int = 32) -> None:
+    def __init__(self, nef: int = 256, width: int = 32, coordinates: bool = False) -> None:
         super().__init__()
         self.nef = nef
+        self.coordinates = coordinates
 
         def block(c_in: int, c_out: int) -> nn.Sequential:
             return nn.Sequential(
@@ -209,7 +210,7 @@ class SMALL_CNN_ENCODER(nn.Module):  # noqa: N801
             )
 
         self.trunk = nn.Sequential(
-            block(3, width),
+            block(5 if coordinates else 3, width),
             nn.MaxPool2d(2),  # 16
             block(width, 2 * width),
             nn.MaxPool2d(2),  # 8
@@ -222,14 +223,19 @@ class SMALL_CNN_ENCODER(nn.Module):  # noqa: N801
     def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
         if x.shape[-2:] != (32, 32):
             x = F.interpolate(x, size=(32, 32), mode="bilinear", align_corners=False)
+        if self.coordinates:  # x and y in [-1, 1], the same for every image
+            ramp = torch.linspace(-1, 1, 32, device=x.device, dtype=x.dtype)
+            grid = torch.stack([ramp[None, :].expand(32, 32), ramp[:, None].expand(32, 32)])
+            x = torch.cat([x, grid.expand(len(x), -1, -1, -1)], 1)
         x = self.trunk(x)
         return self.emb_features(x), self.emb_cnn_code(x.mean(dim=(2, 3)))
 
 
 def build_image_encoder(kind: str, nef: int, inception_weights: str | os.PathLike | None = None) -> nn.Module:
-    """The DAMSM image encoder a config names: ``"inception"`` (reference) or ``"small"``."""
+    """The DAMSM image encoder a config names: ``"inception"`` (reference), ``"small"`` or
+    ``"small_coord"`` (the small one with coordinate channels)."""
     if kind == "inception":
         return CNN_ENCODER(nef, inception_weights)
-    if kind == "small":
-        return SMALL_CNN_ENCODER(nef)
-    raise ValueError(f"unknown image encoder {kind!r}; choose 'inception' or 'small'")
+    if kind in ("small", "small_coord"):
+        return SMALL_CNN_ENCODER(nef, coordinates=kind == "small_coord")
+    raise ValueError(f"unknown image encoder {kind!r}; choose 'inception', 'small' or 'small_coord'")
