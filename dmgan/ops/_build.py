@@ -20,12 +20,12 @@ import shutil
 from pathlib import Path
 
 CSRC = Path(__file__).resolve().parents[2] / "csrc"
-CPU_SOURCES = ("memory_cpu.cpp",)
+CPU_SOURCES = ("memory_cpu.cpp", "memory_cpu_default.cpp", "memory_cpu_avx2.cpp", "memory_cpu_avx512.cpp")
 CUDA_SOURCES = ("memory_cuda.cu",)
 DEFAULT_ARCHS = (
     "8.0 8.6 8.9 9.0 12.0+PTX"  # A100, RTX 30xx, RTX 40xx, H100 / H200, RTX 50xx (+PTX: newer GPUs)
 )
-CXX_FLAGS = ["-O3", "-march=native", "-fno-math-errno", "-fopenmp"]
+CXX_FLAGS = ["-O3", "-fno-math-errno", "-fopenmp"]  # no -march: see csrc/memory_cpu_kernels.h
 NVCC_FLAGS = ["-O3", "--use_fast_math", "-lineinfo"]
 
 # The torch releases supported: the oldest and the newest minor release tested (tests/toolchain.py
