@@ -175,7 +175,7 @@ def test_unsupported_inputs_raise_for_triton_and_fall_back_under_auto(monkeypatc
     long_case = read_case(ReadShape(1, 32, 3, 3, (70,)), torch.float32, DEVICE)
     with pytest.raises(ValueError, match="T = 70 words"):
         ops.memory_read(**long_case, backend="triton")
-    monkeypatch.setitem(ops.AUTO_ORDER, (DEVICE, "memory_read"), ("triton", "eager"))
+    monkeypatch.setitem(ops.AUTO_ORDER, (ops.device_kind(DEVICE), "memory_read"), ("triton", "eager"))
     for c in (case, long_case):
         torch.testing.assert_close(ops.memory_read(**c)[0], ops.memory_read(**c, backend="eager")[0])
 
@@ -284,7 +284,8 @@ def test_triton_read_backward_moves_little_beyond_the_essential_traffic(size, dt
 def test_auto_picks_triton_only_for_cuda_tensors():
     for op in ("memory_read", "memory_write"):
         assert ops.AUTO_ORDER["cuda", op][0] == "triton"
-        assert "triton" not in ops.AUTO_ORDER["cpu", op]  # the interpreter is for tests, not for speed
+        for isa in ("default", "avx2", "avx512"):  # the interpreter is for tests, not for speed
+            assert "triton" not in ops.AUTO_ORDER[f"cpu-{isa}", op]
 
 
 OP_NAMESPACES = {"triton": "dmgan_triton", "cpp": "dmgan"}

@@ -8,13 +8,14 @@ Every backend computes what :mod:`dmgan.ops.reference` defines (its docstring ha
 - ``"cpp"``: the C++ / CUDA extension (csrc/, :mod:`dmgan.ops._cpp`), CPU tensors of any float
   dtype, and CUDA tensors where it was built with CUDA (T <= 64, fp32 / fp16 / bf16 there).
 
-``backend="auto"`` takes the first backend of :data:`AUTO_ORDER` for the op and the inputs' device that loads
+``backend="auto"`` takes the first backend of :data:`AUTO_ORDER` for the op and the inputs' device kind that loads
 and supports the input, and falls back to eager; naming a backend asks for it and fails with the
 reason when it cannot run.
 """
 
 from __future__ import annotations
 
+import functools
 import importlib
 import warnings
 from types import ModuleType
@@ -35,15 +36,18 @@ BACKEND_MODULES: dict[str, str] = {
     "cpp": "dmgan.ops._cpp",
 }
 BACKENDS = ("auto", *BACKEND_MODULES)  # what a model or a command line may ask for
-# What backend="auto" tries, per (device type, op), fastest first, as measured side by side at the
-# bird preset's shapes in fp32 and bf16 (benchmarks/RESULTS.md, "Which backend auto picks"). On a
-# CPU the C++ reading kernels beat eager several times over, but oneDNN's 1x1 convolutions beat the
-# C++ writing kernel. The GPU order is the kernels' design, until a GPU run measures it.
+# What backend="auto" tries, per (device kind, op), fastest first, as measured side by side at the
+# bird preset's shapes in fp32 and bf16 (benchmarks/RESULTS.md, "Which backend auto picks"). A CPU's
+# kind is the instruction set the C++ kernels run with there (:func:`device_kind`): an order holds
+# only for the kind it was measured on, and a kind without a measurement gets eager. The C++ reading
+# kernels beat eager several times over under every instruction set, including the baseline build
+# against eager's AVX2; oneDNN's 1x1 convolutions beat the C++ writing kernel. The GPU order is the
+# kernels' design, until a GPU run measures it.
 AUTO_ORDER: dict[tuple[str, str], tuple[str, ...]] = {
     ("cuda", "memory_read"): ("triton", "cpp", "eager"),
     ("cuda", "memory_write"): ("triton", "cpp", "eager"),
-    ("cpu", "memory_read"): ("cpp", "eager"),
-    ("cpu", "memory_write"): ("eager", "cpp"),
+    **{(f"cpu-{isa}", "memory_read"): ("cpp", "eager") for isa in ("default", "avx2", "avx512")},
+    **{(f"cpu-{isa}", "memory_write"): ("eager", "cpp") for isa in ("default", "avx2", "avx512")},
 }
 
 # Backends whose kernels take the inputs as they are (weights in their own dtype, the text
@@ -90,9 +94,24 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [name for name in BACKEND_MODULES if (m := _load(name)) is not None and _runs_on(m, device)]
 
 
+@functools.cache
+def _cpu_capability() -> str:
+    module = _load("cpp", warn=True)  # auto considers it on a CPU: its failure is worth the warning
+    if module is not None:
+        return module.cpu_capability()
+    return torch.backends.cpu.get_cpu_capability().lower()  # ATen's, when the extension does not load
+
+
+def device_kind(device: torch.device | str) -> str:
+    """The key of :data:`AUTO_ORDER` for ``device``: its type, and for a CPU the instruction set
+    the C++ kernels run with there ("cpu-avx2"), decided once per process."""
+    device = torch.device(device)
+    return f"cpu-{_cpu_capability()}" if device.type == "cpu" else device.type
+
+
 def _resolve(backend: str, call: OpInput) -> ModuleType:
     if backend == "auto":
-        for name in AUTO_ORDER.get((call.device.type, call.op), ("eager",)):
+        for name in AUTO_ORDER.get((device_kind(call.device), call.op), ("eager",)):
             module = _load(name, warn=True)
             if module is not None and _runs_on(module, call.device) and _why_not(module, call) is None:
                 return module
@@ -245,4 +264,4 @@ def memory_read(
     return r_new, attention.to(attention_dtype) if return_attention else None
 
 
-__all__ = ["AUTO_ORDER", "available_backends", "memory_read", "memory_write"]
+__all__ = ["AUTO_ORDER", "available_backends", "device_kind", "memory_read", "memory_write"]

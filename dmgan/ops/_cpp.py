@@ -107,6 +107,13 @@ def _shared_memory_per_block(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).shared_memory_per_block_optin
 
 
+def cpu_capability() -> str:
+    """The instruction set the CPU kernels run with: "default", "avx2" or "avx512" (csrc/memory_cpu.cpp
+    chooses it once per process from the CPU's features, lowered by DMGAN_CPU_CAPABILITY or
+    ATEN_CPU_CAPABILITY)."""
+    return _ops.cpu_capability()
+
+
 # The registered ops take the reference's arguments; dmgan.ops hands them contiguous tensors of one
 # dtype and turns the empty attention tensor into None when it was not asked for.
 memory_write = _ops.memory_write
