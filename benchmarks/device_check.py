@@ -88,8 +88,9 @@ STAGES = [
     Stage("sanitizer", 60, 45),
     Stage("profile", 40, 25),
     Stage("train-options", 150, 120),
-]  # expected about 9 minutes in all; the shared deadline (TOTAL_BUDGET_S) caps it
-TOTAL_BUDGET_S = 560  # the whole run within ten minutes, with room for the driver
+    Stage("cpu-kernels", 80, 25),
+]  # expected about 9.5 minutes in all; the shared deadline (TOTAL_BUDGET_S) caps it
+TOTAL_BUDGET_S = 570  # the whole run within ten minutes, with room for the driver
 GRACE_S = 8  # between a late stage's SIGINT and its SIGKILL: pytest writes its reports in it
 MIN_STAGE_S = 10  # a stage that would get less is skipped
 
@@ -352,6 +353,67 @@ def stage_train_step(out: Path, dry_run: bool) -> None:
     sys.exit(code)
 
 
+def _cpu_model() -> str:
+    """The CPU's name with its family and model (a virtual machine's name alone can be "AMD EPYC")."""
+    fields: dict[str, str] = {}
+    cpuinfo = Path("/proc/cpuinfo")
+    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
+        key, _, value = line.partition(":")
+        fields.setdefault(key.strip(), value.strip())
+    name = fields.get("model name", "unknown")
+    return (
+        f"{name} (family {fields['cpu family']}, model {fields['model']})" if "cpu family" in fields else name
+    )
+
+
+def stage_cpu_kernels(out: Path, dry_run: bool) -> None:
+    """The host CPU's C++ kernels, with the GPU hidden (CUDA_VISIBLE_DEVICES=""), so that the
+    tests and the benchmark take the CPU: which instruction set the kernels run with, the C++
+    backend's parity under it and under every lower one (tests/test_cpu_isa.py), and the C++
+    reading against eager at the bird preset's stage-3 shape in fp32 and bf16, side by side. The
+    GPU machine's CPU is where AVX-512 is found."""
+    import torch
+
+    from dmgan.ops import _cpp
+
+    cpu_only = {"CUDA_VISIBLE_DEVICES": ""}
+    report = Path(tempfile.mkdtemp()) / "cpu_bench.json"  # its medians go to the summary: OUT holds few files
+    tests = [
+        "tests/test_cpu_isa.py",
+        "tests/test_ops_backends.py",
+        "-k",
+        "cpp or isa or instruction or machine",
+    ]
+    code = _pytest([*tests, "-q", "-rs"], env=cpu_only)
+    cases = "eager-reference or cpp" if dry_run else "(eager-reference or cpp) and B10- and 128x128"
+    bench = ["benchmarks/test_bench_memory.py::test_memory_read", "-q", "--benchmark-enable"]
+    bench += [f"--benchmark-json={report}", "--benchmark-group-by=param:dtype,param:direction", "-k", cases]
+    bench_code = _pytest([*bench, *(["--bench-size", "smoke"] if dry_run else [])], env=cpu_only)
+    medians: dict[str, dict[str, float]] = {}
+    if report.exists():
+        for result in json.loads(report.read_text())["benchmarks"]:
+            dtype = re.sub(r"UNSERIALIZABLE\[torch\.(\w+)\]", r"\1", str(result["params"]["dtype"]))
+            group = f"{dtype} {result['params']['direction']}"
+            medians.setdefault(group, {})[result["params"]["impl"]] = result["stats"]["median"]
+    _report(
+        {
+            "exit_code": code or bench_code,
+            "cpu": _cpu_model(),
+            "cpu_count": os.cpu_count(),
+            "threads": torch.get_num_threads(),
+            "aten_capability": torch.backends.cpu.get_cpu_capability(),
+            "kernels_capability": _cpp.cpu_capability(),
+            "medians_s": medians,
+            "cpp_vs_eager": {
+                group: times["eager-reference"] / times["cpp"]
+                for group, times in medians.items()
+                if {"eager-reference", "cpp"} <= times.keys()
+            },
+        }
+    )
+    sys.exit(code or bench_code)
+
+
 def stage_profile(out: Path, dry_run: bool) -> None:
     from benchmarks import profile
     from dmgan.config import TINY_OVERRIDES, overrides_as_flags
@@ -432,6 +494,7 @@ STAGE_FUNCTIONS = {
     "sanitizer": stage_sanitizer,
     "profile": stage_profile,
     "train-options": stage_train_options,
+    "cpu-kernels": stage_cpu_kernels,
 }
 
 
