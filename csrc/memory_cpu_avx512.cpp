@@ -5,21 +5,8 @@
 #include "memory_cpu_kernels.h"
 
 #if DMGAN_CPU_X86
-#if defined(__clang__)
-#pragma clang attribute push(__attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"))), \
-                             apply_to = function)
-#else
-#pragma GCC push_options
-#pragma GCC target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c")
-#endif
-
 #define DMGAN_CPU_CAPABILITY AVX512
+#define DMGAN_CPU_TARGET "avx512f,avx512bw,avx512vl,avx512dq,avx2,fma,f16c"
 #define DMGAN_VECTOR_BYTES 64
 #include "memory_cpu_kernels.inc"
-
-#if defined(__clang__)
-#pragma clang attribute pop
-#else
-#pragma GCC pop_options
-#endif
 #endif
