@@ -48,16 +48,21 @@ def extension_args() -> dict:
     sources = [*build.sources(with_cuda), str(build.CSRC / "module.cpp")]
     sources = [str(Path(s).relative_to(Path(__file__).parent.resolve())) for s in sources]
     flags = {"cxx": build.CXX_FLAGS}
+    # The headers and the per-instruction-set kernels that the sources include: rebuilt on change,
+    # and shipped in an sdist.
+    depends = [
+        str(p.relative_to(Path(__file__).parent.resolve())) for p in sorted(build.CSRC.glob("*.[hi]*"))
+    ]
     if with_cuda:
         build.prepare_cuda_env()
         cpp_extension.CUDA_HOME = build.find_cuda_home()
         flags["nvcc"] = build.NVCC_FLAGS
         extension = cpp_extension.CUDAExtension(
-            "dmgan._C", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"]
+            "dmgan._C", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"], depends=depends
         )
     else:
         extension = cpp_extension.CppExtension(
-            "dmgan._C", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"]
+            "dmgan._C", sources, extra_compile_args=flags, extra_link_args=["-fopenmp"], depends=depends
         )
     print(f"dmgan: building dmgan._C with {'CPU and CUDA' if with_cuda else 'CPU'} kernels")
     return {"ext_modules": [extension], "cmdclass": {"build_ext": cpp_extension.BuildExtension}}
