@@ -238,8 +238,14 @@ class TrainingState:
             for k, mb in enumerate(micro):
                 with gradient_sync(netD, last=k == parts - 1):
                     with phase(f"D{i} loss"), self.autocast(device.type):
+                        # Called as before when the option is off: the plain D loss's signature.
+                        extra = self._d_counterfactual(mb)
                         errD = discriminator_loss(
-                            netD, mb.batch.images[i], mb.fakes[i], mb.sentence, self._d_counterfactual(mb)
+                            netD,
+                            mb.batch.images[i],
+                            mb.fakes[i],
+                            mb.sentence,
+                            **({} if extra is None else {"counterfactual": extra}),
                         )
                     with phase(f"D{i} backward"):
                         scaler.scale(errD / parts).backward()
