@@ -15,7 +15,6 @@ reason when it cannot run.
 
 from __future__ import annotations
 
-import functools
 import importlib
 import warnings
 from types import ModuleType
@@ -94,12 +93,20 @@ def available_backends(device: torch.device | str = "cpu") -> list[str]:
     return [name for name in BACKEND_MODULES if (m := _load(name)) is not None and _runs_on(m, device)]
 
 
-@functools.cache
+_cpu_capability_found: list[str] = []  # decided once per process
+
+
+# A constant to torch.compile: tracing the lookup (a custom op that returns a string) would break
+# the graph inside every memory op.
+@torch.compiler.assume_constant_result
 def _cpu_capability() -> str:
-    module = _load("cpp", warn=True)  # auto considers it on a CPU: its failure is worth the warning
-    if module is not None:
-        return module.cpu_capability()
-    return torch.backends.cpu.get_cpu_capability().lower()  # ATen's, when the extension does not load
+    if not _cpu_capability_found:
+        module = _load("cpp", warn=True)  # auto considers it on a CPU: its failure is worth the warning
+        if module is not None:
+            _cpu_capability_found.append(module.cpu_capability())
+        else:  # ATen's, when the extension does not load
+            _cpu_capability_found.append(torch.backends.cpu.get_cpu_capability().lower())
+    return _cpu_capability_found[0]
 
 
 def device_kind(device: torch.device | str) -> str:
