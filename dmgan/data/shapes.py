@@ -298,7 +298,7 @@ def find_attribute(words: Sequence[str], attribute: str) -> tuple[int, int, str]
 
     >>> find_attribute("a red circle at the upper left and a small blue square".split(), "size")
     >>> find_attribute("a red circle at the upper left and a small blue square".split(), "position")
-    (4, 6, 'top left')
+    (5, 7, 'top left')
     """
     end = _main_object_end(words) if attribute in _MAIN_OBJECT_ONLY else len(words)
     for phrase, value in _phrases(attribute):
