@@ -196,6 +196,10 @@ TINY_OVERRIDES: dict[str, Any] = {
 # command lines): the run option of the same name now.
 RUNTIME_CHOICES_ONCE_STORED = frozenset({"memory_backend"})
 
+# Model fields added after checkpoints were first written, each with the value that gives what a
+# checkpoint without it was trained with (CA-Net's noise at its full scale before the field).
+MODEL_FIELDS_ADDED_LATER: dict[str, Any] = {"ca_noise_scale": 1.0}
+
 
 def overrides_as_flags(changes: dict[str, Any]) -> list[str]:
     """``--set GROUP.FIELD=VALUE`` command-line arguments for config changes (values written as JSON,

@@ -31,6 +31,7 @@ from torch import Tensor, nn
 
 from dmgan import __version__, checkpoint
 from dmgan.config import (
+    MODEL_FIELDS_ADDED_LATER,
     RUNTIME_CHOICES_ONCE_STORED,
     Config,
     ModelConfig,
@@ -157,7 +158,8 @@ CONFIG_GROUPS: dict[str, type] = {"model": ModelConfig, "text": TextConfig, "tra
 def config_of(state: dict[str, Any], source: str) -> Config:
     """The config a model was saved with, or a ValueError naming ``source`` and the fields that do
     not fit this dmgan (a checkpoint of a newer or older version). The model and text sections
-    describe the networks and the captions, so every field must be known and present; the train
+    describe the networks and the captions, so every field must be known and present (but those added
+    later, :data:`~dmgan.config.MODEL_FIELDS_ADDED_LATER`, which take their old meaning); the train
     section only records how the model was trained, so its unknown fields are passed over and its
     missing ones take today's defaults (sampling never reads them)."""
     data = state["config"]
@@ -175,6 +177,9 @@ def config_of(state: dict[str, Any], source: str) -> Config:
         known = {f.name for f in dataclasses.fields(CONFIG_GROUPS[group])}
         stored_once = RUNTIME_CHOICES_ONCE_STORED if group == "model" else frozenset()
         unknown = sorted(given.keys() - known - stored_once)
+        if group == "model":  # an older checkpoint: what it was trained with
+            given = {**MODEL_FIELDS_ADDED_LATER, **given}
+            data = {**data, "model": given}
         missing = sorted(known - given.keys())
         problems += [f"unknown field {group}.{k}" for k in unknown]
         problems += [f"missing field {group}.{k}" for k in missing]

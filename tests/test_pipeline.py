@@ -53,6 +53,18 @@ def test_a_checkpoint_that_stored_a_gpu_backend_still_loads_on_the_cpu(trained, 
     assert torch.isfinite(pipe.generate(pipe.tokenize(["a red circle"]), seed=0)[0][-1]).all()
 
 
+def test_a_checkpoint_from_before_a_model_field_existed_loads_with_its_old_meaning(trained, tmp_path):
+    """model.ca_noise_scale came later: a checkpoint without it was trained with CA-Net's full
+    noise, and loads with that, not with the shapes preset's 0.1 of today."""
+    state = checkpoint.load(trained)
+    del state["config"]["model"]["ca_noise_scale"]
+    pipe = TextToImage.load(checkpoint.save(state, tmp_path / "old.pt"))
+    assert pipe.cfg.model.ca_noise_scale == 1.0
+    state["config"]["model"]["no_such_field"] = 1
+    with pytest.raises(ValueError, match="unknown field model.no_such_field"):
+        TextToImage.load(checkpoint.save(state, tmp_path / "foreign.pt"))
+
+
 def test_the_command_lines_take_the_memory_backend(trained, tmp_path):
     assert sample_main([str(trained), "a red circle", "--memory-backend", "eager", "--out", str(tmp_path)])
     with pytest.raises(SystemExit):  # argparse: invalid choice
