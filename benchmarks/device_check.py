@@ -353,19 +353,6 @@ def stage_train_step(out: Path, dry_run: bool) -> None:
     sys.exit(code)
 
 
-def _cpu_model() -> str:
-    """The CPU's name with its family and model (a virtual machine's name alone can be "AMD EPYC")."""
-    fields: dict[str, str] = {}
-    cpuinfo = Path("/proc/cpuinfo")
-    for line in cpuinfo.read_text().splitlines() if cpuinfo.exists() else []:
-        key, _, value = line.partition(":")
-        fields.setdefault(key.strip(), value.strip())
-    name = fields.get("model name", "unknown")
-    return (
-        f"{name} (family {fields['cpu family']}, model {fields['model']})" if "cpu family" in fields else name
-    )
-
-
 def stage_cpu_kernels(out: Path, dry_run: bool) -> None:
     """The host CPU's C++ kernels, with the GPU hidden (CUDA_VISIBLE_DEVICES=""), so that the
     tests and the benchmark take the CPU: which instruction set the kernels run with, the C++
@@ -375,6 +362,7 @@ def stage_cpu_kernels(out: Path, dry_run: bool) -> None:
     import torch
 
     from dmgan.ops import _cpp
+    from dmgan.provenance import cpu_model
 
     cpu_only = {"CUDA_VISIBLE_DEVICES": ""}
     report = Path(tempfile.mkdtemp()) / "cpu_bench.json"  # its medians go to the summary: OUT holds few files
@@ -398,7 +386,7 @@ def stage_cpu_kernels(out: Path, dry_run: bool) -> None:
     _report(
         {
             "exit_code": code or bench_code,
-            "cpu": _cpu_model(),
+            "cpu": cpu_model(),
             "cpu_count": os.cpu_count(),
             "threads": torch.get_num_threads(),
             "aten_capability": torch.backends.cpu.get_cpu_capability(),

@@ -90,13 +90,19 @@ def _git(root: Path, *args: str) -> str:
 
 
 def cpu_model() -> str:
-    """The CPU's model name (``/proc/cpuinfo`` on Linux), else what ``platform`` knows."""
+    """The CPU's model name (``/proc/cpuinfo`` on Linux) with its family and model where it gives
+    them (a virtual machine's name alone can be "AMD EPYC"), else what ``platform`` knows."""
+    fields: dict[str, str] = {}
     with contextlib.suppress(OSError):
         for line in Path("/proc/cpuinfo").read_text().splitlines():
             key, _, value = line.partition(":")
-            if key.strip() in ("model name", "Model", "cpu model") and value.strip():
-                return value.strip()
-    return platform.processor() or platform.machine() or "unknown"
+            fields.setdefault(key.strip(), value.strip())
+    name = next((fields[k] for k in ("model name", "Model", "cpu model") if fields.get(k)), None)
+    if name is None:
+        return platform.processor() or platform.machine() or "unknown"
+    if fields.get("cpu family") and fields.get("model"):
+        return f"{name} (family {fields['cpu family']}, model {fields['model']})"
+    return name
 
 
 def _device_name(device: torch.device) -> str:
