@@ -435,16 +435,15 @@ def mismatched_codes(
 ) -> torch.Tensor:
     """For each generated image, ``count`` sentence codes of captions of images of other classes."""
     classes = torch.tensor(class_ids)
-    flat = codes.flatten(0, 1)
     per_image = codes.shape[1]
-    out = []
-    for owner in owners:
+    chosen = torch.empty(len(owners), count, dtype=torch.long)  # rows of codes.flatten(0, 1)
+    for n, owner in enumerate(owners):
         others = (classes != classes[owner]).nonzero().view(-1)
         if len(others) == 0:
             raise ValueError("R-precision needs test images of more than one class")
         pick = others[torch.randint(len(others), (count,), generator=generator)]
-        out.append(flat[pick * per_image + torch.randint(per_image, (count,), generator=generator)])
-    return torch.stack(out)
+        chosen[n] = pick * per_image + torch.randint(per_image, (count,), generator=generator)
+    return codes.flatten(0, 1)[chosen]  # one allocation, not one piece per image and a stacked copy
 
 
 def r_precision_hits(
@@ -467,6 +466,8 @@ def r_precision_hits(
         true_codes = pipe.encode(part.indices, part.lengths)[1].float().cpu()
         mismatched = mismatched_codes(codes, owners[start : start + block], dataset.class_ids, 99, generator)
         hits.append(metrics.r_precision_hits(image_codes[start : start + block], true_codes, mismatched))
+        del mismatched
+        release_freed_memory()  # else each block (block x 99 x D floats) lands on a heap the last one left
     return torch.cat(hits)
 
 

@@ -315,6 +315,33 @@ def test_r_precision_on_constructed_embeddings():
     assert mean == pytest.approx(0.5) and std > 0  # the hits are shuffled into folds
 
 
+def test_r_precisions_mismatched_captions_come_from_other_classes_drawn_image_by_image():
+    from dmgan.evaluate import mismatched_codes
+
+    images, per_image, count = 7, 3, 99
+    # code of (image i, caption j) = [i, j]: each picked code says where it came from
+    codes = torch.stack(
+        [torch.tensor([[float(i), float(j)] for j in range(per_image)]) for i in range(images)]
+    )
+    class_ids, owners = [0, 0, 1, 1, 2, 2, 2], [0, 2, 4, 6, 1, 0]
+    picked = mismatched_codes(codes, owners, class_ids, count, torch.Generator().manual_seed(5))
+    assert picked.shape == (len(owners), count, 2)
+    for n, owner in enumerate(owners):
+        sources = picked[n, :, 0].long().tolist()
+        assert all(class_ids[i] != class_ids[owner] for i in sources)
+        assert len(set(sources)) > 1 and len(set(picked[n, :, 1].tolist())) > 1
+    # the draws of one image after another, as R-precision drew them when it kept a list per image
+    g, flat, classes = torch.Generator().manual_seed(5), codes.flatten(0, 1), torch.tensor(class_ids)
+    for n, owner in enumerate(owners):
+        others = (classes != classes[owner]).nonzero().view(-1)
+        pick = others[torch.randint(len(others), (count,), generator=g)]
+        assert torch.equal(
+            picked[n], flat[pick * per_image + torch.randint(per_image, (count,), generator=g)]
+        )
+    with pytest.raises(ValueError, match="more than one class"):
+        mismatched_codes(codes, [0], [0] * images, count, torch.Generator())
+
+
 def test_training_run_ends_with_a_short_evaluation(trained):
     results = json.loads((trained.parent.parent / "metrics.json").read_text())
     assert 0 <= results["r_precision"]["mean"] <= 1
@@ -427,7 +454,8 @@ def test_evaluation_streams_images_to_disk_and_scores_folders_batch_by_batch(tra
     direct = ev.evaluate(
         pipe, pipe.data_dir, 20, features_file=real_file, save_images=folder, batch_size=6, progress=False
     )
-    assert written == [(0, 6, False), (6, 6, False), (12, 6, False), (18, 2, False)] and trims == [1, 2, 3, 4]
+    assert written == [(0, 6, False), (6, 6, False), (12, 6, False), (18, 2, False)]
+    assert trims == [1, 2, 3, 4, 4]  # after each generated batch, then after R-precision's one block
     assert read[:4] == [6, 6, 6, 2] and read[4:] == [12]  # then the 12 real test images, once
     assert max(network.seen) <= 6 and sum(network.seen) == 12 + 20  # real features, then each batch
     assert (
@@ -450,7 +478,7 @@ def test_evaluation_streams_images_to_disk_and_scores_folders_batch_by_batch(tra
         network.seen.clear()
         scored = score_folder(workers)
         assert network.seen == [6, 6, 6, 2]  # the real features come from real_file
-        assert len(trims) == 4 + 4 * (workers + 1)
+        assert len(trims) == 5 + 4 * (workers + 1)  # the evaluation's 5, then 4 per folder reading
         for key in ("fid", "precision", "recall", "density", "coverage"):
             assert scored[key] == pytest.approx(direct[key], rel=1e-6, abs=1e-9), (workers, key)
         assert scored["kid"]["mean"] == pytest.approx(direct["kid"]["mean"], rel=1e-6)
