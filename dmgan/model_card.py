@@ -134,7 +134,10 @@ def figure_rows(metrics: dict[str, Any]) -> list[tuple[str, str]]:
 
 
 def protocol_lines(metrics: dict[str, Any]) -> list[str]:
-    """How the figures were measured: the image metrics' protocol and each figure's own note."""
+    """How the figures were measured: the image metrics' protocol (by today's name when the JSON
+    is older than a rename) and each figure's own note."""
+    from dmgan.evaluate import RENAMED_PROTOCOLS
+
     lines = []
     protocol = metrics.get("protocol")
     if isinstance(protocol, dict):
@@ -143,7 +146,11 @@ def protocol_lines(metrics: dict[str, Any]) -> list[str]:
             for k in ("network", "num_images", "split")
             if protocol.get(k)
         )
-        lines.append(f"- Protocol `{protocol.get('name', '?')}`" + (f" ({what})" if what else ""))
+        name = protocol.get("name", "?")
+        shown = f"`{name}`"
+        if name in RENAMED_PROTOCOLS:
+            shown = f"`{RENAMED_PROTOCOLS[name]}` (recorded under its old name `{name}`)"
+        lines.append(f"- Protocol {shown}" + (f" ({what})" if what else ""))
         for key in ("captions", "resize", "comparable_to"):
             if protocol.get(key):
                 lines.append(f"  - {key.replace('_', ' ')}: {protocol[key]}")

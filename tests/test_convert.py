@@ -182,7 +182,9 @@ def test_the_model_card_says_what_the_model_is_and_how_it_scored(trained, tmp_pa
     )
     assert "| caption accuracy: colour | 0.875 (chance 0.1667) |" in evaluation
     assert (
-        "Protocol `clean` (network tf-2015-inception" in evaluation and "500 generated images" in evaluation
+        "Protocol `legacy-pytorch` (recorded under its old name `clean`) (network tf-2015-inception"
+        in evaluation
+        and "500 generated images" in evaluation
     )
     config = re.search(r"<details>.*```json\n(.*)```\n\n</details>", card["Configuration"], flags=re.S)
     assert json.loads(config[1]) == json.loads(json.dumps(checkpoint.load(trained)["config"]))
