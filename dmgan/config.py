@@ -102,6 +102,10 @@ class TrainConfig:
     # ... and in every matching-aware D, real image b with caption b's counterfactual as a
     # mismatched pair
     d_counterfactuals: bool = False
+    # Weight of losses.stage_consistency_loss in G's loss: each stage's image against the next
+    # stage's at half size, so that the stages agree on background and placement. 0 (off) in the
+    # reference's recipe.
+    stage_consistency: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -164,6 +168,9 @@ def _shapes() -> Config:
             damsm_consistent_mask=True,
             damsm_counterfactuals=True,
             d_counterfactuals=True,
+            # Without it the 8- and 16-pixel stages draw a gray background whatever the caption
+            # says; weights of 1 and 10 left them gray (docs/experiments.md, issue 30 point 2).
+            stage_consistency=30.0,
         ),
     )
 

@@ -71,6 +71,25 @@ def discriminator_loss(
     return (real + cond_real) / 2.0 + (fake + cond_fake + cond_wrong) / 3.0
 
 
+def stage_consistency_loss(fake_imgs: Sequence[Tensor]) -> Tensor:
+    """Σ_k mean |x_k - sg(pool(x_{k+1}))| over the stages (x_k: B x 3 x S_k x S_k, S_{k+1} = 2 S_k;
+    pool: 2 x 2 average; sg: no gradient): each stage drawn as the next one's picture at half the
+    side, so the stages refine one picture instead of each choosing its own background. The
+    larger stage is the target, not the other way round: it sees the DAMSM loss and the sharper
+    D, and pulling it towards its blurrier input would undo them.
+    """
+    total = fake_imgs[0].new_zeros((), dtype=torch.float32)
+    for smaller, larger in zip(fake_imgs, fake_imgs[1:]):
+        if larger.shape[-1] != 2 * smaller.shape[-1] or larger.shape[-2] != 2 * smaller.shape[-2]:
+            raise ValueError(
+                f"stage_consistency_loss: stages of {tuple(smaller.shape[-2:])} and "
+                f"{tuple(larger.shape[-2:])} pixels; each stage must double the one before"
+            )
+        target = F.avg_pool2d(larger.detach().float(), 2)
+        total = total + (smaller.float() - target).abs().mean()
+    return total
+
+
 def kl_loss(mu: Tensor, logvar: Tensor) -> Tensor:
     """KL(N(μ, σ²) ‖ N(0, I)) as a **mean** over batch and dimensions (the reference's form)."""
     mu, logvar = mu.float(), logvar.float()
@@ -271,9 +290,11 @@ def generator_loss(
     *,
     pair_mask: Tensor | None = None,
     counterfactual: Counterfactuals | None = None,
+    stage_consistency: float = 0.0,
 ) -> tuple[Tensor, dict[str, Tensor]]:
     """Σ_stages [BCE(D_u(x̂), 1) + BCE(D_c(x̂, s), 1)] + λ (DAMSM word + sentence) on the last stage
-    (``pair_mask`` and ``counterfactual`` as in :func:`words_loss`).
+    (``pair_mask`` and ``counterfactual`` as in :func:`words_loss`), plus ``stage_consistency``
+    times :func:`stage_consistency_loss` when it is not 0.
 
     Returns the total and its parts (detached) for logging. Add the KL term separately.
     """
@@ -299,4 +320,9 @@ def generator_loss(
     )
     parts["g_words"] = (damsm_lambda * w_loss).detach()
     parts["g_sent"] = (damsm_lambda * s_loss).detach()
-    return total + damsm_lambda * (w_loss + s_loss), parts
+    total = total + damsm_lambda * (w_loss + s_loss)
+    if stage_consistency:
+        consistency = stage_consistency * stage_consistency_loss(fake_imgs)
+        parts["g_consistency"] = consistency.detach()
+        total = total + consistency
+    return total, parts

@@ -340,6 +340,7 @@ class TrainingState:
             (t.gamma1, t.gamma2, t.gamma3),
             pair_mask=mb.pair_mask,
             counterfactual=mb.counterfactual if t.damsm_counterfactuals else None,
+            stage_consistency=t.stage_consistency,
         )
         kl = kl_loss(mb.mu, mb.logvar)
         return errG + t.kl_weight * kl, {**terms, "g_loss": errG, "kl": kl}

@@ -257,8 +257,10 @@ def test_the_paper_presets_keep_every_shapes_option_off():
     for name in ("bird", "coco", "custom"):
         t = get_preset(name).train
         assert not (t.damsm_consistent_mask or t.damsm_counterfactuals or t.d_counterfactuals)
+        assert t.stage_consistency == 0
     t = get_preset("shapes").train
     assert t.damsm_consistent_mask and t.damsm_counterfactuals and t.d_counterfactuals
+    assert t.stage_consistency > 0
 
 
 # --------------------------------------------------------------------------------------------

@@ -14,6 +14,7 @@ from dmgan.losses import (
     generator_loss,
     kl_loss,
     sent_loss,
+    stage_consistency_loss,
     words_loss,
 )
 from dmgan.models import D_NET, SMALL_CNN_ENCODER
@@ -180,17 +181,54 @@ def test_discriminator_loss_on_a_real_discriminator_backpropagates():
     assert all(torch.isfinite(p.grad).all() for p in netD.parameters() if p.requires_grad)
 
 
-def test_generator_loss_sums_stages_and_adds_lambda_damsm():
+def generator_loss_inputs() -> tuple:
+    """A DAMSM image encoder, two fixed Ds (logits 0.3 / -1.2 and -0.5 / 2.0), 16- and 32-pixel
+    fakes, words, sentence and lengths of 3 captions."""
     encoder = SMALL_CNN_ENCODER(6).eval()
     netsD = [FixedD(0.3, -1.2), FixedD(-0.5, 2.0)]
     fakes = [torch.randn(3, 3, 16, 16), torch.randn(3, 3, 32, 32)]
-    words, sent, lens = torch.randn(3, 6, 4), torch.randn(3, 6), torch.tensor([4, 2, 3])
+    return encoder, netsD, fakes, torch.randn(3, 6, 4), torch.randn(3, 6), torch.tensor([4, 2, 3])
+
+
+def test_generator_loss_sums_stages_and_adds_lambda_damsm():
+    encoder, netsD, fakes, words, sent, lens = generator_loss_inputs()
     with torch.no_grad():
         total, parts = generator_loss(netsD, encoder, fakes, words, sent, lens, None, damsm_lambda=5.0)
         w, s = damsm_loss(encoder, fakes[-1], words, sent, lens, None)
     adv = bce(0.3, 1) + bce(-1.2, 1) + bce(-0.5, 1) + bce(2.0, 1)
     assert float(total) == pytest.approx(adv + 5.0 * float(w + s), rel=1e-5)
     assert set(parts) == {"g_adv0", "g_adv1", "g_words", "g_sent"}
+
+
+def test_stage_consistency_pulls_each_stage_towards_the_next_at_half_size():
+    top = torch.rand(2, 3, 32, 32) * 2 - 1
+    middle = torch.nn.functional.avg_pool2d(top, 2)
+    bottom = torch.nn.functional.avg_pool2d(middle, 2)
+    assert float(stage_consistency_loss([bottom, middle, top])) == pytest.approx(0.0, abs=1e-7)
+
+    # a repainted background in the middle stage: that stage is pulled back, the larger one is not
+    middle = middle.clone().fill_(-1.0).requires_grad_()
+    top = top.clone().requires_grad_()
+    loss = stage_consistency_loss([bottom, middle, top])
+    expected = (middle - torch.nn.functional.avg_pool2d(top, 2)).abs().mean() + (
+        bottom - torch.nn.functional.avg_pool2d(middle, 2)
+    ).abs().mean()
+    assert float(loss) == pytest.approx(float(expected), rel=1e-6) and float(loss) > 0.1
+    loss.backward()
+    assert top.grad is None or not top.grad.any()
+    assert middle.grad is not None and middle.grad.abs().sum() > 0
+
+    with pytest.raises(ValueError, match="each stage must double"):
+        stage_consistency_loss([torch.zeros(1, 3, 8, 8), torch.zeros(1, 3, 24, 24)])
+
+
+def test_generator_loss_adds_the_weighted_stage_consistency():
+    encoder, netsD, fakes, words, sent, lens = generator_loss_inputs()
+    with torch.no_grad():
+        plain, _ = generator_loss(netsD, encoder, fakes, words, sent, lens, None)
+        total, parts = generator_loss(netsD, encoder, fakes, words, sent, lens, None, stage_consistency=2.5)
+    assert float(parts["g_consistency"]) == pytest.approx(2.5 * float(stage_consistency_loss(fakes)))
+    assert float(total) == pytest.approx(float(plain) + float(parts["g_consistency"]), rel=1e-5)
 
 
 def test_losses_stay_finite_under_bf16_autocast():
