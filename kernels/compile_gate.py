@@ -8,8 +8,8 @@ exactly as their launchers do (:class:`dmgan.kernels._common.Launch`: the same g
 ``num_warps``, ``num_stages`` and arguments) for a batch of 10 images of 64 x 64, binds the
 arguments the way Triton's JIT does (so pointers and sizes get the same alignment and value
 specialisation as at run time) and compiles with ``triton.compile`` for a ``GPUTarget``. From each
-kernel it reads the registers, spill stores and stack frame (``ptxas -v``, with the ptxas that ships
-in the triton package) and the shared memory, and compares that with the architecture's per-block
+kernel it reads the registers, spill stores and stack frame (the ``ptxas -v`` log of the ptxas run
+that built the kernel's binary, Triton's own, with its options) and the shared memory, and compares that with the architecture's per-block
 limit. From those and the architecture's per-multiprocessor limits it derives how many programs
 (thread blocks) one multiprocessor holds at once, and, for the bird preset's last stage (B 10,
 128 x 128) on a typical GPU of that architecture, how many waves the launch's grid takes. Exits
@@ -20,14 +20,15 @@ limit. Must run with TRITON_INTERPRET unset; uses Triton's JIT internals (triton
 from __future__ import annotations
 
 import argparse
+import contextlib
+import functools
+import io
 import itertools
 import json
 import multiprocessing
 import os
 import re
-import subprocess
 import sys
-import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass
@@ -107,6 +108,7 @@ class Result:
         return ""
 
 
+@functools.lru_cache(maxsize=4)  # a compiling process takes one launch of a plan at a time
 def plans(
     dtype_name: str,
     channels: int,
@@ -166,30 +168,31 @@ def _bind(launch, backend):
     return kernel._pack_args(backend, dict(launch.options), bound, specialization, None)
 
 
-def _resource_usage(ptx: str, arch: int) -> tuple[int, int, int]:
-    """(registers, spill-store bytes, stack-frame bytes) from ``ptxas -v`` on the kernel's PTX."""
+def _compile_with_ptxas_log(source, target, options: dict):
+    """``triton.compile``, always from source (never from the cache, which skips ptxas), and the
+    ``ptxas -v`` log of the ptxas run that made the binary: its registers are the binary's."""
     import triton
+    from triton import knobs
 
-    bin_dir = Path(triton.__file__).parent / "backends" / "nvidia" / "bin"
-    ptxas = bin_dir / (
-        "ptxas-blackwell" if arch >= 100 and (bin_dir / "ptxas-blackwell").exists() else "ptxas"
-    )
-    target = re.search(r"\.target\s+(sm_\w+)", ptx).group(1)  # e.g. sm_90a, as triton chose it
-    with tempfile.TemporaryDirectory() as tmp:
-        source = Path(tmp) / "kernel.ptx"
-        source.write_text(ptx)
-        command = [
-            str(ptxas),
-            "-v",
-            f"--gpu-name={target}",
-            str(source),
-            "-o",
-            str(Path(tmp) / "kernel.cubin"),
-        ]
-        text = subprocess.run(command, capture_output=True, text=True, check=True).stderr
+    printed = io.StringIO()
+    with (
+        knobs.compilation.scope(),
+        knobs.nvidia.scope(),
+        contextlib.redirect_stdout(printed),  # where Triton prints the log
+    ):
+        knobs.compilation.always_compile = True
+        knobs.nvidia.dump_ptxas_log = True
+        compiled = triton.compile(source, target=target, options=options)
+    return compiled, printed.getvalue()
+
+
+def _resource_usage(ptxas_log: str) -> tuple[int, int, int]:
+    """(registers, spill-store bytes, stack-frame bytes) from a ``ptxas -v`` log."""
+    if "registers" not in ptxas_log:
+        raise RuntimeError(f"no ptxas -v log came back from triton.compile: {ptxas_log[-300:]!r}")
 
     def field(pattern: str) -> int:
-        match = re.search(pattern, text)
+        match = re.search(pattern, ptxas_log)
         return int(match.group(1)) if match else 0
 
     return (
@@ -202,7 +205,6 @@ def _resource_usage(ptx: str, arch: int) -> tuple[int, int, int]:
 def compile_one(
     arch: int, dtype: str, channels: int, words: int, index: int, num_stages: int | None
 ) -> Result:
-    import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource, make_backend
 
@@ -218,9 +220,9 @@ def compile_one(
         backend = make_backend(target)
         options, signature, constants, attrs = _bind(launch, backend)
         source = ASTSource(launch.kernel, signature, constants, attrs)
-        compiled = triton.compile(source, target=target, options=options.__dict__)
+        compiled, ptxas_log = _compile_with_ptxas_log(source, target, options.__dict__)
         result.shared_bytes = compiled.metadata.shared
-        result.registers, result.spill_bytes, result.stack_bytes = _resource_usage(compiled.asm["ptx"], arch)
+        result.registers, result.spill_bytes, result.stack_bytes = _resource_usage(ptxas_log)
         result.threads = 32 * int(launch.options["num_warps"])
         result.resident_per_sm = resident_programs(
             arch, result.registers, result.threads, result.shared_bytes

@@ -34,12 +34,17 @@ KERNELS = {
 # a per-pixel mask tile beside its fp32 FMA dots (no setting of pixels per program or warps removes
 # it there; sm_86 / 89 / 90 / 120 have none). Channels-last tiles load along the channels, and the
 # layout conversions for the dots take registers: three launches that sit at 255 registers spill
-# a word or two (4 to 8 B; sm_86 / 89 / 90 none).
+# a word or two (4 to 8 B; sm_86 / 89 / 90 none). On sm_120 the binary Triton builds (its ptxas
+# options, --regAllocOptLevel=2 in triton 3.8) spills a few words more: in both channels-last
+# reading backwards and in the fp32 write backward (12 B at N_r 32, 4 B at 64).
 KNOWN_SPILLS = {
     ("memory_read_backward_kernel", 80, "float32", 64, True, False): 256,
     ("memory_read_backward_kernel", 80, "bfloat16", 32, False, True): 16,
     ("memory_read_forward_kernel", 80, "float32", 32, False, True): 16,
     ("memory_read_backward_kernel", 120, "float32", 64, False, True): 16,
+    ("memory_read_backward_kernel", 120, "bfloat16", 64, False, True): 16,
+    ("memory_write_backward_kernel", 120, "float32", 32, False, False): 12,
+    ("memory_write_backward_kernel", 120, "float32", 64, False, False): 4,
 }
 
 
