@@ -455,7 +455,9 @@ def test_evaluation_streams_images_to_disk_and_scores_folders_batch_by_batch(tra
         pipe, pipe.data_dir, 20, features_file=real_file, save_images=folder, batch_size=6, progress=False
     )
     assert written == [(0, 6, False), (6, 6, False), (12, 6, False), (18, 2, False)]
-    assert trims == [1, 2, 3, 4, 4]  # after each generated batch, then after R-precision's one block
+    # after each forward of the feature network (the 12 real images as 6 + 6, then one a generated
+    # batch) and after each generated batch is written, then after R-precision's one block
+    assert trims == [0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert read[:4] == [6, 6, 6, 2] and read[4:] == [12]  # then the 12 real test images, once
     assert max(network.seen) <= 6 and sum(network.seen) == 12 + 20  # real features, then each batch
     assert (
@@ -474,11 +476,13 @@ def test_evaluation_streams_images_to_disk_and_scores_folders_batch_by_batch(tra
             progress=False,
         )
 
+    monkeypatch.setattr(ev, "FEATURE_BATCH", 4)  # the network sees a batch of 6 as 4, then 2
     for workers in (0, 1):
         network.seen.clear()
+        trims.clear()
         scored = score_folder(workers)
-        assert network.seen == [6, 6, 6, 2]  # the real features come from real_file
-        assert len(trims) == 5 + 4 * (workers + 1)  # the evaluation's 5, then 4 per folder reading
+        assert network.seen == [4, 2, 4, 2, 4, 2, 2]  # the real features come from real_file
+        assert len(trims) == 7 + 4  # after each forward of the network, and after each batch
         for key in ("fid", "precision", "recall", "density", "coverage"):
             assert scored[key] == pytest.approx(direct[key], rel=1e-6, abs=1e-9), (workers, key)
         assert scored["kid"]["mean"] == pytest.approx(direct["kid"]["mean"], rel=1e-6)
