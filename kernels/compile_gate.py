@@ -9,12 +9,12 @@ exactly as their launchers do (:class:`dmgan.kernels._common.Launch`: the same g
 arguments the way Triton's JIT does (so pointers and sizes get the same alignment and value
 specialisation as at run time) and compiles with ``triton.compile`` for a ``GPUTarget``. From each
 kernel it reads the registers, spill stores and stack frame (the ``ptxas -v`` log of the ptxas run
-that built the kernel's binary, Triton's own, with its options) and the shared memory, and compares that with the architecture's per-block
-limit. From those and the architecture's per-multiprocessor limits it derives how many programs
-(thread blocks) one multiprocessor holds at once, and, for the bird preset's last stage (B 10,
-128 x 128) on a typical GPU of that architecture, how many waves the launch's grid takes. Exits
-non-zero on a compile error, a spill (``--allow-spills``: report them) or shared memory above the
-limit. Must run with TRITON_INTERPRET unset; uses Triton's JIT internals (triton 3.x).
+that built the binary, Triton's own with its options) and the shared memory, and compares that
+with the architecture's per-block limit. From those and the architecture's per-multiprocessor
+limits it derives how many programs (thread blocks) one multiprocessor holds at once, and, for the
+bird preset's last stage (B 10, 128 x 128) on a typical GPU of that architecture, how many waves
+the launch's grid takes. Exits non-zero on a compile error, a spill (``--allow-spills``: report
+them) or shared memory above the limit. Must run with TRITON_INTERPRET unset; uses Triton's JIT internals (triton 3.x).
 """
 
 from __future__ import annotations
@@ -108,7 +108,7 @@ class Result:
         return ""
 
 
-@functools.lru_cache(maxsize=4)  # a compiling process takes one launch of a plan at a time
+@functools.lru_cache(maxsize=4)  # once per process: each kernel of a plan is a job of its own
 def plans(
     dtype_name: str,
     channels: int,
