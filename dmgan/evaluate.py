@@ -484,15 +484,15 @@ def r_precision_hits(
 
 
 @functools.cache
-def _malloc_trim() -> Callable[[], object] | None:
-    """glibc's ``malloc_trim(0)``, or None where the C library has none (musl, macOS)."""
+def _glibc(name: str) -> Callable[..., int] | None:
+    """glibc's function ``name`` (``malloc_trim``, ``mallopt``), or None where the C library has
+    none (musl, macOS)."""
     import ctypes
 
     try:
-        trim = ctypes.CDLL(None).malloc_trim
+        return getattr(ctypes.CDLL(None), name)
     except (AttributeError, OSError):
         return None
-    return lambda: trim(0)
 
 
 def release_freed_memory() -> None:
@@ -500,9 +500,9 @@ def release_freed_memory() -> None:
     them: scoring a folder with a DataLoader worker grew by 16 MB a batch of 32 (the Inception's
     freed activations; flat without the worker, or with this call), so a 10,000-image folder
     would have needed gigabytes. A few milliseconds a batch."""
-    trim = _malloc_trim()
+    trim = _glibc("malloc_trim")
     if trim is not None:
-        trim()
+        trim(0)
 
 
 def map_large_blocks_apart(threshold: int = 4 << 20) -> None:
@@ -510,15 +510,11 @@ def map_large_blocks_apart(threshold: int = 4 << 20) -> None:
     when it is freed. By default glibc raises that threshold each time a mapped block is freed (up
     to 32 MB), and from then on the feature network's activations come from the heap, whose freed
     pages fragment and only go back at a trim: a scoring run's peak then creeps up batch after
-    batch. The setting holds for the rest of the process: the command-line tools set it once."""
-    import ctypes
-
-    try:
-        mallopt = ctypes.CDLL(None).mallopt
-    except (AttributeError, OSError):  # not glibc
-        return
-    M_MMAP_THRESHOLD = -3
-    mallopt(M_MMAP_THRESHOLD, threshold)
+    batch. The setting holds for the rest of the process: ``python -m dmgan.evaluate`` sets it once."""
+    mallopt = _glibc("mallopt")
+    if mallopt is not None:
+        M_MMAP_THRESHOLD = -3
+        mallopt(M_MMAP_THRESHOLD, threshold)
 
 
 class Rows:

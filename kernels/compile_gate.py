@@ -14,7 +14,8 @@ with the architecture's per-block limit. From those and the architecture's per-m
 limits it derives how many programs (thread blocks) one multiprocessor holds at once, and, for the
 bird preset's last stage (B 10, 128 x 128) on a typical GPU of that architecture, how many waves
 the launch's grid takes. Exits non-zero on a compile error, a spill (``--allow-spills``: report
-them) or shared memory above the limit. Must run with TRITON_INTERPRET unset; uses Triton's JIT internals (triton 3.x).
+them) or shared memory above the limit. Must run with TRITON_INTERPRET unset; uses Triton's JIT
+internals (triton 3.x).
 """
 
 from __future__ import annotations

@@ -455,8 +455,8 @@ def test_evaluation_streams_images_to_disk_and_scores_folders_batch_by_batch(tra
         pipe, pipe.data_dir, 20, features_file=real_file, save_images=folder, batch_size=6, progress=False
     )
     assert written == [(0, 6, False), (6, 6, False), (12, 6, False), (18, 2, False)]
-    # after each forward of the feature network (the 12 real images as 6 + 6, then one a generated
-    # batch) and after each generated batch is written, then after R-precision's one block
+    # after each forward of the feature network (the 12 real images as 6 + 6, then one per
+    # generated batch) and after each generated batch is written, then after R-precision's block
     assert trims == [0, 0, 0, 1, 1, 2, 2, 3, 3, 4, 4]
     assert read[:4] == [6, 6, 6, 2] and read[4:] == [12]  # then the 12 real test images, once
     assert max(network.seen) <= 6 and sum(network.seen) == 12 + 20  # real features, then each batch
