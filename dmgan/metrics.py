@@ -10,8 +10,8 @@ torchvision's ImageNet Inception-v3 from a weights file the user supplies
 [-1, 1] reach 299 x 299 one of two ways: torch's bilinear interpolation on floats without
 antialiasing (pytorch-fid's, which clean-fid calls ``legacy_pytorch``), or clean-fid's ``clean``
 resize, PIL's antialiased bicubic filter on each channel of the 8-bit image as floats
-(:func:`clean_fid_resize`). **FID** (torchmetrics' ``FrechetInceptionDistance``: float64 mean and
-covariance) and **KID** (torchmetrics' algorithm: unbiased MMD² with the cubic polynomial kernel,
+(:func:`clean_fid_resize`). **FID** (torchmetrics' ``FrechetInceptionDistance`` formula: float64 mean
+and covariance) and **KID** (torchmetrics' algorithm: unbiased MMD² with the cubic polynomial kernel,
 over random subsets; mean, standard deviation and standard error) are computed from the features;
 so are **precision and recall** (Kynkäänniemi et al. 2019) and **density and coverage** (Naeem et
 al. 2020) with k-nearest-neighbour balls (:func:`precision_recall`). Each works through the
@@ -113,15 +113,6 @@ class InceptionFeatures(nn.Module):
         return features.flatten(2).mean(2) if features.dim() > 2 else features
 
 
-def fid_metric(feature: nn.Module | None = None, device: str | torch.device = "cpu"):
-    """A torchmetrics FID on ``feature`` (default :class:`InceptionFeatures`) whose real statistics
-    survive ``reset()``, so reference statistics are computed (or loaded) once."""
-    from torchmetrics.image.fid import FrechetInceptionDistance
-
-    feature = feature if feature is not None else InceptionFeatures()
-    return FrechetInceptionDistance(feature=feature, reset_real_features=False, normalize=True).to(device)
-
-
 class TorchvisionInceptionFeatures(nn.Module):
     """B x 3 x H x W images in [-1, 1] → B x 2048 pool3 features of torchvision's Inception-v3,
     with ImageNet weights from ``weights`` (``inception_v3_google-*.pth``). Its input is [-1, 1]
@@ -146,25 +137,51 @@ class TorchvisionInceptionFeatures(nn.Module):
         return self.net(x)
 
 
-class _Passthrough(nn.Module):
-    """Features handed to torchmetrics' image metrics in place of images (N x D x 1 x 1)."""
-
-    def __init__(self, num_features: int) -> None:
-        super().__init__()
-        self.num_features = num_features
-
-    def forward(self, x: Tensor) -> Tensor:
-        return x.flatten(1).double()
+def mean_and_covariance(features: Tensor, block: int = BLOCK) -> tuple[Tensor, Tensor]:
+    """Mean (D) and unbiased covariance (D x D) of N x D features, in float64, from sums over
+    ``block`` rows at a time (no float64 copy of all the features):
+    Σ = (Σ_n x_n x_nᵀ − N μ μᵀ) / (N − 1), torchmetrics' ``FrechetInceptionDistance`` formula."""
+    n, d = features.shape
+    if n < 2:
+        raise ValueError(f"a covariance needs at least 2 feature rows, got {n}")
+    total = torch.zeros(d, dtype=torch.float64, device=features.device)
+    covariance = torch.zeros(d, d, dtype=torch.float64, device=features.device)
+    for part in features.split(block):
+        part = part.double()
+        total += part.sum(0)
+        covariance.addmm_(part.T, part)
+    mean = total / n
+    covariance.sub_(n * torch.outer(mean, mean)).div_(n - 1)
+    return mean, covariance
 
 
 def fid_from_features(real: Tensor, fake: Tensor, block: int = BLOCK) -> float:
-    """FID between two sets of features (N x D each), fed to the metric a block of rows at a time:
-    it keeps float64 sums, so no float64 copy of all the features is made."""
-    metric = fid_metric(_Passthrough(real.shape[1]))
-    for features, is_real in ((real, True), (fake, False)):
-        for part in features.split(block):
-            metric.update(part[:, :, None, None], real=is_real)
-    return float(metric.compute())
+    """FID = ‖μ_r − μ_f‖² + tr(Σ_r + Σ_f) − 2 tr √(Σ_r Σ_f) between two sets of features (N x D
+    each), in float64; the trace of the square root is the sum of the square roots of Σ_r Σ_f's
+    eigenvalues, as torchmetrics computes it. At D = 2048 each matrix is 32 MiB: the two
+    covariances are let go before the eigenvalues are taken, so three are alive at most."""
+    mean_real, cov_real = mean_and_covariance(real, block)
+    mean_fake, cov_fake = mean_and_covariance(fake, block)
+    distance = (mean_real - mean_fake).square().sum() + cov_real.trace() + cov_fake.trace()
+    product = cov_real @ cov_fake
+    del cov_real, cov_fake
+    root_trace = torch.linalg.eigvals(product).sqrt().real.sum()
+    return float(distance - 2 * root_trace)
+
+
+def _cubic_kernel(a: Tensor, b: Tensor) -> Tensor:
+    return (a @ b.T * (1.0 / a.shape[1]) + 1.0) ** 3
+
+
+def polynomial_mmd(x: Tensor, y: Tensor) -> Tensor:
+    """Unbiased MMD² between two equal-size sets (m x D each) under the kernel
+    k(a, b) = (a·b / D + 1)³: torchmetrics' ``poly_mmd`` with its defaults, operation for operation."""
+    k_xx, k_yy, k_xy = _cubic_kernel(x, x), _cubic_kernel(y, y), _cubic_kernel(x, y)
+    m = x.shape[0]
+    xx = (k_xx.sum(dim=-1) - torch.diag(k_xx)).sum()
+    yy = (k_yy.sum(dim=-1) - torch.diag(k_yy)).sum()
+    value = (xx + yy) / (m * (m - 1))
+    return value - 2 * k_xy.sum(dim=0).sum() / (m**2)
 
 
 def kid_from_features(
@@ -176,8 +193,6 @@ def kid_from_features(
     torchmetrics' ``KernelInceptionDistance.compute`` step by step (the same subsets from the
     same global-RNG draws, its ``poly_mmd`` in float64), on the features as they are: the metric
     object would keep a float64 copy of every feature, and another when it concatenates them."""
-    from torchmetrics.image.kid import poly_mmd
-
     size = min(subset_size, len(real), len(fake))
     scores = []
     with torch.random.fork_rng():  # the subsets are drawn from the global RNG, as torchmetrics does
@@ -185,7 +200,7 @@ def kid_from_features(
         for _ in range(subsets):
             f_real = real[torch.randperm(len(real))[:size]].double()
             f_fake = fake[torch.randperm(len(fake))[:size]].double()
-            scores.append(poly_mmd(f_real, f_fake, degree=3, gamma=None, coef=1.0))
+            scores.append(polynomial_mmd(f_real, f_fake))
     stacked = torch.stack(scores)
     mean, std = stacked.mean(), stacked.std(unbiased=False)
     return {"mean": float(mean), "std": float(std), "standard_error": float(std) / subsets**0.5,
@@ -234,35 +249,6 @@ def precision_recall(real: Tensor, fake: Tensor, k: int = 5, chunk: int = BLOCK)
         "coverage": (nearest_fake <= real_radii).double().mean().item(),
         "k": k,
     }
-
-
-def save_reference_stats(metric, path: str | os.PathLike) -> None:
-    """Cache the real-image statistics of a FID metric as ``.npz`` (float64 sums and count)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp.npz")
-    np.savez(
-        tmp,
-        sum=metric.real_features_sum.cpu().numpy(),
-        cov_sum=metric.real_features_cov_sum.cpu().numpy(),
-        count=int(metric.real_features_num_samples),
-    )
-    tmp.replace(path)
-
-
-def load_reference_stats(metric, path: str | os.PathLike) -> int:
-    """Load statistics written by :func:`save_reference_stats`; returns the image count."""
-    with np.load(path) as data:
-        if data["sum"].shape != tuple(metric.real_features_sum.shape):
-            raise ValueError(
-                f"{path}: statistics of {data['sum'].shape[0]} features, the metric has "
-                f"{metric.real_features_sum.shape[0]}"
-            )
-        device = metric.real_features_sum.device
-        metric.real_features_sum = torch.from_numpy(data["sum"]).to(device, torch.float64)
-        metric.real_features_cov_sum = torch.from_numpy(data["cov_sum"]).to(device, torch.float64)
-        metric.real_features_num_samples = torch.tensor(int(data["count"]), device=device)
-        return int(data["count"])
 
 
 def inception_score(probs: Tensor, splits: int = 10) -> tuple[float, float]:

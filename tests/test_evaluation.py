@@ -37,7 +37,10 @@ def scipy_fid(x: np.ndarray, y: np.ndarray) -> float:
 
 
 def fid_of(x: torch.Tensor, y: torch.Tensor) -> float:
-    metric = metrics.fid_metric(Flatten(x.shape[1]))
+    """torchmetrics' FID, the oracle of metrics.fid_from_features."""
+    from torchmetrics.image.fid import FrechetInceptionDistance
+
+    metric = FrechetInceptionDistance(feature=Flatten(x.shape[1]), normalize=True)
     metric.update(x[:, :, None, None], real=True)
     metric.update(y[:, :, None, None], real=False)
     return float(metric.compute())
@@ -54,7 +57,7 @@ def test_fid_matches_scipy_and_the_gaussian_closed_form():
     mu1, mu2 = torch.zeros(d, dtype=torch.float64), torch.arange(d, dtype=torch.float64)
     x = mu1 + torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(s1).T
     y = mu2 + torch.randn(n, d, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(s2).T
-    ours = fid_of(x, y)
+    ours = metrics.fid_from_features(x, y)
     assert ours == pytest.approx(scipy_fid(x.numpy(), y.numpy()), rel=1e-6)
     closed = float(
         (mu1 - mu2).square().sum()
@@ -63,29 +66,16 @@ def test_fid_matches_scipy_and_the_gaussian_closed_form():
     )
     assert ours == pytest.approx(closed, rel=0.03)
     small = torch.randn(30, 3, generator=g, dtype=torch.float64)  # small matrices too
-    assert fid_of(small, small * 2 + 1) == pytest.approx(
+    assert metrics.fid_from_features(small, small * 2 + 1) == pytest.approx(
         scipy_fid(small.numpy(), (small * 2 + 1).numpy()), rel=1e-6
     )
 
 
 def test_fid_of_a_set_with_itself_is_zero():
     x = torch.randn(500, 8, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
-    assert abs(fid_of(x, x)) < 1e-6
-    assert fid_of(x, x + 0.5) == pytest.approx(8 * 0.25, rel=1e-4)  # a shift moves only the means
-
-
-def test_reference_stats_round_trip(tmp_path):
-    x = torch.randn(200, 5, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
-    y = x + 1
-    first = metrics.fid_metric(Flatten(5))
-    first.update(x[:, :, None, None], real=True)
-    metrics.save_reference_stats(first, tmp_path / "ref.npz")
-    second = metrics.fid_metric(Flatten(5))
-    assert metrics.load_reference_stats(second, tmp_path / "ref.npz") == 200
-    second.update(y[:, :, None, None], real=False)
-    assert float(second.compute()) == pytest.approx(fid_of(x, y), rel=1e-9)
-    with pytest.raises(ValueError, match="5 features"):
-        metrics.load_reference_stats(metrics.fid_metric(Flatten(4)), tmp_path / "ref.npz")
+    assert abs(metrics.fid_from_features(x, x)) < 1e-6
+    # A shift moves only the means.
+    assert metrics.fid_from_features(x, x + 0.5) == pytest.approx(8 * 0.25, rel=1e-4)
 
 
 def test_kid_matches_an_independent_unbiased_mmd():
@@ -126,10 +116,16 @@ def test_kid_takes_the_subsets_torchmetrics_takes_and_gives_its_numbers():
     assert ours["mean"] == float(mean) and ours["std"] == float(std)
 
 
-def test_fid_fed_in_blocks_is_fid_fed_at_once():
+def test_fid_from_features_is_torchmetrics_fid_in_any_blocks():
     g = torch.Generator().manual_seed(6)
     x, y = torch.randn(300, 5, generator=g), torch.randn(200, 5, generator=g) * 0.8 + 0.1
-    assert metrics.fid_from_features(x, y, block=7) == pytest.approx(fid_of(x.double(), y.double()), rel=1e-9)
+    expected = fid_of(x.double(), y.double())
+    for block in (7, 1024):
+        assert metrics.fid_from_features(x, y, block=block) == pytest.approx(expected, rel=1e-9)
+    wide = torch.randn(40, 64, generator=g), torch.randn(90, 64, generator=g) + 0.05  # rank-deficient Σ
+    assert metrics.fid_from_features(*wide) == pytest.approx(fid_of(*(w.double() for w in wide)), rel=1e-6)
+    with pytest.raises(ValueError, match="at least 2 feature rows, got 1"):
+        metrics.fid_from_features(x[:1], y)
 
 
 def test_precision_recall_density_coverage_match_their_definitions():
