@@ -151,7 +151,7 @@ def mean_and_covariance(features: Tensor, block: int = BLOCK) -> tuple[Tensor, T
         total += part.sum(0)
         covariance.addmm_(part.T, part)
     mean = total / n
-    covariance.sub_(n * torch.outer(mean, mean)).div_(n - 1)
+    covariance.addr_(mean, mean, alpha=-n).div_(n - 1)  # in place: no D x D temporary
     return mean, covariance
 
 
